@@ -1,0 +1,219 @@
+"""The run manifest: the one place its fields are built, written and validated.
+
+Schema (versioned; see docs/manifest.md). The driver, the sweep and the analysis all go through
+:func:`build_manifest` and :func:`load_manifest`, so they cannot disagree about a field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from auto_quantize_model.autoquant.layers import UNQUANTIZED, block_index, layer_kind, linear_layers, live_layer_formats
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import atomic_write_json
+from auto_quantize_model.provenance import git_revision, versions
+
+SCHEMA_VERSION = 1
+MANIFEST_SUFFIX = "_quant_manifest.json"
+NO_QUANT = "NONE"
+
+REQUIRED_KEYS = {
+    "schema_version": int,
+    "scheme": dict,
+    "model": dict,
+    "calibration": dict,
+    "effective_bits": dict,
+    "budget_met": bool,
+    "num_quantized_layers": int,
+    "layers": dict,
+    "layer_sensitivity": dict,
+    "autoquant_state": dict,
+    "timings": dict,
+    "versions": dict,
+}
+LAYER_KEYS = ("dtype", "format", "search_group", "block_index", "kind", "num_params")
+GROUP_KEYS = ("candidate_formats", "scores", "costs", "chosen_format", "module_names")
+
+
+def manifest_path(output_dir: str | Path, scheme_name: str) -> Path:
+    """``<output-dir>/<scheme>_quant_manifest.json``."""
+    return Path(output_dir) / f"{scheme_name}{MANIFEST_SUFFIX}"
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def recipe_namer(format_names: dict[str, str]):
+    """Map a ModelOpt QuantRecipe to our format name via its checkpoint signature."""
+
+    def name(recipe: Any) -> str:
+        sig = getattr(recipe, "checkpoint_signature", None)
+        if sig in format_names:
+            return format_names[sig]
+        text = str(recipe)
+        return NO_QUANT if text.startswith(NO_QUANT) else text
+
+    return name
+
+
+def sensitivity_table(search_state: dict[str, Any], format_names: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per search group: candidate formats (most aggressive first), scores, costs and the choice."""
+    name = recipe_namer(format_names)
+    best = search_state["best"]["recipe"]
+    out = {}
+    for key, stats in search_state["candidate_stats"].items():
+        group = key.removesuffix(".quant_recipe")
+        modules = list(stats["module_names"])
+        out[group] = {
+            "candidate_formats": [name(f) for f in stats["formats"]],
+            "scores": [_finite(s) for s in stats["scores"]],
+            "costs": [float(c) for c in stats["costs"]],
+            "uncompressed_cost": float(stats.get("uncompressed_cost", max(stats["costs"]))),
+            "chosen_format": name(best[key]) if key in best else None,
+            "module_names": modules,
+            "block_index": block_index(modules[0]),
+            "kinds": [layer_kind(m) for m in modules],
+        }
+    return out
+
+
+def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per LM Linear: dtype read from its live quantizers, plus its group, block, kind and size."""
+    group_of = {m: g for g, info in groups.items() for m in info["module_names"]}
+    live = live_layer_formats(model)
+    layers = linear_layers(model)
+    out = {}
+    for lname, fmt in live.items():
+        group = group_of.get(lname)
+        chosen = groups[group]["chosen_format"] if group else None
+        out[lname] = {
+            "dtype": fmt["weight"],
+            "input_dtype": fmt["input"],
+            "format": chosen if fmt["weight"] != UNQUANTIZED else NO_QUANT,
+            "search_group": group,
+            "block_index": block_index(lname),
+            "kind": layer_kind(lname),
+            "num_params": int(layers[lname].weight.numel()),
+            "bits": 16.0 if fmt["weight"] == UNQUANTIZED else format_bits.get(chosen, 16.0),
+        }
+    return out
+
+
+def measured_effective_bits(layers: dict[str, dict[str, Any]]) -> float:
+    """Weight-averaged bits of the live model (independent of the solver's own figure)."""
+    total = sum(lay["num_params"] for lay in layers.values())
+    return sum(lay["num_params"] * lay["bits"] for lay in layers.values()) / total
+
+
+def autoquant_state_summary(search_state: dict[str, Any], format_names: dict[str, str]) -> dict[str, Any]:
+    """The search state's keys and its ``best`` summary (the full state lives in the search cache)."""
+    name = recipe_namer(format_names)
+    best = search_state["best"]
+    return {
+        "keys": sorted(search_state.keys()),
+        "method": search_state.get("method"),
+        "cost_model": search_state.get("cost_model"),
+        "cost_denominator": _finite(search_state.get("cost_denominator") or 0.0),
+        "disabled_layers": search_state.get("disabled_layers"),
+        "num_groups": len(search_state["candidate_stats"]),
+        "best": {
+            "recipe": {k.removesuffix(".quant_recipe"): name(v) for k, v in best["recipe"].items()},
+            "constraints": {k: _finite(v) for k, v in best["constraints"].items()},
+            "score": _finite(best["score"]),
+            "is_satisfied": bool(best["is_satisfied"]),
+        },
+    }
+
+
+def build_manifest(
+    *,
+    scheme: dict[str, Any],
+    model_info: dict[str, Any],
+    calibration: dict[str, Any],
+    model: nn.Module,
+    search_state: dict[str, Any],
+    format_names: dict[str, str],
+    format_bits: dict[str, float],
+    score_cache: dict[str, Any],
+    timings: dict[str, float | None],
+    artifacts: dict[str, str],
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Assemble the manifest dict from a finished search and the live quantized model."""
+    groups = sensitivity_table(search_state, format_names)
+    layers = layer_table(model, groups, format_bits)
+    target = float(scheme["effective_bits"])
+    achieved = search_state["best"]["constraints"].get("effective_bits")
+    satisfied = bool(search_state["best"]["is_satisfied"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "scheme": scheme,
+        "model": model_info,
+        "calibration": calibration,
+        "effective_bits": {
+            "target": target,
+            "achieved": _finite(achieved) if achieved is not None else None,
+            "measured": measured_effective_bits(layers),
+            "counted_over": "language-model Linear weights (decoder blocks and lm_head); vision tower excluded",
+        },
+        "budget_met": satisfied and achieved is not None and achieved <= target + 1e-6,
+        "num_quantized_layers": sum(1 for lay in layers.values() if lay["dtype"] != UNQUANTIZED),
+        "num_layers": len(layers),
+        "layers": layers,
+        "layer_sensitivity": groups,
+        "autoquant_state": autoquant_state_summary(search_state, format_names),
+        "score_cache": score_cache,
+        "timings": timings,
+        "artifacts": artifacts,
+        "versions": versions(),
+        "git_revision": git_revision(),
+    }
+
+
+def validate_manifest(data: Any, source: str = "manifest") -> dict[str, Any]:
+    """Check a manifest's shape; raise UserError naming the first problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source} is not a JSON object; it is not an autoquant manifest")
+    version = data.get("schema_version")
+    if version is None or "layers" not in data:
+        raise UserError(f"{source} is not an autoquant manifest (no schema_version/layers)")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{source} has manifest schema_version {version}; this tool reads version {SCHEMA_VERSION}")
+    for key, typ in REQUIRED_KEYS.items():
+        if not isinstance(data.get(key), typ):
+            raise UserError(f"{source} is corrupt: field {key!r} is missing or not a {typ.__name__}")
+    for lname, lay in data["layers"].items():
+        missing = [k for k in LAYER_KEYS if k not in lay]
+        if missing:
+            raise UserError(f"{source} is corrupt: layer {lname} lacks {missing}")
+    for group, info in data["layer_sensitivity"].items():
+        missing = [k for k in GROUP_KEYS if k not in info]
+        if missing:
+            raise UserError(f"{source} is corrupt: group {group} lacks {missing}")
+    return data
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate a manifest file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"manifest {p} does not exist; run `autoquant run` first or check the path")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"manifest {p} is corrupt ({exc.__class__.__name__}); re-run the scheme to rewrite it") from exc
+    return validate_manifest(data, str(p))
+
+
+def write_manifest(manifest: dict[str, Any], path: str | Path) -> Path:
+    """Validate, then write atomically."""
+    validate_manifest(manifest, str(path))
+    return atomic_write_json(path, manifest)

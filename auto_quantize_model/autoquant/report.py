@@ -1,0 +1,106 @@
+"""The Markdown sensitivity report, rendered from a manifest alone (so ``--report-only`` needs no model)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "layer-sensitivity-report.md"
+
+
+def report_path(output_dir: str | Path) -> Path:
+    """``<output-dir>/layer-sensitivity-report.md``."""
+    return Path(output_dir) / REPORT_NAME
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _top_score(info: dict[str, Any]) -> float:
+    """A group's sensitivity: the score of its most aggressive candidate (NONE scores 0)."""
+    scores = [s for s in info["scores"] if s is not None]
+    return max(scores) if scores else 0.0
+
+
+def _group_bits(info: dict[str, Any]) -> float:
+    chosen = info["chosen_format"]
+    if chosen in info["candidate_formats"]:
+        i = info["candidate_formats"].index(chosen)
+        return 16.0 * info["costs"][i] / info["uncompressed_cost"]
+    return 16.0
+
+
+def _summary(m: dict[str, Any]) -> list[str]:
+    s, eb, cal, mod = m["scheme"], m["effective_bits"], m["calibration"], m["model"]
+    t = m["timings"]
+    cache = m.get("score_cache", {})
+    return [
+        f"# Layer sensitivity: {s['name']}",
+        "",
+        f"- Model: `{mod['path']}` ({mod['architecture']}, config `{mod['config_hash'][:12]}`), "
+        f"{mod['parameter_counts'].get('searchable_linear_weights', 0):,} searchable LM linear weights",
+        f"- Formats: {', '.join(s['quantization_formats'])} or BF16; method `{s['method']}`, "
+        f"{s['num_calib_steps']} calibration / {s['num_score_steps']} scoring batches",
+        f"- Calibration: {cal['num_samples']} captions from `{cal['source_path']}` "
+        f"(batch {cal['batch_size']}, max length {cal['seq_len']}, seed {cal['seed']}, {cal['num_tokens']} tokens)",
+        f"- Effective bits: target {_fmt(eb['target'])}, achieved {_fmt(eb['achieved'])}, measured on the "
+        f"quantized model {_fmt(eb['measured'])}; budget met: **{'yes' if m['budget_met'] else 'NO'}**",
+        f"- Quantized layers: {m['num_quantized_layers']} of {m.get('num_layers', len(m['layers']))}",
+        f"- Scores: {'reused from the search cache' if cache.get('reused') else 'computed in this run'} "
+        f"(key `{cache.get('key', '?')}`); total time {_fmt(t.get('total'), '.2f')} s",
+        "",
+        "Higher score = more sensitive: the loss increase estimated for quantizing that group. Scores are "
+        "comparable within a run, not across runs with different data sizes or step counts.",
+        "",
+    ]
+
+
+def _group_table(m: dict[str, Any]) -> list[str]:
+    groups = m["layer_sensitivity"]
+    formats = [f for f in next(iter(groups.values()))["candidate_formats"] if f != "NONE"] if groups else []
+    head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (bf16)", "bits"]
+    lines = ["## Groups by sensitivity", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ordered = sorted(groups.items(), key=lambda kv: _top_score(kv[1]), reverse=True)
+    for rank, (name, info) in enumerate(ordered, 1):
+        scores = dict(zip(info["candidate_formats"], info["scores"]))
+        chosen = info["chosen_format"]
+        row = [
+            str(rank), f"`{name}`", "-" if info["block_index"] is None else str(info["block_index"]),
+            "/".join(info["kinds"]), "BF16" if chosen == "NONE" else f"**{chosen}**",
+            *[_fmt(scores.get(f)) for f in formats], f"{info['uncompressed_cost']:,.0f}", _fmt(_group_bits(info), ".1f"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
+    agg: dict[Any, dict[str, float]] = defaultdict(lambda: {"layers": 0, "quantized": 0, "params": 0, "qparams": 0})
+    for lay in m["layers"].values():
+        k = lay[key] if lay[key] is not None else "-"
+        a = agg[k]
+        a["layers"] += 1
+        a["params"] += lay["num_params"]
+        if lay["dtype"] != "bf16":
+            a["quantized"] += 1
+            a["qparams"] += lay["num_params"]
+    score: dict[Any, float] = defaultdict(float)
+    for info in m["layer_sensitivity"].values():
+        keys = {info["block_index"] if key == "block_index" else k for k in info["kinds"]}
+        for k in keys:
+            score["-" if k is None else k] += _top_score(info)
+    lines = [f"## {title}", "", f"| {key} | layers | quantized | quantized weight share | summed score |", "|---|---|---|---|---|"]
+    for k in sorted(agg, key=lambda x: (isinstance(x, str), x)):
+        a = agg[k]
+        share = a["qparams"] / a["params"] if a["params"] else 0.0
+        lines.append(f"| {k} | {a['layers']} | {a['quantized']} | {share:.1%} | {_fmt(score.get(k, 0.0))} |")
+    return lines + [""]
+
+
+def render_report(manifest: dict[str, Any]) -> str:
+    """Full report text: summary, groups sorted by sensitivity, per-block and per-kind roll-ups."""
+    lines = _summary(manifest) + _group_table(manifest)
+    lines += _rollup(manifest, "block_index", "Per block")
+    lines += _rollup(manifest, "kind", "Per layer kind")
+    return "\n".join(lines)

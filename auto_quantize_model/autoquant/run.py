@@ -1,0 +1,220 @@
+"""Run one AutoQuant scheme on an already-loaded language model.
+
+``run_scheme`` is the pure function the CLI and the sweep both call: no argument parsing, no model
+loading. It keeps ModelOpt's search checkpoint in a score cache keyed by everything that changes
+calibration or scores (formats, method, steps, disabled layers, calibration tokens, model config), so
+a run that differs only in effective bits re-solves in about a second instead of re-scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path, write_manifest
+from auto_quantize_model.autoquant.report import render_report, report_path
+from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
+from auto_quantize_model.configs.schemes import Scheme
+from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import atomic_write_text, sha256_json
+from auto_quantize_model.modelopt_configs import format_effective_bits, format_signature, resolve_quant_config
+from auto_quantize_model.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def forward_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for a calibration batch (what ``auto_quantize`` calls for calibration and scoring)."""
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over non-pad positions."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back to its caller."""
+
+    model: nn.Module
+    search_state: dict[str, Any]
+    manifest: dict[str, Any]
+    manifest_path: Path | None
+    report_path: Path | None
+    restore_path: Path | None
+    scored: bool
+
+
+def effective_steps(scheme: Scheme, calib: CalibrationSet) -> dict[str, int]:
+    """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
+    n = len(calib.batches)
+    return {"num_calib_steps": min(scheme.num_calib_steps, n), "num_score_steps": min(scheme.num_score_steps, n)}
+
+
+def score_cache_key(loaded: LoadedModel, calib: CalibrationSet, scheme: Scheme) -> str:
+    """Everything that changes calibration statistics or sensitivity scores, and nothing else."""
+    return sha256_json(
+        {
+            "formats": sorted(format_signature(f) for f in scheme.quantization_formats),
+            "method": scheme.method,
+            "steps": effective_steps(scheme, calib),
+            "disabled_layers": sorted(scheme.disabled_layers),
+            "calibration_tokens": calib.token_hash,
+            "model_config": loaded.config_hash,
+            "dtype": str(loaded.dtype),
+        }
+    )[:20]
+
+
+class _PhaseClock:
+    """Splits one ``auto_quantize`` call into calibrate / score / solve by watching its callbacks.
+
+    Calibration only calls ``forward_step``; gradient scoring is the first call of the loss; the solve
+    is what remains after the last callback. For ``kl_div`` (no loss) calibrate and score are merged.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_loss: float | None = None
+        self.last_call: float | None = None
+
+    def wrap_forward(self, fn):
+        def inner(model, batch):
+            out = fn(model, batch)
+            self.last_call = time.perf_counter()
+            return out
+
+        return inner
+
+    def wrap_loss(self, fn):
+        def inner(out, batch):
+            if self.first_loss is None:
+                self.first_loss = time.perf_counter()
+            loss = fn(out, batch)
+            self.last_call = time.perf_counter()
+            return loss
+
+        return inner
+
+    def split(self, end: float, method: str) -> dict[str, float | None]:
+        if self.last_call is None:  # everything came from the cache
+            return {"calibrate": 0.0, "score": 0.0, "solve": end - self.start}
+        if method == "gradient" and self.first_loss is not None:
+            return {"calibrate": self.first_loss - self.start, "score": self.last_call - self.first_loss,
+                    "solve": end - self.last_call}
+        return {"calibrate": None, "score": None, "calibrate_and_score": self.last_call - self.start,
+                "solve": end - self.last_call}
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output dir {output_dir} is a file; pass a directory path for --output-dir")
+
+
+def run_scheme(
+    loaded: LoadedModel,
+    calib: CalibrationSet,
+    scheme: Scheme,
+    output_dir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    inplace: bool = False,
+    write: bool = True,
+    run_id: str | None = None,
+) -> RunResult:
+    """Search FP8/BF16 per layer group for ``scheme`` and write manifest, report and restore artifact.
+
+    ``scheme`` must already be resolved (:func:`resolve_scheme`). Unless ``inplace``, the search runs
+    on a deep copy, so ``loaded.model`` stays pristine for the next scheme.
+    """
+    import modelopt.torch.quantization as mtq
+
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir)
+    cache_dir = Path(cache_dir) if cache_dir else output_dir / "autoquant_cache"
+    t_start = time.perf_counter()
+    model = loaded.model if inplace else copy.deepcopy(loaded.model)
+    copy_seconds = time.perf_counter() - t_start
+
+    formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
+    format_names = {format_signature(f): f for f in scheme.quantization_formats}
+    format_bits = {f: format_effective_bits(f) for f in scheme.quantization_formats}
+    key = score_cache_key(loaded, calib, scheme)
+    checkpoint = cache_dir / f"search_{key}.pth"
+    reused = checkpoint.is_file()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    steps = effective_steps(scheme, calib)
+    log.info("scheme %s: target %.3g bits, formats %s, method %s, %s, cache %s (%s)", scheme.name,
+             scheme.effective_bits, list(scheme.quantization_formats), scheme.method, steps, key,
+             "reuse" if reused else "new")
+
+    clock = _PhaseClock()
+    try:
+        model, search_state = mtq.auto_quantize(
+            model,
+            constraints={"effective_bits": scheme.effective_bits},
+            quantization_formats=formats,
+            data_loader=calib.batches,
+            forward_step=clock.wrap_forward(forward_step),
+            loss_func=clock.wrap_loss(next_token_loss),
+            disabled_layers=list(scheme.disabled_layers) or None,
+            method=scheme.method,
+            checkpoint=str(checkpoint),
+            verbose=False,
+            **steps,
+        )
+    except ValueError as exc:
+        if "infeasible" in str(exc):
+            raise UserError(f"scheme {scheme.name}: {exc} Choose a higher --effective-bits.") from exc
+        raise
+    t_search_end = time.perf_counter()
+    phases = clock.split(t_search_end, scheme.method)
+    log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if reused else "calibrate+score+solve",
+             t_search_end - clock.start, {k: round(v, 3) for k, v in phases.items() if v is not None})
+    best = search_state["best"]
+    if not best["is_satisfied"]:
+        log.warning("scheme %s: the solver could not meet %.4g effective bits (achieved %.4g)",
+                    scheme.name, scheme.effective_bits, best["constraints"].get("effective_bits", float("nan")))
+
+    mpath, rpath, apath = manifest_path(output_dir, scheme.name), report_path(output_dir), restore_path(output_dir, scheme.name)
+    timings: dict[str, float | None] = {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases}
+    manifest = build_manifest(
+        scheme=scheme.to_dict() | steps,
+        model_info=loaded.describe(),
+        calibration=calib.describe(),
+        model=model,
+        search_state=search_state,
+        format_names=format_names,
+        format_bits=format_bits,
+        score_cache={"key": key, "path": str(checkpoint.resolve()), "reused": reused},
+        timings=timings,
+        artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},
+        run_id=run_id,
+    )
+    if not write:
+        return RunResult(model, search_state, manifest, None, None, None, scored=not reused)
+
+    t = time.perf_counter()
+    save_restore_artifact(model, apath, loaded.config_hash, scheme.name)
+    timings["write_restore"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start + loaded.load_seconds
+    # Render first, so a report failure leaves no manifest behind that looks complete.
+    report = render_report(manifest)
+    write_manifest(manifest, mpath)
+    atomic_write_text(rpath, report)
+    log.info("phase write: manifest %s, report %s, restore %s; %d/%d layers quantized, %.3f bits (target %.3g)",
+             mpath, rpath, apath, manifest["num_quantized_layers"], manifest["num_layers"],
+             manifest["effective_bits"]["measured"], scheme.effective_bits)
+    return RunResult(model, search_state, manifest, mpath, rpath, apath, scored=not reused)

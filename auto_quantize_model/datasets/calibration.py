@@ -1,0 +1,106 @@
+"""Tokenized, padded, deterministic calibration batches for AutoQuant.
+
+Each batch is a dict of ``input_ids``, ``attention_mask`` and ``labels`` (pad positions are -100, so
+they never enter the loss). Batches are padded to the longest caption in the batch, capped at
+``seq_len``, and live on the model's device so ``auto_quantize`` can iterate them twice (calibration,
+then scoring) without host-to-device copies.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from auto_quantize_model.datasets.captions import CaptionSource
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import sha256_bytes
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CalibrationSet:
+    """Batches plus the facts a manifest records to make a run reproducible."""
+
+    batches: list[dict[str, torch.Tensor]]
+    source: CaptionSource
+    num_samples: int
+    batch_size: int
+    seq_len: int
+    seed: int
+    token_hash: str
+    num_tokens: int
+    sample_indices: list[int]
+
+    @property
+    def captions(self) -> list[str]:
+        """The captions that made it into the batches, in batch order."""
+        return [self.source.captions[i] for i in self.sample_indices]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``calibration`` section."""
+        return {
+            "source_path": self.source.path,
+            "source_format": self.source.format,
+            "content_hash": self.source.content_hash,
+            "token_hash": self.token_hash,
+            "num_samples": self.num_samples,
+            "num_batches": len(self.batches),
+            "num_tokens": self.num_tokens,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "dropped": dict(self.source.dropped),
+        }
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise UserError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def build_calibration_set(
+    tokenizer: Any,
+    source: CaptionSource,
+    *,
+    max_samples: int = 64,
+    batch_size: int = 4,
+    seq_len: int = 256,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> CalibrationSet:
+    """Shuffle with ``seed``, keep ``max_samples`` captions, tokenize and batch them."""
+    _positive("max-calib-samples", max_samples)
+    _positive("batch-size", batch_size)
+    _positive("calib-seq-len", seq_len)
+    order = list(range(len(source.captions)))
+    random.Random(seed).shuffle(order)
+    chosen = order[:max_samples]
+    batches: list[dict[str, torch.Tensor]] = []
+    digest_parts: list[bytes] = []
+    num_tokens = 0
+    for start in range(0, len(chosen), batch_size):
+        texts = [source.captions[i] for i in chosen[start : start + batch_size]]
+        enc = tokenizer(
+            texts, return_tensors="pt", padding="longest", truncation=True, max_length=seq_len,
+            padding_side="right",
+        )
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        num_tokens += int(mask.sum())
+        digest_parts.append(ids.numpy().tobytes() + mask.numpy().tobytes())
+        batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)})
+    return CalibrationSet(
+        batches=batches,
+        source=source,
+        num_samples=len(chosen),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        token_hash=sha256_bytes(b"".join(digest_parts)),
+        num_tokens=num_tokens,
+        sample_indices=chosen,
+    )

@@ -1,0 +1,208 @@
+"""Load the language model of a vision-language checkpoint (or a plain causal LM), vision tower left out.
+
+``auto_quantize`` counts every quantizable Linear of the module it is given in the effective-bits
+denominator, disabled or not, so the search must run on a module holding only the decoder and its
+``lm_head``. :class:`LanguageModelWithHead` is that module; its Linear names (``model.layers.N...``,
+``lm_head``) are what manifests, reports and tables call layers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import sha256_json
+
+log = logging.getLogger(__name__)
+
+# Keys that change with the library that saved the config, not with the network it describes.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LanguageModelWithHead(nn.Module):
+    """Decoder stack plus ``lm_head``: input ids in, next-token logits out."""
+
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.model = decoder
+        self.lm_head = lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.lm_head(hidden.last_hidden_state)
+
+
+@dataclass
+class LoadedModel:
+    """A language model ready for AutoQuant, with what manifests need to describe it."""
+
+    model: LanguageModelWithHead
+    tokenizer: Any
+    model_dir: str
+    architecture: str
+    model_type: str
+    config_hash: str
+    device: torch.device
+    dtype: torch.dtype
+    param_counts: dict[str, int] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's ``model`` section."""
+        return {
+            "path": self.model_dir,
+            "architecture": self.architecture,
+            "model_type": self.model_type,
+            "config_hash": self.config_hash,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "parameter_counts": dict(self.param_counts),
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without CUDA is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but none is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and float32 on CPU (CPU bf16 matmuls are slow on most hosts)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_checkpoint_config(model_dir: str | Path) -> dict[str, Any]:
+    """Validate ``model_dir`` and return its parsed config.json."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise UserError(f"model dir {path} does not exist; pass --model-dir with a local Hugging Face checkpoint")
+    if not path.is_dir():
+        raise UserError(f"model dir {path} is not a directory; pass the checkpoint folder, not a file")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint; point --model-dir at one")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{cfg_path} is unreadable ({exc.__class__.__name__}); re-download the checkpoint") from exc
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Hash of the architecture-defining part of a config.json."""
+    return sha256_json({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS})
+
+
+def _model_class(config: dict[str, Any]):
+    import transformers
+
+    archs = config.get("architectures") or []
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and (arch.endswith("ForConditionalGeneration") or arch.endswith("ForCausalLM")):
+            return arch, cls
+    raise UserError(
+        f"unsupported checkpoint architecture {archs or config.get('model_type')!r}; "
+        "supported: *ForConditionalGeneration vision-language models and *ForCausalLM language models"
+    )
+
+
+def split_language_model(full: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return (decoder, lm_head) of a VLM or causal LM, following ModelOpt's VLM lineage."""
+    from modelopt.torch.export.model_utils import get_language_model_from_vl
+
+    lineage = get_language_model_from_vl(full)
+    decoder = lineage[-1] if lineage else getattr(full, "model", None)
+    # Some VLMs nest a whole causal LM (LLaVA's language_model has its own .model and .lm_head).
+    if decoder is not None and hasattr(decoder, "lm_head") and hasattr(decoder, "model"):
+        return decoder.model, decoder.lm_head
+    lm_head = full.get_output_embeddings() if hasattr(full, "get_output_embeddings") else None
+    if decoder is None or lm_head is None:
+        raise UserError(f"cannot find the language model and lm_head in {type(full).__name__}; not supported")
+    return decoder, lm_head
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def linear_weight_count(module: nn.Module) -> int:
+    """Weights of every Linear (what AutoQuant's effective-bits budget is measured over)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's own tokenizer, with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir} has no usable tokenizer ({exc.__class__.__name__}); it needs tokenizer files") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``model_dir`` and keep only its language model and lm_head on ``device``."""
+    t0 = time.perf_counter()
+    config = read_checkpoint_config(model_dir)
+    arch, cls = _model_class(config)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        full = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    total = count_parameters(full)
+    decoder, lm_head = split_language_model(full)
+    lm = LanguageModelWithHead(decoder, lm_head).eval()
+    # Dropping the full model frees the vision tower before anything moves to the GPU.
+    del full
+    gc.collect()
+    lm.requires_grad_(False)
+    lm.to(dev)
+    counts = {
+        "checkpoint_total": total,
+        "language_model": count_parameters(lm),
+        "left_out": total - count_parameters(lm),
+        "searchable_linear_weights": linear_weight_count(lm),
+    }
+    seconds = time.perf_counter() - t0
+    log.info("phase load: %s (%s) LM-only on %s/%s in %.2fs, %s", model_dir, arch, dev, torch_dtype, seconds, counts)
+    return LoadedModel(
+        model=lm,
+        tokenizer=tokenizer,
+        model_dir=str(Path(model_dir).resolve()),
+        architecture=arch,
+        model_type=str(config.get("model_type")),
+        config_hash=config_hash(config),
+        device=dev,
+        dtype=torch_dtype,
+        param_counts=counts,
+        load_seconds=seconds,
+    )

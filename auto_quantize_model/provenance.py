@@ -1,0 +1,42 @@
+"""Versions and git revision recorded in every result file."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "nvidia-modelopt", "auto-quantize-model", "pulp")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that shape a result, plus Python's."""
+    out = {name: _version(name) for name in PACKAGES}
+    out["python"] = platform.python_version()
+    return out
+
+
+@functools.cache
+def git_revision() -> str | None:
+    """The commit this package runs from (with ``-dirty`` if the tree has changes), or None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

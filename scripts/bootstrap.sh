@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with pinned dependencies. Idempotent: a second run that finds
+# the same pyproject.toml installed does nothing. torch is installed first as the CPU build 2.13.0
+# when no torch is present (a plain `torch` requirement would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
