@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,19 +163,23 @@ def run_scheme(
 
     clock = _PhaseClock()
     try:
-        model, search_state = mtq.auto_quantize(
-            model,
-            constraints={"effective_bits": scheme.effective_bits},
-            quantization_formats=formats,
-            data_loader=calib.batches,
-            forward_step=clock.wrap_forward(forward_step),
-            loss_func=clock.wrap_loss(next_token_loss),
-            disabled_layers=list(scheme.disabled_layers) or None,
-            method=scheme.method,
-            checkpoint=str(checkpoint),
-            verbose=False,
-            **steps,
-        )
+        with warnings.catch_warnings():
+            # ModelOpt warns whenever the checkpoint is new; the log line above already says so.
+            warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
+            model, search_state = mtq.auto_quantize(
+                model,
+                constraints={"effective_bits": scheme.effective_bits},
+                quantization_formats=formats,
+                data_loader=calib.batches,
+                forward_step=clock.wrap_forward(forward_step),
+                # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
+                loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
+                disabled_layers=list(scheme.disabled_layers) or None,
+                method=scheme.method,
+                checkpoint=str(checkpoint),
+                verbose=False,
+                **steps,
+            )
     except ValueError as exc:
         if "infeasible" in str(exc):
             raise UserError(f"scheme {scheme.name}: {exc} Choose a higher --effective-bits.") from exc

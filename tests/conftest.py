@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny Qwen2.5-VL checkpoint per test session, loaded once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from auto_quantize_model.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model_dir):
+    from auto_quantize_model.models.loading import load_language_model
+
+    return load_language_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def calib(loaded):
+    from auto_quantize_model.datasets.calibration import build_calibration_set
+    from auto_quantize_model.datasets.captions import read_captions
+
+    return build_calibration_set(loaded.tokenizer, read_captions("demo"), max_samples=24, batch_size=4, seq_len=48, seed=0)
