@@ -54,7 +54,14 @@ class CalibrationSet:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "dropped": dict(self.source.dropped),
+            # Short hashes of the captions used, so evaluation can refuse to score on calibration data.
+            "caption_hashes": [caption_hash(c) for c in self.captions],
         }
+
+
+def caption_hash(text: str) -> str:
+    """16-hex-digit hash of a whitespace-normalised caption."""
+    return sha256_bytes(" ".join(text.split()).encode("utf-8"))[:16]
 
 
 def _positive(name: str, value: int) -> None:

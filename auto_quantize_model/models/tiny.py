@@ -157,8 +157,56 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
-def make_tiny_checkpoint(output_dir: str | Path, seed: int = 0, vocab_size: int = 640) -> Path:
-    """Write a random tiny Qwen2.5-VL checkpoint (weights, tokenizer, processor) to ``output_dir``."""
+_INSTRUCTIONS = [
+    "Describe the image.",
+    "Write a caption for this photo.",
+    "What is in the picture?",
+    "Describe a photo of a dog running across a sandy beach.",
+    "Write one caption for an image of a red bus parked near a brick wall.",
+]
+
+
+def _train_language_model(model, tokenizer, texts: list[str], steps: int, seed: int) -> float:
+    """A short next-token training run on ``texts`` so the tiny model writes caption-like text.
+
+    A random model's outputs are near-uniform, which makes perplexity, KL and generations meaningless
+    in the demo; a few hundred steps give it real structure for quantization to disturb. Returns the
+    final training loss.
+    """
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    # Half the examples are chat turns (an instruction, the caption as the answer), so prompts sent
+    # through the chat template get captions back, as they would from an instruct model.
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": _INSTRUCTIONS[i % len(_INSTRUCTIONS)]}, {"role": "assistant", "content": t}],
+            tokenize=False,
+        )
+        for i, t in enumerate(texts)
+    ]
+    texts = [t + tokenizer.eos_token for t in texts] + chats
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        idx = torch.randint(len(texts), (16,), generator=g).tolist()
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def make_tiny_checkpoint(output_dir: str | Path, seed: int = 0, vocab_size: int = 640, train_steps: int = 200) -> Path:
+    """Write a tiny Qwen2.5-VL checkpoint (weights, tokenizer, processor) to ``output_dir``.
+
+    Weights are random, then trained for ``train_steps`` on the demo captions (0 keeps them random).
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from auto_quantize_model.datasets.demo import demo_captions
@@ -170,6 +218,7 @@ def make_tiny_checkpoint(output_dir: str | Path, seed: int = 0, vocab_size: int 
 
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    loss = _train_language_model(model, tokenizer, demo_captions(), train_steps, seed) if train_steps else None
     # Small images keep tests fast; min/max pixels are the processor's own knobs. The PIL backend is
     # used because the full Qwen2_5_VLProcessor also wants a video processor, which needs torchvision.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
@@ -178,5 +227,6 @@ def make_tiny_checkpoint(output_dir: str | Path, seed: int = 0, vocab_size: int 
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("wrote tiny Qwen2.5-VL checkpoint (%d params, vocab %d) to %s", n_params, len(tokenizer), output_dir)
+    log.info("wrote tiny Qwen2.5-VL checkpoint (%d params, vocab %d, %d training steps, loss %s) to %s",
+             n_params, len(tokenizer), train_steps, loss, output_dir)
     return output_dir

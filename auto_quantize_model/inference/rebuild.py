@@ -1,0 +1,65 @@
+"""Rebuild a run's quantized language model from the original checkpoint plus its restore artifact."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from auto_quantize_model.autoquant.manifest import MANIFEST_SUFFIX, load_manifest
+from auto_quantize_model.autoquant.restore import apply_restore_artifact
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.models.loading import LoadedModel
+
+
+@dataclass
+class RunArtifacts:
+    """A finished run on disk: its manifest and where its restore artifact lives."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    restore_path: Path
+
+    @property
+    def name(self) -> str:
+        """Label for tables: the run id if the sweep set one, else the scheme name."""
+        return self.manifest.get("run_id") or self.manifest["scheme"]["name"]
+
+
+def find_run(run_dir: str | Path) -> RunArtifacts:
+    """Locate the single manifest in ``run_dir`` (or take a manifest file) and its restore artifact."""
+    p = Path(run_dir)
+    if p.is_file() and p.name.endswith(MANIFEST_SUFFIX):
+        manifest_file = p
+    elif p.is_dir():
+        found = sorted(p.glob(f"*{MANIFEST_SUFFIX}"))
+        if len(found) != 1:
+            raise UserError(f"run dir {p} holds {len(found)} manifests; pass a directory of one run or its manifest file")
+        manifest_file = found[0]
+    else:
+        raise UserError(f"run dir {p} does not exist; pass the --output-dir of an `autoquant run`")
+    manifest = load_manifest(manifest_file)
+    restore = manifest_file.parent / manifest.get("artifacts", {}).get("restore", "")
+    if not restore.is_file():
+        raise UserError(f"run {manifest_file.parent} has no restore artifact ({restore.name}); re-run the scheme")
+    return RunArtifacts(manifest_file.parent, manifest, restore)
+
+
+def check_matches_checkpoint(run: RunArtifacts, loaded: LoadedModel) -> None:
+    """Refuse a run made on another architecture or config than the loaded checkpoint."""
+    m = run.manifest["model"]
+    if m["architecture"] != loaded.architecture or m["config_hash"] != loaded.config_hash:
+        raise UserError(
+            f"run {run.run_dir} was made on {m['architecture']} (config {m['config_hash'][:12]}) but --model-dir "
+            f"is {loaded.architecture} (config {loaded.config_hash[:12]}); pass the checkpoint the run used"
+        )
+
+
+def build_quantized_model(loaded: LoadedModel, run: RunArtifacts) -> nn.Module:
+    """A fake-quantized copy of ``loaded.model`` as the run left it (loaded.model stays untouched)."""
+    check_matches_checkpoint(run, loaded)
+    model = apply_restore_artifact(copy.deepcopy(loaded.model), run.restore_path, loaded.config_hash)
+    return model.eval()
