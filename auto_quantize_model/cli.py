@@ -180,6 +180,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Tables, plots and analysis.md from sweep directories or manifests."""
+    from auto_quantize_model.analysis.report import analyze
+
+    out = _check_output_dir(args.output_dir)
+    res = analyze(args.sources, out, workers=args.workers)
+    for src, reason in res["skipped"]:
+        print(f"skipped {src}: {reason}", file=sys.stderr)
+    print(f"{res['num_trials']} trials -> {out / 'tables'}; report {res['report']}; "
+          f"{len(res['plots'])} plots ({res['total_seconds']:.1f} s)")
+    return 0
+
+
 def cmd_schemes(args: argparse.Namespace) -> int:
     """List the scheme catalog (and, with --quant-configs, every quant config name)."""
     from auto_quantize_model.configs import scheme_catalog
@@ -270,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_generation_arguments(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("analyze", help="Parquet tables, plots and analysis.md from manifests")
+    p.add_argument("sources", nargs="+", help="sweep/run directories, manifest files or globs")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--workers", type=int, default=2, help="processes for reading manifests (default 2)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("make-tiny-model", help="write a small random Qwen2.5-VL checkpoint")
     p.add_argument("--output-dir", required=True)

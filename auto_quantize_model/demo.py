@@ -10,7 +10,7 @@ from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.configs import AUTOQUANT_FP8_SCHEMES, resolve_scheme
 from auto_quantize_model.datasets.calibration import build_calibration_set
 from auto_quantize_model.datasets.captions import DEMO, read_captions
-from auto_quantize_model.inference.compare import EvalSettings, compare_runs, write_comparison
+from auto_quantize_model.inference.compare import EvalSettings, compare_runs, write_comparison, write_evaluation
 from auto_quantize_model.inference.rebuild import find_run
 from auto_quantize_model.models.loading import load_language_model
 from auto_quantize_model.models.tiny import make_tiny_checkpoint
@@ -45,7 +45,8 @@ def run_demo(output_dir: str | Path, device: str = "auto") -> list[dict[str, Any
     # Held-out evaluation: compare_runs drops every caption a run calibrated on.
     comp = compare_runs(loaded, runs, read_captions(DEMO), EvalSettings(max_samples=64, seq_len=64, max_new_tokens=16))
     write_comparison(comp, loaded.tokenizer, out)
-    for row, res in zip(rows, comp["runs"]):
+    for row, run, res in zip(rows, runs, comp["runs"]):
+        write_evaluation(run.run_dir, res)  # so `autoquant analyze` tables carry perplexity and KL
         row.update({k: res["metrics"][k] for k in ("perplexity", "kl_mean", "top1_agreement")})
     rows.append({"scheme": "bf16 (reference)", "target": 16.0, "bits": 16.0, "fp8": 0, "layers": rows[0]["layers"],
                  "met": True, "scores": "-", "perplexity": comp["reference"]["metrics"]["perplexity"],

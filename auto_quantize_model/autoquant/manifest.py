@@ -20,6 +20,8 @@ from auto_quantize_model.provenance import git_revision, versions
 
 SCHEMA_VERSION = 1
 MANIFEST_SUFFIX = "_quant_manifest.json"
+# Written beside a manifest by the sweep or the demo: evaluation metrics that the tables pick up.
+EVALUATION_FILE = "evaluation.json"
 NO_QUANT = "NONE"
 
 REQUIRED_KEYS = {
@@ -145,6 +147,7 @@ def build_manifest(
     timings: dict[str, float | None],
     artifacts: dict[str, str],
     run_id: str | None = None,
+    sweep_id: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the manifest dict from a finished search and the live quantized model."""
     groups = sensitivity_table(search_state, format_names)
@@ -155,6 +158,7 @@ def build_manifest(
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
+        "sweep_id": sweep_id,
         "scheme": scheme,
         "model": model_info,
         "calibration": calibration,

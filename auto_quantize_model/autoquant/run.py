@@ -134,6 +134,7 @@ def run_scheme(
     inplace: bool = False,
     write: bool = True,
     run_id: str | None = None,
+    sweep_id: str | None = None,
 ) -> RunResult:
     """Search FP8/BF16 per layer group for ``scheme`` and write manifest, report and restore artifact.
 
@@ -207,6 +208,7 @@ def run_scheme(
         timings=timings,
         artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},
         run_id=run_id,
+        sweep_id=sweep_id,
     )
     if not write:
         return RunResult(model, search_state, manifest, None, None, None, scored=not reused)

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from auto_quantize_model.autoquant.manifest import EVALUATION_FILE
 from auto_quantize_model.datasets.calibration import CalibrationSet, build_calibration_set, caption_hash
 from auto_quantize_model.datasets.captions import CaptionSource
 from auto_quantize_model.errors import UserError
@@ -77,6 +78,15 @@ def evaluate_run(
         out["error_vs_sensitivity"] = error_vs_sensitivity(manifest, errors)
     out["metrics"]["eval_seconds"] = time.perf_counter() - t
     return out
+
+
+def write_evaluation(run_dir: str | Path, result: dict[str, Any]) -> Path:
+    """Attach an :func:`evaluate_run` result to its run (``evaluation.json`` beside the manifest)."""
+    return atomic_write_json(Path(run_dir) / EVALUATION_FILE, {
+        "metrics": {k: v for k, v in result["metrics"].items()},
+        "error_vs_sensitivity": {k: v for k, v in result.get("error_vs_sensitivity", {}).items() if k != "groups"},
+        "layer_errors": result["layer_errors"],
+    })
 
 
 def _generations(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], settings: EvalSettings) -> list[list[int]]:

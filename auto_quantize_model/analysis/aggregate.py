@@ -1,0 +1,107 @@
+"""Collect manifests from directories, files and globs, and turn them into table files.
+
+A corrupt or foreign JSON file among the sources is reported by name and skipped; only a source list
+with nothing valid in it is an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auto_quantize_model.analysis.tables import write_trial
+from auto_quantize_model.autoquant.manifest import EVALUATION_FILE, MANIFEST_SUFFIX, validate_manifest
+from auto_quantize_model.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Collected:
+    """Manifest files found, and sources that were skipped with the reason."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_manifest_files(sources: list[str]) -> Collected:
+    """Directories are searched recursively for ``*_quant_manifest.json``; files and globs are taken as given."""
+    out = Collected()
+    seen: set[Path] = set()
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            found = sorted(p.rglob(f"*{MANIFEST_SUFFIX}"))
+        elif p.is_file():
+            found = [p]
+        elif any(ch in src for ch in "*?["):
+            found = sorted(Path(x) for x in glob.glob(src, recursive=True) if Path(x).is_file())
+        else:
+            out.skipped.append((src, "does not exist"))
+            continue
+        if not found:
+            out.skipped.append((src, "no manifests found"))
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.files.append(f)
+    return out
+
+
+def _read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """(path, manifest, metrics, error) for one file; never raises for bad content."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = validate_manifest(data, str(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return str(path), None, None, f"unreadable or not JSON ({exc.__class__.__name__})"
+    except UserError as exc:
+        return str(path), None, None, str(exc)
+    metrics = None
+    ev = path.parent / EVALUATION_FILE
+    if ev.is_file():
+        try:
+            metrics = json.loads(ev.read_text(encoding="utf-8")).get("metrics")
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable %s", ev)
+    return str(path), manifest, metrics, None
+
+
+def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]:
+    """Read one manifest and write its table files (a worker-process task)."""
+    src, manifest, metrics, error = _read_one(path)
+    if manifest is None:
+        return src, None, error
+    trial_id = write_trial(tables_root, manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
+                           manifest_path=src)
+    return src, trial_id, None
+
+
+def aggregate(sources: list[str], tables_root: str | Path, workers: int = 1) -> dict[str, Any]:
+    """Build or refresh the tables from manifests. Returns counts, trial ids and skipped sources."""
+    found = find_manifest_files(sources)
+    skipped = list(found.skipped)
+    trial_ids: dict[str, str] = {}
+    root = str(tables_root)
+    if workers > 1 and len(found.files) > 50:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_convert, found.files, [root] * len(found.files), chunksize=32))
+    else:
+        results = [_convert(f, root) for f in found.files]
+    for src, trial_id, error in results:
+        if trial_id is None:
+            skipped.append((src, error or "invalid"))
+        else:
+            trial_ids[src] = trial_id
+    for src, reason in skipped:
+        log.warning("skipped %s: %s", src, reason)
+    if not trial_ids:
+        raise UserError(f"no valid manifest among {len(sources)} source(s): " +
+                        "; ".join(f"{s} ({r})" for s, r in skipped[:3]))
+    return {"num_manifests": len(trial_ids), "num_trials": len(set(trial_ids.values())),
+            "trial_ids": trial_ids, "skipped": skipped}

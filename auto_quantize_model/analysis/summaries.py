@@ -1,0 +1,86 @@
+"""The numbers behind every plot, as pandas helpers a notebook can call directly."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+
+def sensitivity_grid(layers: pd.DataFrame, scheme: str) -> pd.DataFrame:
+    """block_index x kind of log10 sensitivity for one scheme (mean over its trials)."""
+    df = layers[(layers["scheme"] == scheme) & layers["block_index"].notna()]
+    df = df.assign(log10_sensitivity=np.log10(df["sensitivity"].clip(lower=1e-30)))
+    grid = df.pivot_table(index="block_index", columns="kind", values="log10_sensitivity", aggfunc="mean")
+    order = [k for k in ("q", "k", "v", "o", "gate", "up", "down") if k in grid.columns]
+    return grid[order + [c for c in grid.columns if c not in order]]
+
+
+def inclusion_curve(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per scheme and effective-bits target: share of layers and of weights that are quantized."""
+    df = layers.assign(quantized=layers["dtype"] != "bf16")
+    df = df.assign(qparams=df["num_params"] * df["quantized"])
+    g = df.groupby(["scheme", "effective_bits_target"], observed=True)
+    out = pd.DataFrame({
+        "layer_share": g["quantized"].mean(),
+        "weight_share": g["qparams"].sum() / g["num_params"].sum(),
+        "trials": g["trial_id"].nunique(),
+    })
+    return out.reset_index().sort_values(["scheme", "effective_bits_target"])
+
+
+def flip_budgets(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per scheme and layer: the highest bits target at which it is quantized (NaN = never), and how
+    often it is quantized across that scheme's targets."""
+    df = layers.assign(quantized=layers["dtype"] != "bf16")
+    g = df.groupby(["scheme", "layer"], observed=True)
+    flip = df[df["quantized"]].groupby(["scheme", "layer"], observed=True)["effective_bits_target"].max()
+    out = pd.DataFrame({"inclusion_rate": g["quantized"].mean(), "flip_budget": flip,
+                        "sensitivity": g["sensitivity"].mean(), "kind": g["kind"].first(),
+                        "block_index": g["block_index"].first()})
+    return out.reset_index().sort_values(["scheme", "flip_budget"], ascending=[True, False])
+
+
+def pareto_front(trials: pd.DataFrame, x: str = "effective_bits_achieved", y: str = "total_score") -> pd.DataFrame:
+    """Trials not dominated in (lower x, lower y)."""
+    df = trials.dropna(subset=[x, y]).sort_values([x, y])
+    best = np.inf
+    keep = []
+    for idx, val in zip(df.index, df[y]):
+        if val < best:
+            keep.append(idx)
+            best = val
+    return df.loc[keep]
+
+
+def scoring_configs(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Group-level sensitivity per scoring configuration (one column per distinct score cache key).
+
+    Trials that share calibration, method, steps and formats share scores; each configuration is
+    labelled "scheme / method / n=samples / steps=score steps" after its first trial.
+    """
+    t = trials.dropna(subset=["score_cache_key"]).drop_duplicates("score_cache_key")
+    cols = {}
+    for _, row in t.iterrows():
+        label = f"{row['scheme']} / {row['method']} / n={row['calib_num_samples']} / steps={row['num_score_steps']}"
+        sub = layers[layers["trial_id"] == row["trial_id"]]
+        cols[label] = sub.groupby("search_group")["sensitivity"].first()
+    return pd.DataFrame(cols)
+
+
+def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
+    """Pairwise Spearman correlation and top-k overlap of group sensitivity between configurations."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for a, b in itertools.combinations(configs.columns, 2):
+        both = configs[[a, b]].dropna()
+        if len(both) < 3:
+            continue
+        k = max(1, round(top_fraction * len(both)))
+        top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
+        rows.append({"config_a": a, "config_b": b, "groups": len(both),
+                     "spearman": float(spearmanr(both[a], both[b]).statistic),
+                     "top_k": k, "top_k_overlap": len(top_a & top_b) / k})
+    return pd.DataFrame(rows, columns=["config_a", "config_b", "groups", "spearman", "top_k", "top_k_overlap"])
