@@ -30,3 +30,14 @@ def calib(loaded):
     from auto_quantize_model.datasets.captions import read_captions
 
     return build_calibration_set(loaded.tokenizer, read_captions("demo"), max_samples=24, batch_size=4, seq_len=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session: 2 CPUs, 2 fake GPUs (workers then run on CPU)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only test cluster
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="autoquant", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

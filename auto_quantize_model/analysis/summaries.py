@@ -71,7 +71,7 @@ def scoring_configs(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
 
 def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
     """Pairwise Spearman correlation and top-k overlap of group sensitivity between configurations."""
-    from scipy.stats import spearmanr
+    from auto_quantize_model.inference.metrics import spearman
 
     rows = []
     for a, b in itertools.combinations(configs.columns, 2):
@@ -81,6 +81,6 @@ def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.Data
         k = max(1, round(top_fraction * len(both)))
         top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
         rows.append({"config_a": a, "config_b": b, "groups": len(both),
-                     "spearman": float(spearmanr(both[a], both[b]).statistic),
+                     "spearman": spearman(list(both[a]), list(both[b])),
                      "top_k": k, "top_k_overlap": len(top_a & top_b) / k})
     return pd.DataFrame(rows, columns=["config_a", "config_b", "groups", "spearman", "top_k", "top_k_overlap"])

@@ -97,13 +97,19 @@ def layer_output_errors(model: nn.Module, batches: list[dict[str, torch.Tensor]]
     return {name: math.sqrt(e / r) if r > 0 else 0.0 for name, (e, r) in sums.items()}
 
 
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (Pearson on average ranks); None when a side is constant."""
+    import pandas as pd
+
+    rho = pd.Series(a, dtype="float64").rank().corr(pd.Series(b, dtype="float64").rank())
+    return None if math.isnan(rho) else float(rho)
+
+
 def error_vs_sensitivity(manifest: dict[str, Any], errors: dict[str, float]) -> dict[str, Any]:
     """Per search group: measured error (weight-averaged over its layers) against its AutoQuant score.
 
     Returns the rows and the Spearman rank correlation over groups that were quantized.
     """
-    from scipy.stats import spearmanr
-
     rows = []
     for group, info in manifest["layer_sensitivity"].items():
         members = [m for m in info["module_names"] if m in errors]
@@ -113,8 +119,5 @@ def error_vs_sensitivity(manifest: dict[str, Any], errors: dict[str, float]) -> 
         err = sum(errors[m] * s for m, s in zip(members, sizes)) / sum(sizes)
         score = max((s for s in info["scores"] if s is not None), default=0.0)
         rows.append({"group": group, "relative_error": err, "score": score})
-    rho = None
-    if len(rows) >= 3:
-        res = spearmanr([r["relative_error"] for r in rows], [r["score"] for r in rows])
-        rho = None if math.isnan(res.statistic) else float(res.statistic)
+    rho = spearman([r["relative_error"] for r in rows], [r["score"] for r in rows]) if len(rows) >= 3 else None
     return {"groups": rows, "spearman": rho, "num_groups": len(rows)}

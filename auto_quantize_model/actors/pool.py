@@ -1,0 +1,110 @@
+"""The lease pool: hands free model workers to trials and takes them back.
+
+Rules it enforces (state lives only here, so every trial process sees the same picture):
+
+- a worker serves one trial at a time;
+- no two workers score the same scoring key at once: a trial whose key is being scored waits, then
+  re-solves from the shared search checkpoint instead of scoring again;
+- a trial goes preferably to a worker that already scored or reused its key (warm in page cache);
+- a lease comes back when the worker finishes (the worker releases it itself, so a trial process
+  that dies does not strand a worker), when the trial reports the worker dead, or when the same
+  trial id asks again (a retry of a trial whose process died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class WorkerPool:
+    """Async actor: ``acquire`` waits on a condition without blocking other calls."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.scoring: dict[str, str] = {}  # scoring key -> worker scoring it now
+        self.scored: set[str] = set()  # keys with a finished scoring pass
+        self.passes: dict[str, int] = {}  # scoring passes actually run, per key
+        self.reuses = 0
+        self.cond = asyncio.Condition()
+
+    async def register(self, name: str) -> None:
+        """Add a worker (once it has loaded its model)."""
+        async with self.cond:
+            self.workers[name] = {"busy": False, "trial": None, "keys": set(), "lease": 0}
+            self.cond.notify_all()
+
+    def _pick(self, key: str | None) -> tuple[str | None, bool]:
+        free = [n for n, w in self.workers.items() if not w["busy"]]
+        if not free:
+            return None, False
+        if key is None or key in self.scored:
+            warm = [n for n in free if key in self.workers[n]["keys"]]
+            return (warm or free)[0], False
+        if key in self.scoring:  # someone is scoring it: wait for the checkpoint
+            return None, False
+        return free[0], True
+
+    async def acquire(self, trial_id: str, key: str | None) -> dict[str, Any]:
+        """Block until a worker may take this trial; returns the lease."""
+        async with self.cond:
+            for name, w in self.workers.items():  # a retried trial frees what its dead process held
+                if w["trial"] == trial_id:
+                    self._free(name, key_ok=False)
+            while True:
+                name, will_score = self._pick(key)
+                if name is not None:
+                    break
+                await self.cond.wait()
+            w = self.workers[name]
+            w.update(busy=True, trial=trial_id, lease=w["lease"] + 1)
+            if will_score:
+                self.scoring[key] = name
+            return {"worker": name, "trial_id": trial_id, "key": key, "will_score": will_score, "lease": w["lease"]}
+
+    def _free(self, name: str, key_ok: bool) -> None:
+        w = self.workers[name]
+        for key, holder in list(self.scoring.items()):
+            if holder == name:
+                del self.scoring[key]
+                if key_ok:
+                    self.scored.add(key)
+        w.update(busy=False, trial=None)
+
+    async def release(self, lease: dict[str, Any], ok: bool, scored: bool | None = None) -> None:
+        """Give a worker back. ``scored`` says whether the run computed scores (True) or reused them."""
+        async with self.cond:
+            w = self.workers.get(lease["worker"])
+            if w is None or w["lease"] != lease["lease"] or not w["busy"]:
+                return  # already freed (a retry or a dead-worker report came first)
+            key = lease["key"]
+            if ok and key is not None:
+                w["keys"].add(key)
+                self.scored.add(key)
+                if scored:
+                    self.passes[key] = self.passes.get(key, 0) + 1
+                else:
+                    self.reuses += 1
+            self._free(lease["worker"], key_ok=ok)
+            self.cond.notify_all()
+
+    async def worker_died(self, lease: dict[str, Any]) -> None:
+        """A trial saw its worker die: free the lease; the restarted worker has reloaded (cold)."""
+        async with self.cond:
+            w = self.workers.get(lease["worker"])
+            if w is not None and w["lease"] == lease["lease"] and w["busy"]:
+                w["keys"] = set()
+                self._free(lease["worker"], key_ok=False)
+            self.cond.notify_all()
+
+    async def stats(self) -> dict[str, Any]:
+        """Scoring passes per key, reuses, and who is busy (for tests and the summary)."""
+        return {"passes": dict(self.passes), "reuses": self.reuses, "scored_keys": sorted(self.scored),
+                "busy": {n: w["trial"] for n, w in self.workers.items() if w["busy"]},
+                "workers": sorted(self.workers)}

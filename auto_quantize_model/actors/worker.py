@@ -1,0 +1,209 @@
+"""The model worker: one actor per GPU that loads the LM and its data once and runs trials on it.
+
+Each trial starts from a fresh copy of the pristine model (kept on the GPU when memory allows, else
+in pinned CPU memory), so one trial's quantizers can never reach the next. Before every trial the copy
+is checked: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+class PristineModelError(RuntimeError):
+    """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ModelWorker:
+    """Holds ``LoadedModel`` + calibration (+ evaluation) data; runs one trial per call."""
+
+    def __init__(self, spec_dict: dict[str, Any], name: str, pool_name: str, namespace: str) -> None:
+        import torch
+
+        from auto_quantize_model.cli import setup_logging
+        from auto_quantize_model.datasets.calibration import build_calibration_set
+        from auto_quantize_model.datasets.captions import read_captions
+        from auto_quantize_model.models.loading import load_language_model
+        from auto_quantize_model.sweep.spec import SweepSpec
+
+        setup_logging(False)
+        self.spec = SweepSpec(**{k: v for k, v in spec_dict.items() if k != "schema_version"})
+        self.name = name
+        self.pool = ray.get_actor(pool_name, namespace=namespace)
+        t = time.perf_counter()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.loaded = load_language_model(self.spec.model_dir, device=device, dtype=self.spec.dtype)
+        self.calib = build_calibration_set(
+            self.loaded.tokenizer, read_captions(self.spec.captions_path), max_samples=self.spec.max_calib_samples,
+            batch_size=self.spec.batch_size, seq_len=self.spec.calib_seq_len, seed=self.spec.seed,
+            device=self.loaded.device,
+        )
+        self.eval_data = self._eval_data() if self.spec.evaluate else None
+        self.pristine_on = self._place_pristine()
+        self.probe = self._logits(self.loaded.model if self.pristine_on == "gpu" else self._fresh_model())
+        self.load_seconds = time.perf_counter() - t
+        self._init_metrics()
+        log.info("worker %s ready on %s in %.2fs (pristine copy on %s)", name, device, self.load_seconds, self.pristine_on)
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _eval_data(self):
+        from auto_quantize_model.datasets.calibration import build_calibration_set
+        from auto_quantize_model.datasets.captions import read_captions
+        from auto_quantize_model.inference.compare import held_out_source
+
+        fake_manifest = {"scheme": {"name": "calib"}, "calibration": self.calib.describe()}
+        source, _ = held_out_source(read_captions(self.spec.eval_captions or self.spec.captions_path), [fake_manifest])
+        return build_calibration_set(self.loaded.tokenizer, source, max_samples=self.spec.max_eval_samples,
+                                     batch_size=self.spec.batch_size, seq_len=self.spec.calib_seq_len,
+                                     seed=self.spec.seed + 1, device=self.loaded.device)
+
+    def _place_pristine(self) -> str:
+        """``auto``: keep it on the GPU if a second copy fits in free memory, else pinned on the host."""
+        import torch
+
+        want = self.spec.worker.pristine
+        if self.loaded.device.type != "cuda":
+            return "gpu"  # "same device as the work copy": CPU here, no transfer involved
+        if want == "auto":
+            size = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+            free, _ = torch.cuda.mem_get_info()
+            # Room for the working copy, plus headroom for AutoQuant's activations and gradients.
+            want = "gpu" if free > 3 * size else "cpu"
+        if want == "cpu":
+            self.loaded.model.to("cpu")
+            for p in self.loaded.model.parameters():
+                p.data = p.data.pin_memory()
+        return want
+
+    def _init_metrics(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"worker": self.name}
+        self.m_trials = Counter("autoquant_trials_done", "Trials finished by this worker", tag_keys=("worker", "status"))
+        self.m_passes = Counter("autoquant_scoring_passes", "AutoQuant scoring passes run", tag_keys=("worker",))
+        self.m_reuses = Counter("autoquant_score_reuses", "Trials that re-solved from cached scores", tag_keys=("worker",))
+        self.m_gpu = Gauge("autoquant_gpu_memory_bytes", "Peak GPU memory of the last trial", tag_keys=("worker",))
+        self.m_gpu.set(0, tags)
+
+    # -- per trial ---------------------------------------------------------------------------------
+
+    def _fresh_model(self):
+        """A working copy of the pristine model on the compute device."""
+        if self.pristine_on == "gpu":
+            return copy.deepcopy(self.loaded.model)
+        return copy.deepcopy(self.loaded.model).to(self.loaded.device, non_blocking=True)
+
+    def _logits(self, model):
+        import torch
+
+        from auto_quantize_model.autoquant.run import forward_step
+
+        with torch.no_grad():
+            return forward_step(model, self.calib.batches[0]).detach().cpu()
+
+    def _check_pristine(self, model) -> None:
+        import torch
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        if any(isinstance(m, TensorQuantizer) for m in model.modules()):
+            raise PristineModelError(f"worker {self.name}: quantizers leaked into the pristine model")
+        if not torch.equal(self._logits(model), self.probe):
+            raise PristineModelError(f"worker {self.name}: fresh model outputs differ from the loaded model")
+
+    def probe_matches(self) -> bool:
+        """For tests: a fresh copy now gives bit-identical logits to the freshly loaded model."""
+        try:
+            self._check_pristine(self._fresh_model())
+        except PristineModelError:
+            return False
+        return True
+
+    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
+        """Run one trial end to end; always hands the lease back, even on failure."""
+        ok, scored = False, None
+        try:
+            result = self._run(trial, out)
+            ok = result["status"] == "ok"
+            scored = result.get("scored")
+            return result
+        finally:
+            self.pool.release.remote(lease, ok, scored)
+
+    def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
+        import torch
+
+        from auto_quantize_model.analysis.tables import write_trial
+        from auto_quantize_model.autoquant.run import run_scheme
+        from auto_quantize_model.configs import get_scheme, resolve_scheme
+        from auto_quantize_model.errors import UserError
+        from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
+
+        t0 = time.perf_counter()
+        tid = trial["trial_id"]
+        trial_dir = Path(out["trials"]) / tid
+        common = {"scheme": trial["scheme"], "sweep_id": self.spec.name, "trial_id": tid}
+        try:
+            scheme = resolve_scheme(
+                get_scheme(trial["scheme"], self.spec.schemes_file), effective_bits=trial["effective_bits"],
+                method=trial["method"], num_score_steps=trial["num_score_steps"],
+                num_calib_steps=trial["num_calib_steps"],
+            )
+            if self.loaded.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            work = self._fresh_model()
+            self._check_pristine(work)
+            restore_s = time.perf_counter() - t
+            result = run_scheme(dataclasses.replace(self.loaded, model=work), self.calib, scheme, trial_dir,
+                                cache_dir=out["cache"], inplace=True, run_id=tid, sweep_id=self.spec.name)
+        except UserError as exc:
+            write_trial(out["tables"], None, status="error", error=str(exc), settings=trial, **common)
+            self.m_trials.inc(1, {"worker": self.name, "status": "error"})
+            return {"status": "error", "error": str(exc), "trial": tid, "worker": self.name}
+        metrics: dict[str, Any] = {}
+        eval_s = 0.0
+        if self.eval_data is not None:
+            t = time.perf_counter()
+            reference = self.loaded.model if self.pristine_on == "gpu" else self._fresh_model()
+            ev = evaluate_run(result.model, reference, self.eval_data, result.manifest)
+            write_evaluation(trial_dir, ev)
+            metrics = ev["metrics"]
+            eval_s = time.perf_counter() - t
+        del work, result.model
+        m = result.manifest
+        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), **common)
+        peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
+        tags = {"worker": self.name}
+        (self.m_passes if result.scored else self.m_reuses).inc(1, tags)
+        self.m_trials.inc(1, {"worker": self.name, "status": "ok"})
+        self.m_gpu.set(peak, tags)
+        timings = m["timings"]
+        return {
+            "status": "ok", "trial": tid, "worker": self.name, "scheme": trial["scheme"],
+            "effective_bits_target": trial["effective_bits"], "effective_bits_achieved": m["effective_bits"]["achieved"],
+            "budget_met": m["budget_met"], "num_fp8_layers": m["num_quantized_layers"], "num_layers": m["num_layers"],
+            "scored": result.scored, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
+            "time_restore": restore_s, "time_calibrate": timings.get("calibrate") or 0.0,
+            "time_score": timings.get("score") or timings.get("calibrate_and_score") or 0.0,
+            "time_solve": timings["solve"], "time_write": timings.get("write_restore", 0.0),
+            "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
+            **{k: metrics.get(k) for k in ("perplexity", "kl_mean", "kl_max", "top1_agreement")},
+        }
+
+    def info(self) -> dict[str, Any]:
+        """Where this worker runs (for the summary)."""
+        return {"name": self.name, "device": str(self.loaded.device), "pid": os.getpid(),
+                "pristine_on": self.pristine_on, "load_seconds": self.load_seconds,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -1,0 +1,198 @@
+"""Run a sweep: start (or join) Ray, start the pool and one model worker per GPU, let Tune schedule.
+
+Layout under ``<storage_path>/<name>/`` (Tune's experiment directory)::
+
+    sweep_spec.json              the resolved settings
+    autoquant/trials/<trial_id>/ manifest, report, restore artifact, evaluation.json, result.json
+    autoquant/tables/            layers/ and trials/ Parquet tables (docs/tables.md)
+    autoquant/cache/             ModelOpt search checkpoints, one per scoring key, shared by workers
+    summary.md                   the end-of-sweep table
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray import tune
+
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
+from auto_quantize_model.sweep.spec import SweepSpec, expand_grid
+from auto_quantize_model.sweep.trial import run_trial
+
+log = logging.getLogger(__name__)
+NAMESPACE = "autoquant"
+# Trials only lease and wait; they need a sliver of a CPU (Tune refuses 0) and no GPU.
+TRIAL_RESOURCES = {"cpu": 0.01}
+
+
+class ProgressLine(tune.Callback):
+    """One log line per finished trial."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
+        self.done += 1
+        if result.get("status") != "ok":
+            log.info("[%d/%d] %s FAILED: %s", self.done, self.total, result.get("trial"), result.get("error"))
+            return
+        extra = f", ppl {result['perplexity']:.4g}, KL {result['kl_mean']:.3g}" if result.get("perplexity") else ""
+        log.info("[%d/%d] %s on %s: %d/%d FP8, %.3f bits (met %s), scores %s%s, %.1fs (%.0fs elapsed)",
+                 self.done, self.total, result["trial"], result["worker"], result["num_fp8_layers"],
+                 result["num_layers"], result["effective_bits_achieved"], result["budget_met"],
+                 "reused" if result.get("from_previous_run") else ("computed" if result["scored"] else "reused"),
+                 extra, result["time_trial"], time.perf_counter() - self.start)
+
+
+def _connect(spec: SweepSpec) -> bool:
+    """Join ``spec.address`` (or RAY_ADDRESS), else start a local Ray. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        return False
+    ray.init(namespace=NAMESPACE, runtime_env=env)
+    return True
+
+
+def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
+    """Workers per GPU by default; on a cluster without GPUs, CPU workers (a GPU request would hang)."""
+    import dataclasses
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if spec.worker.num_gpus > 0 and gpus == 0:
+        log.warning("the Ray cluster has no GPUs: model workers run on CPU")
+        spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_gpus=0))
+    n = spec.num_workers or (max(1, int(gpus // spec.worker.num_gpus)) if spec.worker.num_gpus > 0 else 1)
+    # Every concurrent trial needs its CPU sliver next to the workers, or trials stay PENDING forever.
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    room = (cpus - n * TRIAL_RESOURCES["cpu"] - 0.001) / n
+    if room <= 0:
+        raise UserError(f"{n} workers do not fit on a cluster with {cpus:g} CPUs; use fewer --num-workers")
+    if spec.worker.num_cpus > room:
+        log.warning("worker num_cpus %.2f -> %.2f so that %d trials can run beside %d workers on %g CPUs",
+                    spec.worker.num_cpus, room, n, n, cpus)
+        spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_cpus=room))
+    return spec, n
+
+
+def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str]:
+    """Pool plus ``n`` named workers, each registered once its model is loaded."""
+    from auto_quantize_model.actors.pool import WorkerPool
+    from auto_quantize_model.actors.worker import ModelWorker
+
+    tag = f"{spec.name}-{os.getpid()}-{int(time.time())}"
+    pool_name = f"autoquant-pool-{tag}"
+    pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE).remote()
+    workers = [
+        ModelWorker.options(name=f"autoquant-worker-{tag}-{i}", namespace=NAMESPACE, num_gpus=spec.worker.num_gpus,
+                            num_cpus=spec.worker.num_cpus).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
+                                                                  pool_name, NAMESPACE)
+        for i in range(n)
+    ]
+    try:
+        infos = ray.get([w.info.remote() for w in workers])
+    except ray.exceptions.RayActorError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise UserError(f"a model worker failed to start: {str(cause).strip().splitlines()[-1]}") from exc
+    ray.get([pool.register.remote(i["name"]) for i in infos])
+    for i in infos:
+        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), load %.1fs, pristine on %s", i["name"], i["device"],
+                 i["cuda_visible_devices"], i["load_seconds"], i["pristine_on"])
+    return pool, workers, pool_name
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the result rows, pool statistics and paths."""
+    from auto_quantize_model.datasets.captions import read_captions
+    from auto_quantize_model.models.loading import read_checkpoint_config
+
+    read_checkpoint_config(spec.model_dir)  # fail fast, before any actor starts
+    read_captions(spec.captions_path)
+    trials = expand_grid(spec)
+    unknown = sorted({t["scheme"] for t in trials if t["scoring_key"] is None})
+    if unknown:
+        log.warning("unknown schemes %s: their trials will fail and be recorded", unknown)
+    sweep_dir = spec.sweep_dir
+    ours = sweep_dir / "autoquant"
+    if sweep_dir.exists() and not resume and (ours / "trials").exists():
+        raise UserError(f"sweep {sweep_dir} already exists; pass --resume to continue it or choose another --name")
+    context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(ours / "cache"),
+               "namespace": NAMESPACE}
+    started = _connect(spec)
+    t0 = time.perf_counter()
+    try:
+        spec, n = _fit_to_cluster(spec)
+        pool, workers, pool_name = start_workers(spec, n)
+        context["pool"] = pool_name
+        atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
+                                                          "num_trials": len(trials)})
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
+        run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
+                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                    callbacks=[ProgressLine(len(trials))])
+        if resume and tune.Tuner.can_restore(str(sweep_dir)):
+            log.info("resuming %s: Tune re-runs unfinished and errored trials; finished ones are skipped", sweep_dir)
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={"trial": tune.grid_search(trials)}, run_config=run_config,
+                # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
+                tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
+                                            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+                                            trial_name_creator=lambda t: t.config["trial"]["trial_id"]),
+            )
+        grid = tuner.fit()
+        stats = ray.get(pool.stats.remote())
+        rows = _rows(grid, trials)
+        for w in workers:
+            ray.kill(w)
+        ray.kill(pool)
+    finally:
+        if started:
+            ray.shutdown()
+    wall = time.perf_counter() - t0
+    summary = render_summary(spec, rows, stats, wall, n)
+    atomic_write_text(sweep_dir / "summary.md", summary)
+    return {"rows": rows, "stats": stats, "wall_seconds": wall, "num_workers": n, "sweep_dir": str(sweep_dir),
+            "tables": context["tables"], "summary": summary}
+
+
+def _rows(grid: Any, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_id = {}
+    for res in grid:
+        # Keyed by our trial id from the config: Tune overwrites a reported "trial_id" with its own.
+        m = {k: v for k, v in (res.metrics or {}).items() if k != "trial_id"}
+        tid = (res.config or {}).get("trial", {}).get("trial_id")
+        if res.error is not None and not m.get("status"):
+            m = {"status": "error", "error": str(res.error).strip().splitlines()[-1][:300]}
+        by_id[tid] = m
+    return [{**t, **by_id.get(t["trial_id"], {"status": "missing"})} for t in trials]
+
+
+def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str, Any], wall: float, n: int) -> str:
+    """The end-of-sweep table (printed and saved as summary.md)."""
+    ok = sum(r.get("status") == "ok" for r in rows)
+    lines = [f"# Sweep {spec.name}", "",
+             f"{len(rows)} trials ({ok} ok) on {n} worker(s) in {wall:.1f} s; scoring passes per key: "
+             f"{stats.get('passes')}; reuses: {stats.get('reuses')}", "",
+             "| trial | scheme | bits target | achieved | FP8 layers | met | scores | ppl | KL mean | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['trial_id']} | {r['scheme']} | {r['effective_bits']:g} | - | - | - | - | - | - | "
+                         f"ERROR: {str(r.get('error', ''))[:120]} |")
+            continue
+        ppl = f"{r['perplexity']:.4g}" if r.get("perplexity") is not None else "-"
+        kl = f"{r['kl_mean']:.3g}" if r.get("kl_mean") is not None else "-"
+        scores = "previous run" if r.get("from_previous_run") else ("computed" if r["scored"] else "reused")
+        lines.append(f"| {r['trial_id']} | {r['scheme']} | {r['effective_bits']:g} | {r['effective_bits_achieved']:.3f} | "
+                     f"{r['num_fp8_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,160 @@
+"""Sweep settings (one frozen dataclass, from TOML and/or flags) and the trial grid they expand to.
+
+The grid is schemes x effective-bits targets x any extra scheme settings (method, score steps). Each
+trial gets a deterministic id from its settings, so a resumed sweep, a retried trial and the tables
+all agree on which trial is which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auto_quantize_model.configs.schemes import Scheme, scheme_catalog
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import sha256_json
+
+SWEEP_SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Resources and memory policy of each model worker actor."""
+
+    num_gpus: float = 1.0  # 0 runs workers on CPU (tests, CPU-only clusters)
+    num_cpus: float = 1.0  # explicit: a GPU actor otherwise holds 1 CPU and trials can starve
+    pristine: str = "auto"  # where the unquantized copy lives: gpu, cpu (pinned), auto
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a sweep needs; ``to_dict`` is recorded beside the results."""
+
+    name: str
+    model_dir: str
+    storage_path: str = "runs/sweeps"
+    captions_path: str | None = None
+    schemes: tuple[str, ...] = ("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full",
+                                "fp8_autoquant_all_layers_fp8")
+    effective_bits: tuple[float, ...] = ()  # empty: each scheme's own default
+    methods: tuple[str, ...] = ()  # empty: each scheme's own method
+    num_score_steps: tuple[int, ...] = ()  # empty: each scheme's own
+    num_calib_steps: int | None = None
+    schemes_file: str | None = None
+    max_calib_samples: int = 64
+    batch_size: int = 4
+    calib_seq_len: int = 256
+    seed: int = 0
+    dtype: str = "auto"
+    num_workers: int = 0  # 0: one per GPU in the cluster (or 1 without GPUs)
+    max_failures: int = 2  # retries of a trial whose worker died
+    evaluate: bool = False
+    eval_captions: str | None = None
+    max_eval_samples: int = 32
+    address: str | None = None
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def __post_init__(self) -> None:
+        for key in ("schemes", "effective_bits", "methods", "num_score_steps"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if isinstance(self.worker, dict):
+            object.__setattr__(self, "worker", WorkerSettings(**self.worker))
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Tune's experiment directory; our trials, tables and score cache live under it too."""
+        return Path(self.storage_path).resolve() / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, versioned."""
+        return {"schema_version": SWEEP_SPEC_VERSION, **dataclasses.asdict(self)}
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SweepSpec)}
+
+
+def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
+    """TOML file (optional) then explicit overrides (None = not given); validates the result."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"sweep config {p} does not exist; pass a TOML file (see examples/ or the README)")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"sweep config {p} is not valid TOML: {exc}") from exc
+        data.pop("schema_version", None)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise UserError(f"unknown sweep settings {unknown}; allowed: {sorted(_FIELDS)}")
+    for required in ("name", "model_dir"):
+        if not data.get(required):
+            raise UserError(f"sweep setting {required!r} is missing; give --{required.replace('_', '-')} or set it in the TOML")
+    if isinstance(data.get("worker"), dict):
+        try:
+            data["worker"] = WorkerSettings(**data["worker"])
+        except TypeError as exc:
+            raise UserError(f"bad [worker] table: {exc}") from exc
+    spec = SweepSpec(**data)
+    _validate(spec)
+    return spec
+
+
+def _validate(spec: SweepSpec) -> None:
+    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples"):
+        if getattr(spec, key) <= 0:
+            raise UserError(f"sweep setting {key} must be positive, got {getattr(spec, key)}")
+    if spec.num_workers < 0 or spec.max_failures < 0:
+        raise UserError("num_workers and max_failures must be >= 0")
+    if not spec.schemes:
+        raise UserError("the sweep has no schemes; list at least one")
+    if spec.worker.pristine not in ("gpu", "cpu", "auto"):
+        raise UserError(f"worker.pristine must be gpu, cpu or auto, got {spec.worker.pristine!r}")
+    if spec.worker.num_cpus <= 0:
+        raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
+    if any(s <= 0 for s in spec.num_score_steps):
+        raise UserError("num_score_steps entries must be positive")
+
+
+def trial_id(settings: dict[str, Any]) -> str:
+    """Readable and deterministic: ``<scheme>-b<bits>-<method>-s<steps>-<hash>``."""
+    h = sha256_json(settings)[:8]
+    return f"{settings['scheme']}-b{settings['effective_bits']:g}-{settings['method']}-s{settings['num_score_steps']}-{h}"
+
+
+def scoring_key(scheme: Scheme) -> str:
+    """What decides whether two trials can share one scoring pass (data and model are fixed per sweep)."""
+    return sha256_json({"formats": sorted(scheme.quantization_formats), "method": scheme.method,
+                        "score_steps": scheme.num_score_steps, "calib_steps": scheme.num_calib_steps,
+                        "disabled": sorted(scheme.disabled_layers)})[:16]
+
+
+def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
+    """One dict per trial. Unknown scheme names still become trials; they fail alone, recorded."""
+    catalog = scheme_catalog(spec.schemes_file)
+    trials = []
+    seen = set()
+    for name in spec.schemes:
+        base = catalog.get(name)
+        bits_axis = spec.effective_bits or ((base.effective_bits,) if base else (16.0,))
+        method_axis = spec.methods or ((base.method,) if base else ("gradient",))
+        steps_axis = spec.num_score_steps or ((base.num_score_steps,) if base else (16,))
+        for bits, method, steps in itertools.product(bits_axis, method_axis, steps_axis):
+            settings = {"scheme": name, "effective_bits": float(bits), "method": method, "num_score_steps": int(steps),
+                        "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else 16)}
+            tid = trial_id(settings)
+            if tid in seen:
+                continue
+            seen.add(tid)
+            key = None
+            if base is not None:
+                key = scoring_key(dataclasses.replace(base, method=method, num_score_steps=int(steps),
+                                                      num_calib_steps=settings["num_calib_steps"]))
+            trials.append({**settings, "trial_id": tid, "scoring_key": key})
+    return trials

@@ -1,0 +1,52 @@
+"""The Ray Tune trial: lease a worker, run the trial there, report. No model, no CUDA in this process.
+
+A finished trial leaves ``result.json`` in its directory (written last, atomically); a trial that finds
+one for the same settings reports it and does no work, so a resumed sweep reruns only what is
+unfinished even if Tune's own experiment state lags behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from auto_quantize_model.io_utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+def finished_result(trials_dir: str | Path, trial: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result of a trial that already finished with these exact settings, else None."""
+    path = Path(trials_dir) / trial["trial_id"] / RESULT_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored["result"] if stored.get("trial") == trial else None
+
+
+def run_trial(config: dict[str, Any], context: dict[str, str]) -> None:
+    """Tune function trainable: ``config["trial"]`` is one grid entry, ``context`` names actors and dirs."""
+    trial = config["trial"]
+    done = finished_result(context["trials"], trial)
+    if done is not None:
+        tune.report({**done, "from_previous_run": True})
+        return
+    pool = ray.get_actor(context["pool"], namespace=context["namespace"])
+    lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
+    worker = ray.get_actor(lease["worker"], namespace=context["namespace"])
+    try:
+        result = ray.get(worker.run_trial.remote(trial, lease, context))
+    except ray.exceptions.RayActorError:
+        # The worker died mid-trial (Ray restarts it and it reloads); free the lease and let Tune retry.
+        ray.get(pool.worker_died.remote(lease))
+        raise
+    if result["status"] == "ok":
+        atomic_write_json(Path(context["trials"]) / trial["trial_id"] / RESULT_FILE, {"trial": trial, "result": result})
+    tune.report({**result, "from_previous_run": False})

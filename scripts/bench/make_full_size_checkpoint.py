@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Write a full-size Qwen2.5-VL-3B checkpoint with random weights (the real config; no download).
+
+Built on the GPU in bf16, saved with save_pretrained beside the tiny model's tokenizer (its ids fit
+the 151,936-row embedding), so it loads through exactly the same path as the real checkpoint.
+Also writes long calibration "captions" (demo captions joined ~14 at a time, ~250 tokens each) so
+batches are 4 x ~256 tokens, the size the engine notes were measured at.
+
+    python scripts/bench/make_full_size_checkpoint.py --output-dir /tmp/qwen3b-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from auto_quantize_model.datasets.demo import demo_captions
+from auto_quantize_model.models.tiny import QWEN2_5_VL_3B_CONFIG, make_tiny_checkpoint
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out = Path(args.output_dir)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_checkpoint(Path(tmp) / "tiny", train_steps=0)
+        from transformers import AutoTokenizer
+        from transformers import Qwen2VLImageProcessorPil
+
+        tok = AutoTokenizer.from_pretrained(tiny)
+        improc = Qwen2VLImageProcessorPil.from_pretrained(tiny)
+        chat = (tiny / "chat_template.jinja").read_text()
+    cfg = dict(QWEN2_5_VL_3B_CONFIG)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>",
+                                                      "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")}
+    cfg.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+               vision_token_id=ids["<|vision_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    torch.manual_seed(args.seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(torch.bfloat16)
+    built = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    improc.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(chat)
+    caps = demo_captions()
+    long = [" ".join(caps[i:i + 14]) for i in range(0, len(caps) - 14, 7)]
+    (out / "bench_captions.txt").write_text("\n".join(long) + "\n")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"full-size Qwen2.5-VL-3B (random): {n / 1e9:.3f} B params, built {built:.1f}s, saved in "
+          f"{time.perf_counter() - t - built:.1f}s to {out}; {len(long)} long captions")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The Ray sweep on a local Ray with fake GPUs: grid, shared scoring, faults, resume, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from auto_quantize_model.analysis import load_layers, load_trials
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.sweep.spec import SweepSpec, expand_grid, load_sweep_spec
+
+FP8_SCHEMES = ("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full")
+
+
+def _spec(tiny_model_dir, tmp_path, **kw) -> SweepSpec:
+    base = {"name": "s", "model_dir": str(tiny_model_dir), "storage_path": str(tmp_path / "sweeps"),
+            "captions_path": "demo", "max_calib_samples": 16, "batch_size": 4, "calib_seq_len": 32,
+            "schemes": ("fp8_autoquant_top25",), "effective_bits": (12.0,)}
+    return load_sweep_spec(None, {**base, **kw})
+
+
+def test_grid_expansion_and_scoring_keys(tiny_model_dir, tmp_path):
+    spec = _spec(tiny_model_dir, tmp_path, schemes=(*FP8_SCHEMES, "fp8_autoquant_all_layers_fp8", "nope"),
+                 effective_bits=(14, 12, 10), methods=("gradient", "kl_div"))
+    trials = expand_grid(spec)
+    assert len(trials) == 5 * 3 * 2
+    assert len({t["trial_id"] for t in trials}) == len(trials)
+    assert expand_grid(spec) == trials  # deterministic
+    keys = {t["scoring_key"] for t in trials if t["scheme"] in FP8_SCHEMES}
+    assert len(keys) == 2  # FP8_DEFAULT_CFG x {gradient, kl_div}, whatever the bits target or scheme name
+    all_layers = {t["scoring_key"] for t in trials if t["scheme"] == "fp8_autoquant_all_layers_fp8"}
+    assert len(all_layers) == 2 and not all_layers & keys
+    assert all(t["scoring_key"] is None for t in trials if t["scheme"] == "nope")
+    default = expand_grid(_spec(tiny_model_dir, tmp_path, schemes=FP8_SCHEMES, effective_bits=()))
+    assert [t["effective_bits"] for t in default] == [14.0, 12.0, 8.0]  # each scheme's own budget
+
+
+def test_spec_from_toml_with_overrides(tiny_model_dir, tmp_path):
+    f = tmp_path / "sweep.toml"
+    f.write_text(f'name = "a"\nmodel_dir = "{tiny_model_dir}"\nschemes = ["fp8_autoquant_top50"]\n'
+                 'effective_bits = [12, 10]\n[worker]\nnum_gpus = 1\nnum_cpus = 2\npristine = "cpu"\n')
+    spec = load_sweep_spec(f, {"name": "b", "effective_bits": None})
+    assert spec.name == "b" and spec.effective_bits == (12, 10) and spec.worker.pristine == "cpu"
+    assert json.loads(json.dumps(spec.to_dict()))["worker"]["num_cpus"] == 2
+    for bad, match in [({"bogus": 1}, "unknown sweep settings"), ({"batch_size": 0}, "positive"),
+                       ({"model_dir": ""}, "model_dir")]:
+        with pytest.raises(UserError, match=match):
+            load_sweep_spec(f, bad)
+    (tmp_path / "bad.toml").write_text('[worker]\npristine = "disk"\nname="x"\n')
+    with pytest.raises(UserError):
+        load_sweep_spec(tmp_path / "bad.toml", {"name": "x", "model_dir": str(tiny_model_dir)})
+
+
+@pytest.mark.timeout(420)
+def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, tiny_model_dir, tmp_path):
+    from auto_quantize_model.sweep.driver import run_sweep
+
+    spec = _spec(tiny_model_dir, tmp_path, schemes=(*FP8_SCHEMES, "fp8_autoquant_all_layers_fp8", "nope"),
+                 effective_bits=(14.0, 11.0, 7.0), evaluate=True, max_eval_samples=8)
+    res = run_sweep(spec)
+    rows = {r["trial_id"]: r for r in res["rows"]}
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    failed = [r for r in rows.values() if r["status"] != "ok"]
+    assert res["num_workers"] == 2 and len(rows) == 15
+    # 7 bits is below what FP8 reaches, and 'nope' is no scheme: those trials fail alone, with the reason.
+    assert len(ok) == 8 and len(failed) == 7
+    assert all("between 8 and 16" in r["error"] or "unknown scheme" in r["error"] for r in failed)
+    # K distinct scoring keys -> exactly K scoring passes, whatever the number of bits targets or workers.
+    assert res["stats"]["passes"] == {k: 1 for k in {r["scoring_key"] for r in ok}}
+    assert len(res["stats"]["passes"]) == 2
+    assert sum(r["scored"] for r in ok) == 2 and sum(not r["scored"] for r in ok) == 6
+    assert all(r["perplexity"] > 1 and r["kl_mean"] >= 0 for r in ok)
+    # Tables: one trials row per trial (failures included), 29 layer rows per ok trial, no duplicates.
+    trials = load_trials(res["tables"])
+    assert len(trials) == 15 and trials["trial_id"].is_unique
+    assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
+    assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()
+    layers = load_layers(res["tables"])
+    assert len(layers) == 8 * 29 and not layers.duplicated(["trial_id", "layer"]).any()
+    for r in ok:
+        trial_dir = tmp_path / "sweeps" / "s" / "autoquant" / "trials" / r["trial_id"]
+        assert (trial_dir / f"{r['scheme']}_quant_manifest.json").is_file()
+        assert (trial_dir / "layer-sensitivity-report.md").is_file() and (trial_dir / "result.json").is_file()
+    assert "scoring passes per key" in (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        run_sweep(spec)
+
+
+@pytest.mark.timeout(300)
+def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
+    import ray
+
+    from auto_quantize_model.sweep.driver import start_workers
+    from auto_quantize_model.sweep.spec import expand_grid
+
+    spec = _spec(tiny_model_dir, tmp_path, name="restore", effective_bits=(8.0,), worker={"num_gpus": 1, "num_cpus": 0.5})
+    pool, workers, _ = start_workers(spec, 1)
+    try:
+        (trial,) = expand_grid(spec)
+        out = {k: str(tmp_path / k) for k in ("trials", "tables", "cache")}
+        manifests = []
+        for _ in range(2):
+            lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
+            res = ray.get(workers[0].run_trial.remote(trial, lease, out))
+            assert res["status"] == "ok" and res["num_fp8_layers"] == 29
+            # After an all-FP8 trial, a fresh copy is bit-identical to the freshly loaded model.
+            assert ray.get(workers[0].probe_matches.remote())
+            path = tmp_path / "trials" / trial["trial_id"] / "fp8_autoquant_top25_quant_manifest.json"
+            manifests.append(json.loads(path.read_text()))
+        assert manifests[0]["layers"] == manifests[1]["layers"]
+        assert ray.get(pool.stats.remote())["busy"] == {}  # the worker gave its lease back
+    finally:
+        for a in (*workers, pool):
+            ray.kill(a)
+
+
+@pytest.mark.timeout(420)
+def test_worker_killed_mid_trial_sweep_finishes_each_trial_once(ray_cluster, tiny_model_dir, tmp_path):
+    import ray
+    from ray.util import list_named_actors
+
+    from auto_quantize_model.sweep.driver import run_sweep
+
+    spec = _spec(tiny_model_dir, tmp_path, name="faults", schemes=("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"),
+                 effective_bits=(14.0, 10.0), max_calib_samples=48, max_failures=3)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            pools = [a for a in list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-faults")]
+            if pools:
+                try:
+                    pool = ray.get_actor(pools[0]["name"], namespace=pools[0]["namespace"])
+                    busy = ray.get(pool.stats.remote())["busy"]
+                except (ValueError, ray.exceptions.RayActorError):
+                    busy = {}
+                if busy:
+                    name = next(iter(busy))
+                    ray.kill(ray.get_actor(name, namespace="autoquant"), no_restart=False)
+                    killed.append((name, busy[name]))
+                    return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = run_sweep(spec)
+    t.join(5)
+    assert killed, "the test never caught a busy worker"
+    rows = res["rows"]
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    trials = load_trials(res["tables"])
+    assert len(trials) == 4 and trials["trial_id"].is_unique and (trials["status"] == "ok").all()
+    assert len(load_layers(res["tables"])) == 4 * 29
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_model_dir, tmp_path):
+    from auto_quantize_model.sweep.driver import run_sweep
+
+    storage = tmp_path / "sweeps"
+    args = [sys.executable, "-m", "auto_quantize_model.cli", "sweep", "--name", "resume", "--model-dir", str(tiny_model_dir),
+            "--storage-path", str(storage), "--captions-path", "demo", "--schemes", "fp8_autoquant_top25,fp8_autoquant_top50",
+            "--effective-bits", "15,13,11,9", "--max-calib-samples", "16", "--calib-seq-len", "32", "--address", ray_cluster]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials_dir = storage / "resume" / "autoquant" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(trials_dir.glob("*/result.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep, as with a lost SSH session
+    proc.wait(30)
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in trials_dir.glob("*/result.json")}
+    assert 2 <= len(done_before) < 8
+    time.sleep(2)  # let Ray reap the dead job's actors
+    spec = load_sweep_spec(None, {"name": "resume", "model_dir": str(tiny_model_dir), "storage_path": str(storage),
+                                  "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_top50"),
+                                  "effective_bits": (15.0, 13.0, 11.0, 9.0), "max_calib_samples": 16, "calib_seq_len": 32})
+    res = run_sweep(spec, resume=True)
+    rows = res["rows"]
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows), rows
+    for tid, mtime in done_before.items():  # finished trials were not run again
+        assert (trials_dir / tid / "result.json").stat().st_mtime_ns == mtime
+    rerun = [r for r in rows if r["trial_id"] not in done_before]
+    assert all(not r.get("from_previous_run") for r in rerun)
+    trials = load_trials(res["tables"])
+    assert len(trials) == 8 and trials["trial_id"].is_unique
+    assert len(load_layers(res["tables"])) == 8 * 29
+
+
+@pytest.mark.timeout(420)
+def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
+    from auto_quantize_model.cli import main
+
+    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "16 trials (16 ok)" in out and "scoring passes per key" in out
+    assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
+    assert len(load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")) == 16
+    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0  # a second run resumes, no error
