@@ -40,6 +40,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float32, float16")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from an existing manifest")
+    g = p.add_argument_group("image-caption calibration (searches the whole VLM: vision, merger, language)")
+    g.add_argument("--image-captions-path", help='JSONL of {"image": path, "caption": text} (paths relative to it)')
+    g.add_argument("--coco-annotations", help="COCO captions_*.json (with --coco-root)")
+    g.add_argument("--coco-root", help="folder holding the COCO images")
+    g.add_argument("--image-size", type=int, default=None, help="resize images to N x N before processing")
 
 
 def _check_output_dir(path: str) -> Path:
@@ -78,12 +83,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     read_checkpoint_config(args.model_dir)
-    captions = read_captions(args.captions_path)
-    loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
-    calib = build_calibration_set(
-        loaded.tokenizer, captions, max_samples=args.max_calib_samples, batch_size=args.batch_size,
-        seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device,
-    )
+    if args.image_captions_path or args.coco_annotations or args.coco_root:
+        loaded, calib = _load_for_images(args)
+    else:
+        captions = read_captions(args.captions_path)
+        loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+        calib = build_calibration_set(
+            loaded.tokenizer, captions, max_samples=args.max_calib_samples, batch_size=args.batch_size,
+            seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device,
+        )
     result = run_scheme(loaded, calib, scheme, out, cache_dir=args.cache_dir, inplace=True)
     m = result.manifest
     print(f"{scheme.name}: {m['num_quantized_layers']}/{m['num_layers']} layers FP8, effective bits "
@@ -91,6 +99,24 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"scores {'computed' if result.scored else 'reused'}")
     print(f"manifest: {result.manifest_path}\nreport:   {result.report_path}\nrestore:  {result.restore_path}")
     return 0
+
+
+def _load_for_images(args: argparse.Namespace):
+    """The whole VLM and image-caption batches (pairs are read before the model loads)."""
+    from auto_quantize_model.datasets.image_captions import build_image_calibration_set, read_image_captions
+    from auto_quantize_model.models.loading import load_vision_language_model
+
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserError(f"--image-size must be a positive integer, got {args.image_size}")
+    source = read_image_captions(args.image_captions_path, args.coco_annotations, args.coco_root)
+    loaded = load_vision_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    calib = build_image_calibration_set(
+        loaded.tokenizer, loaded.image_processor, source, image_token_id=loaded.model.config.image_token_id,
+        max_samples=args.max_calib_samples, batch_size=args.batch_size, seq_len=args.calib_seq_len, seed=args.seed,
+        image_size=args.image_size, device=loaded.device,
+    )
+    log.info("whole-VLM search: %d image-caption pairs (%d skipped)", calib.num_samples, len(source.skipped))
+    return loaded, calib
 
 
 def _write_report(manifest: Path, output: Path | None = None) -> int:
@@ -256,6 +282,17 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_demo_images(args: argparse.Namespace) -> int:
+    """Coloured shapes with matching captions, as PNGs plus pairs.jsonl."""
+    from auto_quantize_model.datasets.demo_images import make_demo_image_captions
+
+    _check_output_dir(args.output_dir)
+    if args.num_images <= 0 or args.size < 56:
+        raise UserError("--num-images must be positive and --size at least 56 pixels")
+    print(f"pairs: {make_demo_image_captions(args.output_dir, n=args.num_images, size=args.size)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """A sweep of the four seed schemes x four budgets on the embedded tiny model, then the analysis."""
     from auto_quantize_model.demo import run_demo
@@ -348,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("make-demo-images", help="write the procedural image-caption demo set (shapes, not COCO)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--num-images", type=int, default=48)
+    p.add_argument("--size", type=int, default=112)
+    p.set_defaults(func=cmd_make_demo_images)
 
     p = sub.add_parser("demo", help="a sweep on the embedded tiny model, local Ray (no downloads)")
     p.add_argument("--output-dir", default="runs/demo")

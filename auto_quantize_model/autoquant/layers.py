@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")
 KINDS = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "lm_head",
@@ -26,14 +26,29 @@ def block_index(name: str) -> int | None:
 
 
 def layer_kind(name: str) -> str:
-    """q, k, v, o, gate, up, down, lm_head, or the last name part for anything else."""
+    """q, k, v, o, gate, up, down, lm_head; in vision towers also qkv, proj, merger_<i>, patch_embed."""
     leaf = name.rsplit(".", 1)[-1]
+    if ".merger." in name:
+        return f"merger_{leaf}"
+    if "patch_embed" in name:
+        return "patch_embed"
     return KINDS.get(leaf, leaf)
 
 
+def layer_tower(name: str) -> str:
+    """Which part of a VLM a module belongs to: vision, merger or language."""
+    if "visual" in name or "vision_tower" in name or "vision_model" in name:
+        return "merger" if "merger" in name else "vision"
+    return "language"
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear of the model (quantized Linears subclass nn.Linear), in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Every Linear (and convolution, e.g. a vision patch embedding) of the model, in module order.
+
+    Quantized Linears subclass nn.Linear, so this is the same set before and after quantization.
+    """
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def quantizer_label(quantizer: Any) -> str:

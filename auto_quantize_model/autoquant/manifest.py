@@ -13,7 +13,14 @@ from typing import Any
 
 from torch import nn
 
-from auto_quantize_model.autoquant.layers import UNQUANTIZED, block_index, layer_kind, linear_layers, live_layer_formats
+from auto_quantize_model.autoquant.layers import (
+    UNQUANTIZED,
+    block_index,
+    layer_kind,
+    layer_tower,
+    linear_layers,
+    live_layer_formats,
+)
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json
 from auto_quantize_model.provenance import git_revision, versions
@@ -23,6 +30,12 @@ MANIFEST_SUFFIX = "_quant_manifest.json"
 # Written beside a manifest by the sweep or the demo: evaluation metrics that the tables pick up.
 EVALUATION_FILE = "evaluation.json"
 NO_QUANT = "NONE"
+KINDS_ALWAYS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
+COUNTED_OVER = {
+    "language_model": "language-model Linear weights (decoder blocks and lm_head); vision tower excluded",
+    "vision_language_model": "every searched Linear weight of the whole VLM: vision blocks, merger, language model "
+    "and lm_head",
+}
 
 REQUIRED_KEYS = {
     "schema_version": int,
@@ -82,6 +95,7 @@ def sensitivity_table(search_state: dict[str, Any], format_names: dict[str, str]
             "module_names": modules,
             "block_index": block_index(modules[0]),
             "kinds": [layer_kind(m) for m in modules],
+            "tower": layer_tower(modules[0]),
         }
     return out
 
@@ -102,9 +116,29 @@ def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits
             "search_group": group,
             "block_index": block_index(lname),
             "kind": layer_kind(lname),
+            "tower": layer_tower(lname),
             "num_params": int(layers[lname].weight.numel()),
             "bits": 16.0 if fmt["weight"] == UNQUANTIZED else format_bits.get(chosen, 16.0),
         }
+    return out
+
+
+def tower_summary(layers: dict[str, dict[str, Any]], groups: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per tower (vision, merger, language): layers, quantized layers, weights, and summed scores."""
+    out: dict[str, dict[str, Any]] = {}
+    for lay in layers.values():
+        t = out.setdefault(lay["tower"], {"layers": 0, "quantized_layers": 0, "params": 0, "quantized_params": 0,
+                                          "summed_score": 0.0, "groups": 0})
+        t["layers"] += 1
+        t["params"] += lay["num_params"]
+        if lay["dtype"] != UNQUANTIZED:
+            t["quantized_layers"] += 1
+            t["quantized_params"] += lay["num_params"]
+    for info in groups.values():
+        t = out.get(info["tower"])
+        if t is not None:
+            t["groups"] += 1
+            t["summed_score"] += max((s for s in info["scores"] if s is not None), default=0.0)
     return out
 
 
@@ -152,6 +186,9 @@ def build_manifest(
     """Assemble the manifest dict from a finished search and the live quantized model."""
     groups = sensitivity_table(search_state, format_names)
     layers = layer_table(model, groups, format_bits)
+    # Modules AutoQuant did not search (e.g. convolutions it skips) are not part of the study.
+    searched = {m for info in groups.values() for m in info["module_names"]}
+    layers = {n: lay for n, lay in layers.items() if n in searched or lay["kind"] in KINDS_ALWAYS}
     target = float(scheme["effective_bits"])
     achieved = search_state["best"]["constraints"].get("effective_bits")
     satisfied = bool(search_state["best"]["is_satisfied"])
@@ -166,11 +203,12 @@ def build_manifest(
             "target": target,
             "achieved": _finite(achieved) if achieved is not None else None,
             "measured": measured_effective_bits(layers),
-            "counted_over": "language-model Linear weights (decoder blocks and lm_head); vision tower excluded",
+            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model")),
         },
         "budget_met": satisfied and achieved is not None and achieved <= target + 1e-6,
         "num_quantized_layers": sum(1 for lay in layers.values() if lay["dtype"] != UNQUANTIZED),
         "num_layers": len(layers),
+        "towers": tower_summary(layers, groups),
         "layers": layers,
         "layer_sensitivity": groups,
         "autoquant_state": autoquant_state_summary(search_state, format_names),

@@ -78,7 +78,7 @@ def _group_table(m: dict[str, Any]) -> list[str]:
 def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
     agg: dict[Any, dict[str, float]] = defaultdict(lambda: {"layers": 0, "quantized": 0, "params": 0, "qparams": 0})
     for lay in m["layers"].values():
-        k = lay[key] if lay[key] is not None else "-"
+        k = lay.get(key, "language") if lay.get(key, "-") is not None else "-"
         a = agg[k]
         a["layers"] += 1
         a["params"] += lay["num_params"]
@@ -87,7 +87,12 @@ def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
             a["qparams"] += lay["num_params"]
     score: dict[Any, float] = defaultdict(float)
     for info in m["layer_sensitivity"].values():
-        keys = {info["block_index"] if key == "block_index" else k for k in info["kinds"]}
+        if key == "block_index":
+            keys = {info["block_index"]}
+        elif key == "tower":
+            keys = {info.get("tower", "language")}
+        else:
+            keys = set(info["kinds"])
         for k in keys:
             score["-" if k is None else k] += _top_score(info)
     lines = [f"## {title}", "", f"| {key} | layers | quantized | quantized weight share | summed score |", "|---|---|---|---|---|"]
@@ -101,6 +106,8 @@ def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
 def render_report(manifest: dict[str, Any]) -> str:
     """Full report text: summary, groups sorted by sensitivity, per-block and per-kind roll-ups."""
     lines = _summary(manifest) + _group_table(manifest)
+    if manifest["model"].get("scope") == "vision_language_model":
+        lines += _rollup(manifest, "tower", "Per tower")
     lines += _rollup(manifest, "block_index", "Per block")
     lines += _rollup(manifest, "kind", "Per layer kind")
     return "\n".join(lines)

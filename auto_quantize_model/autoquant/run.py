@@ -25,6 +25,7 @@ from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet
+from auto_quantize_model.datasets.image_captions import ImageCalibrationSet
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_text, sha256_json
 from auto_quantize_model.modelopt_configs import format_effective_bits, format_signature, resolve_quant_config
@@ -34,7 +35,13 @@ log = logging.getLogger(__name__)
 
 
 def forward_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits for a calibration batch (what ``auto_quantize`` calls for calibration and scoring)."""
+    """Logits for a calibration batch (what ``auto_quantize`` calls for calibration and scoring).
+
+    Text batches go through the LM-only module; image-caption batches through the whole VLM.
+    """
+    if "pixel_values" in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False).logits
     return model(batch["input_ids"], batch["attention_mask"])
 
 
@@ -58,13 +65,13 @@ class RunResult:
     scored: bool
 
 
-def effective_steps(scheme: Scheme, calib: CalibrationSet) -> dict[str, int]:
+def effective_steps(scheme: Scheme, calib: CalibrationSet | ImageCalibrationSet) -> dict[str, int]:
     """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
     n = len(calib.batches)
     return {"num_calib_steps": min(scheme.num_calib_steps, n), "num_score_steps": min(scheme.num_score_steps, n)}
 
 
-def score_cache_key(loaded: LoadedModel, calib: CalibrationSet, scheme: Scheme) -> str:
+def score_cache_key(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme) -> str:
     """Everything that changes calibration statistics or sensitivity scores, and nothing else."""
     return sha256_json(
         {
@@ -75,6 +82,7 @@ def score_cache_key(loaded: LoadedModel, calib: CalibrationSet, scheme: Scheme) 
             "calibration_tokens": calib.token_hash,
             "model_config": loaded.config_hash,
             "dtype": str(loaded.dtype),
+            "scope": loaded.scope,
         }
     )[:20]
 
@@ -126,7 +134,7 @@ def _check_output_dir(output_dir: Path) -> None:
 
 def run_scheme(
     loaded: LoadedModel,
-    calib: CalibrationSet,
+    calib: CalibrationSet | ImageCalibrationSet,
     scheme: Scheme,
     output_dir: str | Path,
     *,
@@ -185,6 +193,9 @@ def run_scheme(
         if "infeasible" in str(exc):
             raise UserError(f"scheme {scheme.name}: {exc} Choose a higher --effective-bits.") from exc
         raise
+    # ModelOpt turns on gradient checkpointing for Hugging Face models it scores; inference wants it off.
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     t_search_end = time.perf_counter()
     phases = clock.split(t_search_end, scheme.method)
     log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if reused else "calibrate+score+solve",

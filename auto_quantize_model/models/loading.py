@@ -57,6 +57,8 @@ class LoadedModel:
     dtype: torch.dtype
     param_counts: dict[str, int] = field(default_factory=dict)
     load_seconds: float = 0.0
+    scope: str = "language_model"  # or "vision_language_model": the whole VLM is searched
+    image_processor: Any = None
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``model`` section."""
@@ -67,6 +69,7 @@ class LoadedModel:
             "config_hash": self.config_hash,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "scope": self.scope,
             "parameter_counts": dict(self.param_counts),
         }
 
@@ -206,3 +209,40 @@ def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str 
         param_counts=counts,
         load_seconds=seconds,
     )
+
+
+def load_image_processor(model_dir: str | Path):
+    """The checkpoint's image processor (PIL backend for Qwen2-VL/2.5-VL: no torchvision needed)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    try:
+        return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{model_dir} has no usable preprocessor_config.json ({exc.__class__.__name__})") from exc
+
+
+def load_vision_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load the whole VLM (vision blocks, merger, language model) for image-caption AutoQuant."""
+    t0 = time.perf_counter()
+    config = read_checkpoint_config(model_dir)
+    arch, cls = _model_class(config)
+    if "vision_config" not in config:
+        raise UserError(f"{model_dir} ({arch}) has no vision tower; image-caption calibration needs a VLM checkpoint")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model_dir)
+    image_processor = load_image_processor(model_dir)
+    try:
+        model = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    model.eval().requires_grad_(False).to(dev)
+    total = count_parameters(model)
+    counts = {"checkpoint_total": total, "language_model": total, "left_out": 0,
+              "searchable_linear_weights": linear_weight_count(model)}
+    seconds = time.perf_counter() - t0
+    log.info("phase load: %s (%s) whole VLM on %s/%s in %.2fs, %s", model_dir, arch, dev, torch_dtype, seconds, counts)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
+                       model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
+                       dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope="vision_language_model",
+                       image_processor=image_processor)

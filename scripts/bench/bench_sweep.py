@@ -53,7 +53,7 @@ def sweep(args: argparse.Namespace) -> dict:
         "captions_path": args.captions_path, "schemes": tuple(args.schemes.split(",")),
         "effective_bits": tuple(float(b) for b in args.bits.split(",")), "num_score_steps": steps,
         "num_calib_steps": args.steps, "max_calib_samples": args.samples, "batch_size": 4, "calib_seq_len": 256,
-        "num_workers": args.num_workers, "worker": {"num_gpus": 1, "num_cpus": 2, "pristine": args.pristine},
+        "num_workers": args.num_workers, "worker": {"num_gpus": args.worker_gpus, "num_cpus": 2, "pristine": args.pristine},
     })
     t = time.perf_counter()
     res = run_sweep(spec)
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--pristine", default="auto")
+    p.add_argument("--worker-gpus", type=float, default=1.0, help="GPU share per worker (0.5 = two per GPU)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--name", default="bench")
     p.add_argument("--work", default="/tmp/bench_sweep")

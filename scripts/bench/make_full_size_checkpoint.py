@@ -38,7 +38,8 @@ def main() -> None:
         from transformers import Qwen2VLImageProcessorPil
 
         tok = AutoTokenizer.from_pretrained(tiny)
-        improc = Qwen2VLImageProcessorPil.from_pretrained(tiny)
+        # Qwen2.5-VL's published preprocessor limits (the tiny model's are shrunk).
+        improc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
         chat = (tiny / "chat_template.jinja").read_text()
     cfg = dict(QWEN2_5_VL_3B_CONFIG)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>",

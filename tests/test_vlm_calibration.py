@@ -1,0 +1,116 @@
+"""Whole-VLM AutoQuant with image-caption calibration on the tiny Qwen2.5-VL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from auto_quantize_model.autoquant.run import run_scheme
+from auto_quantize_model.cli import main
+from auto_quantize_model.configs import get_scheme, resolve_scheme
+from auto_quantize_model.datasets.demo_images import make_demo_image_captions
+from auto_quantize_model.datasets.image_captions import IGNORE_INDEX, build_image_calibration_set, read_image_captions
+from auto_quantize_model.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_demo_image_captions(tmp_path_factory.mktemp("images"), n=12)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_model_dir):
+    from auto_quantize_model.models.loading import load_vision_language_model
+
+    return load_vision_language_model(tiny_model_dir, device="cpu")
+
+
+def _calib(vlm, source, **kw):
+    return build_image_calibration_set(vlm.tokenizer, vlm.image_processor, source,
+                                       image_token_id=vlm.model.config.image_token_id, **kw)
+
+
+def test_demo_pairs_and_batches(pairs, vlm):
+    lines = [json.loads(x) for x in pairs.read_text().splitlines()]
+    assert len(lines) == 12 and all((pairs.parent / r["image"]).is_file() for r in lines)
+    assert all("background" in r["caption"] for r in lines)
+    cal = _calib(vlm, read_image_captions(str(pairs)), max_samples=8, batch_size=4, seq_len=256)
+    b = cal.batches[0]
+    image_id = vlm.model.config.image_token_id
+    n_img = int((b["input_ids"] == image_id).sum())
+    assert n_img == int(b["image_grid_thw"].prod(-1).sum()) // 4  # merged patches per image
+    assert b["pixel_values"].shape[0] == int(b["image_grid_thw"].prod(-1).sum())
+    # Loss only on caption tokens: never on image, prompt or padding positions.
+    assert (b["labels"][b["input_ids"] == image_id] == IGNORE_INDEX).all()
+    assert (b["labels"][b["attention_mask"] == 0] == IGNORE_INDEX).all()
+    caption_ids = b["labels"][0][b["labels"][0] != IGNORE_INDEX].tolist()
+    assert vlm.tokenizer.decode(caption_ids, skip_special_tokens=True).endswith("background.")
+    assert cal.describe()["kind"] == "image_caption" and cal.describe()["num_image_tokens"] > 0
+
+
+def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
+    cal = _calib(vlm, read_image_captions(str(pairs)), max_samples=8, batch_size=4, seq_len=256)
+    scheme = resolve_scheme(get_scheme("fp8_autoquant_all_layers_fp8"), effective_bits=12.0)
+    m = run_scheme(vlm, cal, scheme, tmp_path / "vlm").manifest
+    towers = {info["tower"] for info in m["layer_sensitivity"].values()}
+    assert towers == {"vision", "merger", "language"}
+    for group, info in m["layer_sensitivity"].items():
+        assert info["scores"][0] > 0, f"{group} ({info['tower']}) has no sensitivity score"
+    assert m["model"]["scope"] == "vision_language_model"
+    assert "vision blocks, merger, language model" in m["effective_bits"]["counted_over"]
+    assert set(m["towers"]) == {"vision", "merger", "language"}
+    assert sum(t["layers"] for t in m["towers"].values()) == m["num_layers"]
+    assert m["layers"]["model.visual.blocks.1.attn.qkv"]["block_index"] == 1
+    assert m["layers"]["model.visual.merger.mlp.0"]["tower"] == "merger"
+    assert m["budget_met"] and m["effective_bits"]["measured"] <= 12.0 + 1e-6
+    assert "## Per tower" in (tmp_path / "vlm" / "layer-sensitivity-report.md").read_text()
+
+
+def test_text_only_schemes_unchanged(loaded, calib, tmp_path):
+    m = run_scheme(loaded, calib, resolve_scheme(get_scheme("fp8_autoquant_all_layers_fp8")), tmp_path / "t").manifest
+    assert m["model"]["scope"] == "language_model" and set(m["towers"]) == {"language"}
+    assert m["num_layers"] == 29 and not any("visual" in n for n in m["layers"])
+
+
+def test_missing_or_unreadable_image_is_skipped(pairs, vlm, tmp_path):
+    lines = pairs.read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    extra = [json.dumps({"image": str(tmp_path / "gone.png"), "caption": "A lost image."}),
+             json.dumps({"image": str(tmp_path / "broken.png"), "caption": "A broken image."})]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(extra + [json.dumps({**json.loads(x), "image": str(pairs.parent / json.loads(x)["image"])})
+                                    for x in lines[:3]]) + "\n")
+    src = read_image_captions(str(f))
+    cal = _calib(vlm, src, max_samples=10, batch_size=2, seq_len=256)
+    assert cal.num_samples == 3
+    skipped = {s for s, _ in src.skipped}
+    assert skipped == {str(tmp_path / "gone.png"), str(tmp_path / "broken.png")}
+    assert len(cal.describe()["skipped"]) == 2
+
+
+def test_no_usable_pairs_is_a_clear_error(vlm, tmp_path, tiny_model_dir, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"image": "missing.png", "caption": "Nothing here."}) + "\n")
+    with pytest.raises(UserError, match="no usable image-caption pairs"):
+        _calib(vlm, read_image_captions(str(f)), max_samples=4)
+    out = tmp_path / "out"
+    args = ["run", "--scheme-name", "fp8_autoquant_all_layers_fp8", "--model-dir", str(tiny_model_dir),
+            "--output-dir", str(out), "--device", "cpu"]
+    assert main([*args, "--image-captions-path", str(f)]) == 2
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("autoquant: error:")]
+    # One error line (the skipped images are logged as warnings before it), no traceback.
+    assert len(errors) == 1 and "no usable image-caption pairs" in errors[0] and "Traceback" not in err
+    assert not list(out.glob("*_quant_manifest.json")) if out.exists() else True
+    assert main([*args, "--coco-annotations", str(tmp_path / "none.json"), "--coco-root", str(tmp_path)]) == 2
+    assert "--coco-annotations FILE --coco-root DIR" in capsys.readouterr().err
+
+
+def test_cli_image_caption_run(pairs, tiny_model_dir, tmp_path):
+    out = tmp_path / "cli"
+    assert main(["run", "--scheme-name", "fp8_autoquant_all_layers_fp8", "--model-dir", str(tiny_model_dir),
+                 "--output-dir", str(out), "--image-captions-path", str(pairs), "--max-calib-samples", "4",
+                 "--batch-size", "2", "--device", "cpu", "--effective-bits", "10"]) == 0
+    m = json.loads((out / "fp8_autoquant_all_layers_fp8_quant_manifest.json").read_text())
+    assert m["calibration"]["kind"] == "image_caption" and m["calibration"]["num_samples"] == 4
