@@ -23,9 +23,9 @@ from auto_quantize_model.analysis.readers import load_layers, load_trials
 from auto_quantize_model.analysis.report import analyze
 from auto_quantize_model.autoquant.manifest import SCHEMA_VERSION, validate_manifest
 
-H, I, KV, VOCAB, BLOCKS = 2048, 11008, 256, 151936, 36
+H, FFN, KV, VOCAB, BLOCKS = 2048, 11008, 256, 151936, 36
 SHAPES = {"q_proj": H * H, "k_proj": KV * H, "v_proj": KV * H, "o_proj": H * H,
-          "gate_proj": I * H, "up_proj": I * H, "down_proj": H * I}
+          "gate_proj": FFN * H, "up_proj": FFN * H, "down_proj": H * FFN}
 SUB = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
        "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 KIND = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",

@@ -1,0 +1,7 @@
+"""``python -m auto_quantize_model.cli``."""
+
+import sys
+
+from auto_quantize_model.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""Subcommands on the quantized model: infer (generation) and compare (evaluation against BF16)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from auto_quantize_model.cli.common import check_output_dir
+from auto_quantize_model.errors import UserError
+
+log = logging.getLogger("autoquant")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        p = Path(args.prompts_file)
+        if not p.is_file():
+            raise UserError(f"prompts file {p} does not exist; give one prompt per line")
+        prompts += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw, not through the chat template")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Greedy generation with a run's quantized model (or --bf16 for the reference)."""
+    from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
+    from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
+    from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise UserError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
+    if args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    run = None if args.bf16 else find_run(args.run_dir or "")
+    read_checkpoint_config(args.model_dir)
+    loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    model = loaded.model if run is None else build_quantized_model(loaded, run)
+    tok = loaded.tokenizer
+    outs = greedy_generate(model, encode_prompts(tok, prompts, not args.no_chat_template),
+                           max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+    label = "bf16" if run is None else run.name
+    for prompt, ids in zip(prompts, outs):
+        print(f"[{label}] {prompt}\n  -> {tok.decode(ids, skip_special_tokens=True)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """BF16 reference and every run on the same held-out captions: comparison.json and .md."""
+    from auto_quantize_model.datasets.captions import read_captions
+    from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
+    from auto_quantize_model.inference.rebuild import check_matches_checkpoint, find_run
+    from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+
+    out = check_output_dir(args.output_dir)
+    settings = EvalSettings(max_samples=args.max_eval_samples, batch_size=args.batch_size, seq_len=args.seq_len,
+                            seed=args.seed, max_new_tokens=args.max_new_tokens,
+                            chat_template=not args.no_chat_template)
+    for flag in ("max_samples", "batch_size", "seq_len", "max_new_tokens"):
+        if getattr(settings, flag) <= 0:
+            raise UserError(f"{flag.replace('_', '-')} must be a positive integer, got {getattr(settings, flag)}")
+    runs = [find_run(r) for r in args.runs]
+    read_checkpoint_config(args.model_dir)
+    source = read_captions(args.eval_captions)
+    prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
+    loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    for run in runs:  # refuse before spending time on any evaluation
+        check_matches_checkpoint(run, loaded)
+    comp = compare_runs(loaded, runs, source, settings, prompts)
+    js, md = write_comparison(comp, loaded.tokenizer, out)
+    print(f"comparison: {js}\n            {md}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands."""
+    p = sub.add_parser("infer", help="greedy generation with a run's quantized model")
+    p.add_argument("--run-dir", help="output dir of an `autoquant run` (omit with --bf16)")
+    p.add_argument("--model-dir", required=True, help="the checkpoint the run was made on")
+    _add_generation_arguments(p)
+    p.add_argument("--bf16", action="store_true", help="run the unquantized model instead")
+    p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("compare", help="evaluate runs against BF16 on held-out captions")
+    p.add_argument("runs", nargs="+", help="run directories (or manifest files)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--eval-captions", required=True, help="held-out captions (.txt, COCO .json, .jsonl) or 'demo'")
+    p.add_argument("--output-dir", default=".", help="where comparison.json/.md go (default: .)")
+    p.add_argument("--max-eval-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    _add_generation_arguments(p)
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,92 @@
+"""Subcommands over many runs: sweep (Ray Tune) and analyze (Parquet tables, plots)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from auto_quantize_model.cli.common import check_output_dir
+from auto_quantize_model.errors import UserError
+
+log = logging.getLogger("autoquant")
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Schemes x effective-bits grid on Ray Tune, one model worker per GPU."""
+    from auto_quantize_model.sweep.driver import run_sweep
+    from auto_quantize_model.sweep.spec import load_sweep_spec
+
+    steps = _floats(args.num_score_steps)
+    overrides = {
+        "name": args.name, "model_dir": args.model_dir, "storage_path": args.storage_path,
+        "captions_path": args.captions_path, "schemes": _names(args.schemes), "effective_bits": _floats(args.effective_bits),
+        "methods": _names(args.methods), "num_score_steps": tuple(int(s) for s in steps) if steps else None,
+        "num_workers": args.num_workers, "address": args.address, "max_calib_samples": args.max_calib_samples,
+        "batch_size": args.batch_size, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
+        "evaluate": True if args.evaluate else None, "eval_captions": args.eval_captions,
+        "schemes_file": args.schemes_file, "max_failures": args.max_failures,
+    }
+    spec = load_sweep_spec(args.config, overrides)
+    res = run_sweep(spec, resume=args.resume)
+    print(res["summary"])
+    print(f"results: {res['sweep_dir']} (tables: {res['tables']})")
+    failed = [r for r in res["rows"] if r.get("status") != "ok"]
+    return 1 if failed and len(failed) == len(res["rows"]) else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Tables, plots and analysis.md from sweep directories or manifests."""
+    from auto_quantize_model.analysis.report import analyze
+
+    out = check_output_dir(args.output_dir)
+    res = analyze(args.sources, out, workers=args.workers)
+    for src, reason in res["skipped"]:
+        print(f"skipped {src}: {reason}", file=sys.stderr)
+    print(f"{res['num_trials']} trials -> {out / 'tables'}; report {res['report']}; "
+          f"{len(res['plots'])} plots ({res['total_seconds']:.1f} s)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands."""
+    p = sub.add_parser("sweep", help="schemes x effective bits on Ray Tune, a model worker per GPU")
+    p.add_argument("--config", help="sweep TOML (flags override its values)")
+    p.add_argument("--name", help="sweep name (directory under --storage-path)")
+    p.add_argument("--model-dir")
+    p.add_argument("--storage-path", help="results root; shared storage on multi-node clusters")
+    p.add_argument("--captions-path")
+    p.add_argument("--schemes", help="comma-separated scheme names")
+    p.add_argument("--effective-bits", help="comma-separated targets, e.g. 14,12,10,8")
+    p.add_argument("--methods", help="comma-separated: gradient,kl_div")
+    p.add_argument("--num-score-steps", help="comma-separated scoring step counts")
+    p.add_argument("--num-workers", type=int, help="model workers (default: one per GPU)")
+    p.add_argument("--max-calib-samples", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--calib-seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--evaluate", action="store_true", help="perplexity/KL vs BF16 for every trial")
+    p.add_argument("--eval-captions", help="held-out captions for --evaluate (default: the calibration source)")
+    p.add_argument("--schemes-file")
+    p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (default 2)")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("analyze", help="Parquet tables, plots and analysis.md from manifests")
+    p.add_argument("sources", nargs="+", help="sweep/run directories, manifest files or globs")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--workers", type=int, default=2, help="processes for reading manifests (default 2)")
+    p.set_defaults(func=cmd_analyze)
