@@ -147,3 +147,33 @@ def test_infeasible_budget_is_a_user_error(loaded, calib, tmp_path):
     with pytest.raises(UserError, match="infeasible"):
         run_scheme(loaded, calib, scheme, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*_quant_manifest.json"))
+
+
+def test_in_memory_resolve_equals_fresh_resolve_and_leaves_no_trace(loaded, calib, tmp_path):
+    import copy
+
+    from auto_quantize_model.autoquant.run import resolve_budget
+
+    scheme = resolve_scheme(get_scheme("fp8_autoquant_top25"))
+    first = run_scheme(loaded, calib, scheme, tmp_path / "b14", cache_dir=tmp_path / "cache")
+    batch = calib.batches[0]
+    with torch.no_grad():
+        at14 = forward_step(first.model, batch)
+    low = dataclasses.replace(scheme, effective_bits=10.0)
+    resolved = resolve_budget(first, loaded, calib, low, tmp_path / "b10")
+    fresh = run_scheme(loaded, calib, low, tmp_path / "b10-fresh", cache_dir=tmp_path / "cache")
+    assert not fresh.scored and resolved.manifest["score_cache"]["in_memory"] is True
+    assert resolved.manifest["layers"] == fresh.manifest["layers"]
+    assert resolved.manifest["autoquant_state"]["best"] == fresh.manifest["autoquant_state"]["best"]
+    assert resolved.manifest["effective_bits"] == fresh.manifest["effective_bits"]
+    with torch.no_grad():
+        assert torch.equal(forward_step(resolved.model, batch), forward_step(fresh.model, batch))
+        rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), resolved.restore_path, loaded.config_hash)
+        assert torch.equal(forward_step(rebuilt, batch), forward_step(fresh.model, batch))
+    # Back to 14 bits: exactly the first result again, nothing of the 10-bit solution left.
+    back = resolve_budget(resolved, loaded, calib, scheme, tmp_path / "b14-again")
+    assert back.manifest["layers"] == first.manifest["layers"]
+    with torch.no_grad():
+        assert torch.equal(forward_step(back.model, batch), at14)
+    with pytest.raises(ValueError, match="scoring key"):
+        resolve_budget(back, loaded, calib, dataclasses.replace(scheme, method="kl_div"), tmp_path / "x")

@@ -1,8 +1,10 @@
 """The model worker: one actor per GPU that loads the LM and its data once and runs trials on it.
 
-Each trial starts from a fresh copy of the pristine model (kept on the GPU when memory allows, else
-in pinned CPU memory), so one trial's quantizers can never reach the next. Before every trial the copy
-is checked: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
+A trial with a new scoring key starts from a fresh copy of the pristine model (kept on the GPU when
+memory allows, else in pinned CPU memory), checked before use: no quantizer modules, and logits on a
+probe batch bit-identical to those at load time. A trial with the same scoring key as the worker's
+last search re-solves on that searched model (``resolve_budget``): every group's quantizer choice is
+set from the new solution, which a test shows equals a fresh search from the checkpoint bit for bit.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class ModelWorker:
             device=self.loaded.device,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
+        # The last search this worker ran (its RunResult): a trial with the same scoring key re-solves
+        # on that searched model in memory instead of copying the pristine model and reloading scores.
+        self.searched = None
         self.pristine_on = self._place_pristine()
-        self.probe = self._logits(self.loaded.model if self.pristine_on == "gpu" else self._fresh_model())
+        self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
         self.load_seconds = time.perf_counter() - t
         self._init_metrics()
         log.info("worker %s ready on %s in %.2fs (pristine copy on %s)", name, device, self.load_seconds, self.pristine_on)
@@ -70,12 +75,15 @@ class ModelWorker:
                                      seed=self.spec.seed + 1, device=self.loaded.device)
 
     def _place_pristine(self) -> str:
-        """``auto``: keep it on the GPU if a second copy fits in free memory, else pinned on the host."""
+        """Where the pristine copy lives: ``device`` (beside the working copy) or ``host`` (pinned CPU).
+
+        ``auto`` keeps it on the GPU if a second copy fits in free memory with room to spare.
+        """
         import torch
 
         want = self.spec.worker.pristine
         if self.loaded.device.type != "cuda":
-            return "gpu"  # "same device as the work copy": CPU here, no transfer involved
+            return "device"  # a CPU worker: the working copy is on the host anyway
         if want == "auto":
             size = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
             free, _ = torch.cuda.mem_get_info()
@@ -85,7 +93,8 @@ class ModelWorker:
             self.loaded.model.to("cpu")
             for p in self.loaded.model.parameters():
                 p.data = p.data.pin_memory()
-        return want
+            return "host"
+        return "device"
 
     def _init_metrics(self) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -101,7 +110,7 @@ class ModelWorker:
 
     def _fresh_model(self):
         """A working copy of the pristine model on the compute device."""
-        if self.pristine_on == "gpu":
+        if self.pristine_on == "device":
             return copy.deepcopy(self.loaded.model)
         return copy.deepcopy(self.loaded.model).to(self.loaded.device, non_blocking=True)
 
@@ -145,7 +154,7 @@ class ModelWorker:
         import torch
 
         from auto_quantize_model.analysis.tables import write_trial
-        from auto_quantize_model.autoquant.run import run_scheme
+        from auto_quantize_model.autoquant.run import resolve_budget, run_scheme, score_cache_key
         from auto_quantize_model.configs import get_scheme, resolve_scheme
         from auto_quantize_model.errors import UserError
         from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
@@ -162,12 +171,21 @@ class ModelWorker:
             )
             if self.loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            work = self._fresh_model()
-            self._check_pristine(work)
-            restore_s = time.perf_counter() - t
-            result = run_scheme(dataclasses.replace(self.loaded, model=work), self.calib, scheme, trial_dir,
-                                cache_dir=out["cache"], inplace=True, run_id=tid, sweep_id=self.spec.name)
+            key = score_cache_key(self.loaded, self.calib, scheme)
+            if self.searched is not None and self.searched.manifest["score_cache"]["key"] == key:
+                restore_s = 0.0
+                result = resolve_budget(self.searched, self.loaded, self.calib, scheme, trial_dir, run_id=tid,
+                                        sweep_id=self.spec.name)
+            else:
+                self.searched = None  # free the last searched model before making a new copy
+                t = time.perf_counter()
+                work = self._fresh_model()
+                self._check_pristine(work)
+                restore_s = time.perf_counter() - t
+                result = run_scheme(dataclasses.replace(self.loaded, model=work), self.calib, scheme, trial_dir,
+                                    cache_dir=out["cache"], inplace=True, run_id=tid, sweep_id=self.spec.name)
+                del work
+            self.searched = result
         except UserError as exc:
             write_trial(out["tables"], None, status="error", error=str(exc), settings=trial, **common)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})
@@ -176,12 +194,11 @@ class ModelWorker:
         eval_s = 0.0
         if self.eval_data is not None:
             t = time.perf_counter()
-            reference = self.loaded.model if self.pristine_on == "gpu" else self._fresh_model()
+            reference = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
             ev = evaluate_run(result.model, reference, self.eval_data, result.manifest)
             write_evaluation(trial_dir, ev)
             metrics = ev["metrics"]
             eval_s = time.perf_counter() - t
-        del work, result.model
         m = result.manifest
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0

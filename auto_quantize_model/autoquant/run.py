@@ -159,8 +159,6 @@ def run_scheme(
     copy_seconds = time.perf_counter() - t_start
 
     formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
-    format_names = {format_signature(f): f for f in scheme.quantization_formats}
-    format_bits = {f: format_effective_bits(f) for f in scheme.quantization_formats}
     key = score_cache_key(loaded, calib, scheme)
     checkpoint = cache_dir / f"search_{key}.pth"
     reused = checkpoint.is_file()
@@ -200,13 +198,38 @@ def run_scheme(
     phases = clock.split(t_search_end, scheme.method)
     log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if reused else "calibrate+score+solve",
              t_search_end - clock.start, {k: round(v, 3) for k, v in phases.items() if v is not None})
+    return _finish(loaded, calib, scheme, output_dir, model, search_state,
+                   {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases},
+                   {"key": key, "path": str(checkpoint.resolve()), "reused": reused},
+                   t_start, write=write, run_id=run_id, sweep_id=sweep_id)
+
+
+def _finish(
+    loaded: LoadedModel,
+    calib: CalibrationSet | ImageCalibrationSet,
+    scheme: Scheme,
+    output_dir: Path,
+    model: nn.Module,
+    search_state: dict[str, Any],
+    timings: dict[str, float | None],
+    score_cache: dict[str, Any],
+    t_start: float,
+    *,
+    write: bool,
+    run_id: str | None,
+    sweep_id: str | None,
+) -> RunResult:
+    """Manifest from the live model, then restore artifact, report and manifest on disk."""
+    format_names = {format_signature(f): f for f in scheme.quantization_formats}
+    format_bits = {f: format_effective_bits(f) for f in scheme.quantization_formats}
+    steps = effective_steps(scheme, calib)
+    reused = score_cache["reused"]
     best = search_state["best"]
     if not best["is_satisfied"]:
         log.warning("scheme %s: the solver could not meet %.4g effective bits (achieved %.4g)",
                     scheme.name, scheme.effective_bits, best["constraints"].get("effective_bits", float("nan")))
 
     mpath, rpath, apath = manifest_path(output_dir, scheme.name), report_path(output_dir), restore_path(output_dir, scheme.name)
-    timings: dict[str, float | None] = {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases}
     manifest = build_manifest(
         scheme=scheme.to_dict() | steps,
         model_info=loaded.describe(),
@@ -215,7 +238,7 @@ def run_scheme(
         search_state=search_state,
         format_names=format_names,
         format_bits=format_bits,
-        score_cache={"key": key, "path": str(checkpoint.resolve()), "reused": reused},
+        score_cache=score_cache,
         timings=timings,
         artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},
         run_id=run_id,
@@ -236,3 +259,54 @@ def run_scheme(
              mpath, rpath, apath, manifest["num_quantized_layers"], manifest["num_layers"],
              manifest["effective_bits"]["measured"], scheme.effective_bits)
     return RunResult(model, search_state, manifest, mpath, rpath, apath, scored=not reused)
+
+
+def resolve_budget(
+    previous: RunResult,
+    loaded: LoadedModel,
+    calib: CalibrationSet | ImageCalibrationSet,
+    scheme: Scheme,
+    output_dir: str | Path,
+    *,
+    run_id: str | None = None,
+    sweep_id: str | None = None,
+) -> RunResult:
+    """Re-solve ``previous``'s search for ``scheme.effective_bits`` on the same searched model, in place.
+
+    The searched model keeps one calibrated quantizer set per candidate format for every group;
+    ModelOpt's ``QuantRecipeHparam.active`` swaps them. Setting every group's choice from the new
+    solution leaves nothing of the previous budget behind, and skips the model copy, the checkpoint
+    load and the quantizer re-insertion that a fresh ``auto_quantize(checkpoint=...)`` pays. Only for
+    the same scoring key (formats, method, steps, data, model): anything else is refused.
+    """
+    from modelopt.torch.opt.utils import get_hparam
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir)
+    key = score_cache_key(loaded, calib, scheme)
+    if key != previous.manifest["score_cache"]["key"]:
+        raise ValueError("resolve_budget needs the scoring key of the previous search")
+    t_start = time.perf_counter()
+    state = previous.search_state
+    stats = state["candidate_stats"]
+    # ModelOpt's own LP solve on the stored scores and costs (the one get_auto_quantize_config uses).
+    recipe = _resolve_best_recipe(state, {"effective_bits": scheme.effective_bits})
+    model = previous.model
+    for name, choice in recipe.items():
+        get_hparam(model, name).active = choice
+    denom = state.get("cost_denominator") or sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats.values())
+    idx = {name: stats[name]["formats"].index(choice) for name, choice in recipe.items()}
+    cost = sum(stats[n]["costs"][i] for n, i in idx.items())
+    achieved = 16.0 * cost / denom
+    new_state = {**state, "best": {
+        "recipe": recipe, "constraints": {"effective_bits": achieved},
+        "score": sum(stats[n]["scores"][i] for n, i in idx.items()),
+        "is_satisfied": achieved <= scheme.effective_bits + 1e-9,
+    }}
+    solve = time.perf_counter() - t_start
+    log.info("phase autoquant (re-solve in memory): %.2fs, %.3f bits", solve, achieved)
+    return _finish(loaded, calib, scheme, output_dir, model, new_state,
+                   {"load": loaded.load_seconds, "copy_model": 0.0, "calibrate": 0.0, "score": 0.0, "solve": solve},
+                   {**previous.manifest["score_cache"], "reused": True, "in_memory": True},
+                   t_start, write=True, run_id=run_id, sweep_id=sweep_id)
