@@ -61,6 +61,21 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_toml(path: str | Path, what: str, hint: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or invalid file is a UserError naming ``what`` and the fix."""
+    import tomllib
+
+    from auto_quantize_model.errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} does not exist; {hint}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{what} {p} is not valid TOML: {exc}") from exc
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

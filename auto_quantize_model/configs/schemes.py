@@ -8,12 +8,12 @@ defaults, then explicit overrides from the CLI or the sweep.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.io_utils import read_toml
 
 SCHEME_SCHEMA_VERSION = 1
 METHODS = ("gradient", "kl_div")
@@ -99,12 +99,7 @@ AUTOQUANT_FP8_SCHEMES: dict[str, Scheme] = {
 def load_schemes_file(path: str | Path) -> dict[str, Scheme]:
     """Read user schemes from TOML: one ``[schemes.NAME]`` table per scheme."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"schemes file {p} does not exist; pass a TOML file with [schemes.NAME] tables")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"schemes file {p} is not valid TOML: {exc}") from exc
+    data = read_toml(p, "schemes file", "pass a TOML file with [schemes.NAME] tables")
     tables = data.get("schemes")
     if not isinstance(tables, dict) or not tables:
         raise UserError(f"schemes file {p} has no [schemes.NAME] tables")

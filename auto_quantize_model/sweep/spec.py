@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.configs.schemes import Scheme, scheme_catalog
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.io_utils import sha256_json
+from auto_quantize_model.io_utils import read_toml, sha256_json
 
 SWEEP_SPEC_VERSION = 1
 
@@ -81,13 +80,7 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
     """TOML file (optional) then explicit overrides (None = not given); validates the result."""
     data: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"sweep config {p} does not exist; pass a TOML file (see examples/ or the README)")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise UserError(f"sweep config {p} is not valid TOML: {exc}") from exc
+        data = read_toml(path, "sweep config", "pass a TOML file (see examples/ or the README)")
         data.pop("schema_version", None)
     data.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(data) - _FIELDS)
