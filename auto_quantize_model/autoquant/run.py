@@ -26,7 +26,7 @@ from auto_quantize_model.autoquant.restore import restore_path, save_restore_art
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet
 from auto_quantize_model.datasets.image_captions import ImageCalibrationSet
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import UserError, check_output_dir
 from auto_quantize_model.io_utils import atomic_write_text, sha256_json
 from auto_quantize_model.modelopt_configs import format_effective_bits, format_signature, resolve_quant_config
 from auto_quantize_model.models.loading import LoadedModel
@@ -127,11 +127,6 @@ class _PhaseClock:
                 "solve": end - self.last_call}
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"output dir {output_dir} is a file; pass a directory path for --output-dir")
-
-
 def run_scheme(
     loaded: LoadedModel,
     calib: CalibrationSet | ImageCalibrationSet,
@@ -152,7 +147,7 @@ def run_scheme(
     import modelopt.torch.quantization as mtq
 
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     cache_dir = Path(cache_dir) if cache_dir else output_dir / "autoquant_cache"
     t_start = time.perf_counter()
     model = loaded.model if inplace else copy.deepcopy(loaded.model)
@@ -283,7 +278,7 @@ def resolve_budget(
     from modelopt.torch.quantization.algorithms import _resolve_best_recipe
 
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     key = score_cache_key(loaded, calib, scheme)
     if key != previous.manifest["score_cache"]["key"]:
         raise ValueError("resolve_budget needs the scoring key of the previous search")

@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from auto_quantize_model.errors import check_output_dir
 
-from auto_quantize_model.errors import UserError
-
-
-def check_output_dir(path: str | Path) -> Path:
-    """An output directory may exist, but must not be a file."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"output dir {p} is a file; pass a directory path for --output-dir")
-    return p
+__all__ = ["check_output_dir", "setup_logging"]
 
 
 def setup_logging(verbose: bool) -> None:

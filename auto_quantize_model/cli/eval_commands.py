@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from auto_quantize_model.cli.common import check_output_dir
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import UserError, check_positive
 
 log = logging.getLogger("autoquant")
 
@@ -40,8 +40,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     if not prompts:
         raise UserError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
-    if args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    check_positive("max-new-tokens", args.max_new_tokens)
     run = None if args.bf16 else find_run(args.run_dir or "")
     read_checkpoint_config(args.model_dir)
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
@@ -67,9 +66,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = EvalSettings(max_samples=args.max_eval_samples, batch_size=args.batch_size, seq_len=args.seq_len,
                             seed=args.seed, max_new_tokens=args.max_new_tokens,
                             chat_template=not args.no_chat_template)
-    for flag in ("max_samples", "batch_size", "seq_len", "max_new_tokens"):
-        if getattr(settings, flag) <= 0:
-            raise UserError(f"{flag.replace('_', '-')} must be a positive integer, got {getattr(settings, flag)}")
+    for flag, value in (("max-eval-samples", settings.max_samples), ("batch-size", settings.batch_size),
+                        ("seq-len", settings.seq_len), ("max-new-tokens", settings.max_new_tokens)):
+        check_positive(flag, value)
     runs = [find_run(r) for r in args.runs]
     read_checkpoint_config(args.model_dir)
     source = read_captions(args.eval_captions)

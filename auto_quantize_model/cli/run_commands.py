@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from auto_quantize_model.cli.common import check_output_dir
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import UserError, check_positive
 
 log = logging.getLogger("autoquant")
 
@@ -68,8 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         quant_config=args.quant_config,
     )
     for flag in ("max_calib_samples", "batch_size", "calib_seq_len"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+        check_positive(flag.replace("_", "-"), getattr(args, flag))
     read_checkpoint_config(args.model_dir)
     if args.image_captions_path or args.coco_annotations or args.coco_root:
         loaded, calib = _load_for_images(args)
@@ -94,8 +93,8 @@ def _load_for_images(args: argparse.Namespace):
     from auto_quantize_model.datasets.image_captions import build_image_calibration_set, read_image_captions
     from auto_quantize_model.models.loading import load_vision_language_model
 
-    if args.image_size is not None and args.image_size <= 0:
-        raise UserError(f"--image-size must be a positive integer, got {args.image_size}")
+    if args.image_size is not None:
+        check_positive("image-size", args.image_size)
     source = read_image_captions(args.image_captions_path, args.coco_annotations, args.coco_root)
     loaded = load_vision_language_model(args.model_dir, device=args.device, dtype=args.dtype)
     calib = build_image_calibration_set(

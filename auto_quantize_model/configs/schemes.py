@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import read_toml
 
 SCHEME_SCHEMA_VERSION = 1
@@ -155,8 +155,7 @@ def resolve_scheme(
     if s.method not in METHODS:
         raise UserError(f"auto-quantize method {s.method!r} is unknown; use one of {', '.join(METHODS)}")
     for key in ("num_score_steps", "num_calib_steps"):
-        if not isinstance(getattr(s, key), int) or getattr(s, key) <= 0:
-            raise UserError(f"{key} must be a positive integer, got {getattr(s, key)!r}")
+        check_positive(key.replace("_", "-"), getattr(s, key))
     if not s.quantization_formats:
         raise UserError(f"scheme {s.name!r} has no quantization formats")
     lowest = min(format_effective_bits(f) for f in s.quantization_formats)  # also validates names

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.datasets.captions import CaptionSource
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
 IGNORE_INDEX = -100
@@ -64,11 +64,6 @@ def caption_hash(text: str) -> str:
     return sha256_bytes(" ".join(text.split()).encode("utf-8"))[:16]
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise UserError(f"--{name} must be a positive integer, got {value!r}")
-
-
 def build_calibration_set(
     tokenizer: Any,
     source: CaptionSource,
@@ -80,9 +75,9 @@ def build_calibration_set(
     device: torch.device | str = "cpu",
 ) -> CalibrationSet:
     """Shuffle with ``seed``, keep ``max_samples`` captions, tokenize and batch them."""
-    _positive("max-calib-samples", max_samples)
-    _positive("batch-size", batch_size)
-    _positive("calib-seq-len", seq_len)
+    check_positive("max-calib-samples", max_samples)
+    check_positive("batch-size", batch_size)
+    check_positive("calib-seq-len", seq_len)
     order = list(range(len(source.captions)))
     random.Random(seed).shuffle(order)
     chosen = order[:max_samples]

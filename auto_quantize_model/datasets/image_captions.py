@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.datasets.calibration import IGNORE_INDEX
-from auto_quantize_model.errors import UserError
+from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,7 @@ def build_image_calibration_set(
 ) -> ImageCalibrationSet:
     """Shuffle with ``seed``, keep up to ``max_samples`` usable pairs, process and batch them."""
     for name, v in (("max-calib-samples", max_samples), ("batch-size", batch_size), ("calib-seq-len", seq_len)):
-        if v <= 0:
-            raise UserError(f"--{name} must be a positive integer, got {v}")
+        check_positive(name, v)
     order = list(range(len(source.pairs)))
     random.Random(seed).shuffle(order)
     encoded = []

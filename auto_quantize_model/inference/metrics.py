@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auto_quantize_model.autoquant.layers import linear_layers, quantizer_label
+from auto_quantize_model.autoquant.run import forward_step
 
 
 def _positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def _logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+    logits = forward_step(model, batch)[:, :-1].float()
     return F.log_softmax(logits, dim=-1)
 
 
@@ -93,7 +94,7 @@ def layer_output_errors(model: nn.Module, batches: list[dict[str, torch.Tensor]]
     sums: dict[str, list[float]] = {}
     with _layer_error_hooks(model, sums):
         for batch in batches:
-            model(batch["input_ids"], batch["attention_mask"])
+            forward_step(model, batch)
     return {name: math.sqrt(e / r) if r > 0 else 0.0 for name, (e, r) in sums.items()}
 
 

@@ -120,14 +120,17 @@ def shrunk_config_dict(vocab_size: int, special_ids: dict[str, int]) -> dict[str
     cfg.update(copy.deepcopy(_TINY_TEXT))
     cfg["vision_config"].update(_TINY_VISION)
     cfg["vocab_size"] = vocab_size
-    cfg["bos_token_id"] = special_ids["<|endoftext|>"]
-    cfg["eos_token_id"] = special_ids["<|im_end|>"]
-    cfg["pad_token_id"] = special_ids["<|endoftext|>"]
-    cfg["vision_start_token_id"] = special_ids["<|vision_start|>"]
-    cfg["vision_end_token_id"] = special_ids["<|vision_end|>"]
-    cfg["vision_token_id"] = special_ids["<|vision_pad|>"]
-    cfg["image_token_id"] = special_ids["<|image_pad|>"]
-    cfg["video_token_id"] = special_ids["<|video_pad|>"]
+    return with_special_token_ids(cfg, special_ids)
+
+
+def with_special_token_ids(cfg: dict[str, Any], special_ids: dict[str, int]) -> dict[str, Any]:
+    """Point a flat Qwen2.5-VL config's token-id fields at this tokenizer's special tokens (in place)."""
+    cfg.update(
+        bos_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"],
+        pad_token_id=special_ids["<|endoftext|>"], vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"], vision_token_id=special_ids["<|vision_pad|>"],
+        image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
+    )
     return cfg
 
 

@@ -12,6 +12,7 @@ batches are 4 x ~256 tokens, the size the engine notes were measured at.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import tempfile
 import time
@@ -20,7 +21,12 @@ from pathlib import Path
 import torch
 
 from auto_quantize_model.datasets.demo import demo_captions
-from auto_quantize_model.models.tiny import QWEN2_5_VL_3B_CONFIG, make_tiny_checkpoint
+from auto_quantize_model.models.tiny import (
+    QWEN2_5_VL_3B_CONFIG,
+    SPECIAL_TOKENS,
+    make_tiny_checkpoint,
+    with_special_token_ids,
+)
 
 
 def main() -> None:
@@ -41,12 +47,8 @@ def main() -> None:
         # Qwen2.5-VL's published preprocessor limits (the tiny model's are shrunk).
         improc = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)
         chat = (tiny / "chat_template.jinja").read_text()
-    cfg = dict(QWEN2_5_VL_3B_CONFIG)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>",
-                                                      "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")}
-    cfg.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-               vision_token_id=ids["<|vision_pad|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    cfg = with_special_token_ids(copy.deepcopy(QWEN2_5_VL_3B_CONFIG),
+                                 {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
     torch.manual_seed(args.seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(torch.bfloat16)
