@@ -71,3 +71,17 @@ def format_signature(name: str) -> str:
     from modelopt.torch.quantization.algorithms import QuantRecipe
 
     return QuantRecipe(resolve_quant_config(name), name=name).checkpoint_signature
+
+
+def format_algorithm(name: str) -> str | None:
+    """The calibration algorithm of the named format (``max``, ``smoothquant``, ``awq_lite``, ...)."""
+    algo = resolve_quant_config(name).get("algorithm")
+    if isinstance(algo, dict):
+        return algo.get("method")
+    return algo
+
+
+def format_folds_weights(name: str) -> bool:
+    """SmoothQuant and AWQ calibrate a ``pre_quant_scale`` that ModelOpt folds into ``linear.weight``."""
+    algo = format_algorithm(name) or ""
+    return "smoothquant" in algo or "awq" in algo

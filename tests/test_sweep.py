@@ -101,7 +101,7 @@ def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
     from auto_quantize_model.sweep.spec import expand_grid
 
     spec = _spec(tiny_model_dir, tmp_path, name="restore", effective_bits=(8.0,), worker={"num_gpus": 1, "num_cpus": 0.5})
-    pool, workers, _ = start_workers(spec, 1)
+    pool, workers, _, _ = start_workers(spec, 1)
     try:
         (trial,) = expand_grid(spec)
         out = {k: str(tmp_path / k) for k in ("trials", "tables", "cache")}

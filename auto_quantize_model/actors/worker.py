@@ -10,7 +10,6 @@ set from the new solution, which a test shows equals a fresh search from the che
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import time
@@ -52,9 +51,9 @@ class ModelWorker:
             device=self.loaded.device,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
-        # The last search this worker ran (its RunResult): a trial with the same scoring key re-solves
-        # on that searched model in memory instead of copying the pristine model and reloading scores.
-        self.searched = None
+        # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
+        # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
+        self.session = None
         self.pristine_on = self._place_pristine()
         self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
         self.load_seconds = time.perf_counter() - t
@@ -114,6 +113,18 @@ class ModelWorker:
             return copy.deepcopy(self.loaded.model)
         return copy.deepcopy(self.loaded.model).to(self.loaded.device, non_blocking=True)
 
+    def _checked_fresh_model(self):
+        """A fresh working copy, refused unless it is bit-identical to the model as loaded."""
+        work = self._fresh_model()
+        self._check_pristine(work)
+        return work
+
+    def identity(self) -> dict[str, Any]:
+        """This worker's model and data identity (the driver computes every trial's scoring key from it)."""
+        from auto_quantize_model.autoquant.identity import DataIdentity
+
+        return DataIdentity.of(self.loaded, self.calib).to_dict()
+
     def _logits(self, model):
         import torch
 
@@ -154,8 +165,8 @@ class ModelWorker:
         import torch
 
         from auto_quantize_model.analysis.tables import write_trial
-        from auto_quantize_model.autoquant.run import resolve_budget, run_scheme, score_cache_key
-        from auto_quantize_model.configs import get_scheme, resolve_scheme
+        from auto_quantize_model.autoquant.session import SearchSession
+        from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
         from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
 
@@ -164,28 +175,15 @@ class ModelWorker:
         trial_dir = Path(out["trials"]) / tid
         common = {"scheme": trial["scheme"], "sweep_id": self.spec.name, "trial_id": tid}
         try:
-            scheme = resolve_scheme(
-                get_scheme(trial["scheme"], self.spec.schemes_file), effective_bits=trial["effective_bits"],
-                method=trial["method"], num_score_steps=trial["num_score_steps"],
-                num_calib_steps=trial["num_calib_steps"],
-            )
+            scheme = resolve_trial_scheme(trial, self.spec.schemes_file)
             if self.loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            key = score_cache_key(self.loaded, self.calib, scheme)
-            if self.searched is not None and self.searched.manifest["score_cache"]["key"] == key:
-                restore_s = 0.0
-                result = resolve_budget(self.searched, self.loaded, self.calib, scheme, trial_dir, run_id=tid,
-                                        sweep_id=self.spec.name)
-            else:
-                self.searched = None  # free the last searched model before making a new copy
-                t = time.perf_counter()
-                work = self._fresh_model()
-                self._check_pristine(work)
-                restore_s = time.perf_counter() - t
-                result = run_scheme(dataclasses.replace(self.loaded, model=work), self.calib, scheme, trial_dir,
-                                    cache_dir=out["cache"], inplace=True, run_id=tid, sweep_id=self.spec.name)
-                del work
-            self.searched = result
+            if self.session is None:
+                self.session = SearchSession(self.loaded, self.calib, out["cache"], fresh_model=self._checked_fresh_model)
+            if trial.get("scoring_key") not in (None, self.session.key(scheme)):
+                raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
+            result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=self.spec.name)
+            restore_s = self.session.last_copy_seconds
         except UserError as exc:
             write_trial(out["tables"], None, status="error", error=str(exc), settings=trial, **common)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})

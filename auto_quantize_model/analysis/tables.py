@@ -34,6 +34,7 @@ _KEY = [
     pa.field("method", pa.string()),
     pa.field("calibration_hash", pa.string()),
     pa.field("model_id", pa.string()),
+    pa.field("weights_fingerprint", pa.string()),
 ]
 
 LAYERS_SCHEMA = pa.schema(
@@ -92,6 +93,7 @@ def trial_id_for(manifest: dict[str, Any]) -> str:
         "bits": manifest["effective_bits"]["target"],
         "calibration": manifest["calibration"].get("token_hash"),
         "model": manifest["model"]["config_hash"],
+        "weights": manifest["model"].get("weights_fingerprint"),
         "recipe": manifest["autoquant_state"]["best"]["recipe"],
     })[:16]
 
@@ -105,6 +107,7 @@ def _key_values(m: dict[str, Any], sweep_id: str | None, trial_id: str) -> dict[
         "method": m["scheme"]["method"],
         "calibration_hash": m["calibration"].get("token_hash"),
         "model_id": m["model"]["config_hash"],
+        "weights_fingerprint": m["model"].get("weights_fingerprint"),
     }
 
 

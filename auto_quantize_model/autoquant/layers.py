@@ -51,20 +51,62 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def quantizer_label(quantizer: Any) -> str:
-    """A short name for what a TensorQuantizer does: fp8, nvfp4, mxfp8, int8, int4, ... or bf16 when off."""
-    if quantizer is None or not getattr(quantizer, "is_enabled", False):
-        return UNQUANTIZED
-    bits = quantizer.num_bits
-    block = getattr(quantizer, "block_sizes", None) or {}
-    scale_bits = block.get("scale_bits") if isinstance(block, dict) else None
+def _label(bits: Any, block_sizes: Any) -> str:
+    """Our name for one quantizer setting (fp8, nvfp4, mxfp8, int8, int4, ...); ValueError if unknown."""
+    scale_bits = block_sizes.get("scale_bits") if isinstance(block_sizes, dict) else None
+    if isinstance(bits, list):
+        bits = tuple(bits)
     if bits == (4, 3):
         return "mxfp8" if scale_bits == (8, 0) else "fp8"
     if bits == (2, 1):
         return "mxfp4" if scale_bits == (8, 0) else "nvfp4"
-    if isinstance(bits, tuple):
+    if isinstance(bits, tuple) and len(bits) == 2 and all(isinstance(b, int) for b in bits):
         return f"fp{sum(bits) + 1}_e{bits[0]}m{bits[1]}"
-    return f"int{bits}"
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        return f"int{bits}"
+    raise ValueError(f"num_bits {bits!r}")
+
+
+def quantizer_label(quantizer: Any) -> str:
+    """What a quantizer does: fp8, nvfp4, mxfp8, int8, int4, ... or bf16 when off.
+
+    A ``SequentialQuantizer`` (e.g. W4A8 AWQ: int4 then fp8 on the weight) is labelled by its enabled
+    stages joined with ``+`` (``int4+fp8``).
+    """
+    if quantizer is None:
+        return UNQUANTIZED
+    if isinstance(quantizer, nn.Sequential):
+        stages = [quantizer_label(q) for q in quantizer]
+        stages = [st for st in stages if st != UNQUANTIZED]
+        return "+".join(stages) if stages else UNQUANTIZED
+    if not getattr(quantizer, "is_enabled", False):
+        return UNQUANTIZED
+    return _label(quantizer.num_bits, getattr(quantizer, "block_sizes", None))
+
+
+def format_weight_label(config: dict[str, Any]) -> str:
+    """The label a format config's weight quantizer gets (same vocabulary as :func:`quantizer_label`)."""
+    entries = [e for e in config.get("quant_cfg", []) if isinstance(e, dict)
+               and str(e.get("quantizer_name", "")).endswith("weight_quantizer") and "parent_class" not in e]
+    labels = []
+    for entry in entries:  # every weight-quantizer setting must be nameable, path-scoped ones too
+        cfg = entry.get("cfg") or {}
+        stages = cfg if isinstance(cfg, list) else [cfg]
+        labels.append("+".join(_label(st.get("num_bits", 8), st.get("block_sizes")) for st in stages
+                               if isinstance(st, dict) and st.get("enable", True)) or UNQUANTIZED)
+    return labels[-1] if labels else UNQUANTIZED
+
+
+def check_formats_labelled(names: tuple[str, ...] | list[str]) -> None:
+    """Refuse, before any search, a format whose quantizers the manifest could not name."""
+    from auto_quantize_model.errors import UserError
+    from auto_quantize_model.modelopt_configs import resolve_quant_config
+
+    for name in names:
+        try:
+            format_weight_label(resolve_quant_config(name))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"format {name} cannot be labelled in the manifest ({exc}); choose another format") from exc
 
 
 def live_layer_formats(model: nn.Module) -> dict[str, dict[str, str]]:

@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auto_quantize_model.autoquant.cache import SearchCache
+from auto_quantize_model.autoquant.identity import DataIdentity, effective_steps, scoring_key
+from auto_quantize_model.autoquant.layers import check_formats_labelled
 from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path, write_manifest
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
@@ -27,8 +30,13 @@ from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet
 from auto_quantize_model.datasets.image_captions import ImageCalibrationSet
 from auto_quantize_model.errors import UserError, check_output_dir
-from auto_quantize_model.io_utils import atomic_write_text, sha256_json
-from auto_quantize_model.modelopt_configs import format_effective_bits, format_signature, resolve_quant_config
+from auto_quantize_model.io_utils import atomic_write_text
+from auto_quantize_model.modelopt_configs import (
+    format_effective_bits,
+    format_folds_weights,
+    format_signature,
+    resolve_quant_config,
+)
 from auto_quantize_model.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -65,26 +73,22 @@ class RunResult:
     scored: bool
 
 
-def effective_steps(scheme: Scheme, calib: CalibrationSet | ImageCalibrationSet) -> dict[str, int]:
-    """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
-    n = len(calib.batches)
-    return {"num_calib_steps": min(scheme.num_calib_steps, n), "num_score_steps": min(scheme.num_score_steps, n)}
-
-
 def score_cache_key(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme) -> str:
-    """Everything that changes calibration statistics or sensitivity scores, and nothing else."""
-    return sha256_json(
-        {
-            "formats": sorted(format_signature(f) for f in scheme.quantization_formats),
-            "method": scheme.method,
-            "steps": effective_steps(scheme, calib),
-            "disabled_layers": sorted(scheme.disabled_layers),
-            "calibration_tokens": calib.token_hash,
-            "model_config": loaded.config_hash,
-            "dtype": str(loaded.dtype),
-            "scope": loaded.scope,
-        }
-    )[:20]
+    """The scoring identity of ``scheme`` on this model and data (:func:`identity.scoring_key`)."""
+    return scoring_key(DataIdentity.of(loaded, calib), scheme)
+
+
+def folds_weights(scheme: Scheme) -> bool:
+    """Whether a format of ``scheme`` folds scales into the weights (SmoothQuant, AWQ): then the searched
+    model's weights are no longer the checkpoint's, and only a search from pristine weights is correct."""
+    return any(format_folds_weights(f) for f in scheme.quantization_formats)
+
+
+def unreachable_budget(scheme: Scheme, lowest: float) -> UserError:
+    """The one refusal for a budget below what the searchable layers can reach, on every path."""
+    return UserError(f"scheme {scheme.name}: effective bits {scheme.effective_bits:g} is infeasible: the lowest "
+                     f"achievable with these formats and disabled layers is {lowest:.4g}; choose a higher "
+                     "--effective-bits or disable fewer layers")
 
 
 class _PhaseClock:
@@ -148,55 +152,65 @@ def run_scheme(
 
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
+    check_formats_labelled(scheme.quantization_formats)  # fail in the first second, not after the search
     cache_dir = Path(cache_dir) if cache_dir else output_dir / "autoquant_cache"
+    identity = DataIdentity.of(loaded, calib)
+    key = scoring_key(identity, scheme)
+    steps = effective_steps(scheme, identity.num_batches)
+    formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
     t_start = time.perf_counter()
     model = loaded.model if inplace else copy.deepcopy(loaded.model)
     copy_seconds = time.perf_counter() - t_start
 
-    formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
-    key = score_cache_key(loaded, calib, scheme)
-    checkpoint = cache_dir / f"search_{key}.pth"
-    reused = checkpoint.is_file()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    steps = effective_steps(scheme, calib)
-    log.info("scheme %s: target %.3g bits, formats %s, method %s, %s, cache %s (%s)", scheme.name,
-             scheme.effective_bits, list(scheme.quantization_formats), scheme.method, steps, key,
-             "reuse" if reused else "new")
-
-    clock = _PhaseClock()
-    try:
-        with warnings.catch_warnings():
-            # ModelOpt warns whenever the checkpoint is new; the log line above already says so.
-            warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
-            model, search_state = mtq.auto_quantize(
-                model,
-                constraints={"effective_bits": scheme.effective_bits},
-                quantization_formats=formats,
-                data_loader=calib.batches,
-                forward_step=clock.wrap_forward(forward_step),
-                # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
-                loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
-                disabled_layers=list(scheme.disabled_layers) or None,
-                method=scheme.method,
-                checkpoint=str(checkpoint),
-                verbose=False,
-                **steps,
-            )
-    except ValueError as exc:
-        if "infeasible" in str(exc):
-            raise UserError(f"scheme {scheme.name}: {exc} Choose a higher --effective-bits.") from exc
-        raise
+    with SearchCache(cache_dir).entry(key, identity.to_dict()) as entry:
+        log.info("scheme %s: target %.3g bits, formats %s, method %s, %s, cache %s (%s)", scheme.name,
+                 scheme.effective_bits, list(scheme.quantization_formats), scheme.method, steps, key,
+                 "reuse" if entry.reusable else "new")
+        clock = _PhaseClock()
+        try:
+            with warnings.catch_warnings():
+                # ModelOpt warns whenever the checkpoint is new; the log line above already says so.
+                warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
+                model, search_state = mtq.auto_quantize(
+                    model,
+                    constraints={"effective_bits": scheme.effective_bits},
+                    quantization_formats=formats,
+                    data_loader=calib.batches,
+                    forward_step=clock.wrap_forward(forward_step),
+                    # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
+                    loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
+                    disabled_layers=list(scheme.disabled_layers) or None,
+                    method=scheme.method,
+                    checkpoint=str(entry.checkpoint),
+                    verbose=False,
+                    **steps,
+                )
+        except ValueError as exc:
+            if "infeasible" in str(exc):
+                raise unreachable_budget(scheme, _lowest_from_message(str(exc))) from exc
+            raise
+        except OSError as exc:
+            raise UserError(f"could not write the search cache in {cache_dir} ({exc.strerror or exc}); free space "
+                            "or pass another --cache-dir") from exc
     # ModelOpt turns on gradient checkpointing for Hugging Face models it scores; inference wants it off.
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     t_search_end = time.perf_counter()
     phases = clock.split(t_search_end, scheme.method)
-    log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if reused else "calibrate+score+solve",
+    log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if entry.reusable else "calibrate+score+solve",
              t_search_end - clock.start, {k: round(v, 3) for k, v in phases.items() if v is not None})
     return _finish(loaded, calib, scheme, output_dir, model, search_state,
                    {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases},
-                   {"key": key, "path": str(checkpoint.resolve()), "reused": reused},
+                   {"key": key, "path": str(entry.final.resolve()), "reused": entry.reusable},
                    t_start, write=write, run_id=run_id, sweep_id=sweep_id)
+
+
+def _lowest_from_message(text: str) -> float:
+    """ModelOpt's infeasibility message names the minimum achievable bits; NaN if its wording changes."""
+    import re
+
+    m = re.search(r"minimum achievable[^0-9]*([0-9.]+)", text)
+    return float(m.group(1)) if m else float("nan")
 
 
 def _finish(
@@ -217,7 +231,7 @@ def _finish(
     """Manifest from the live model, then restore artifact, report and manifest on disk."""
     format_names = {format_signature(f): f for f in scheme.quantization_formats}
     format_bits = {f: format_effective_bits(f) for f in scheme.quantization_formats}
-    steps = effective_steps(scheme, calib)
+    steps = effective_steps(scheme, len(calib.batches))
     reused = score_cache["reused"]
     best = search_state["best"]
     if not best["is_satisfied"]:
@@ -243,7 +257,7 @@ def _finish(
         return RunResult(model, search_state, manifest, None, None, None, scored=not reused)
 
     t = time.perf_counter()
-    save_restore_artifact(model, apath, loaded.config_hash, scheme.name)
+    manifest["artifacts"]["restore_sha256"] = save_restore_artifact(model, apath, loaded.describe(), manifest)
     timings["write_restore"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start + loaded.load_seconds
     # Render first, so a report failure leaves no manifest behind that looks complete.
@@ -254,6 +268,19 @@ def _finish(
              mpath, rpath, apath, manifest["num_quantized_layers"], manifest["num_layers"],
              manifest["effective_bits"]["measured"], scheme.effective_bits)
     return RunResult(model, search_state, manifest, mpath, rpath, apath, scored=not reused)
+
+
+class ResolveInMemoryRefused(ValueError):
+    """The in-memory re-solve cannot give the searched model's result; run a search from the cache instead."""
+
+
+def lowest_effective_bits(state: dict[str, Any]) -> float:
+    """The lowest budget the search state can reach: every searched group at its cheapest candidate, every
+    other module counted in the denominator at full cost (as ModelOpt's own feasibility check does)."""
+    stats = state["candidate_stats"].values()
+    denom = state.get("cost_denominator") or sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats)
+    saved = sum(s.get("uncompressed_cost", max(s["costs"])) - min(s["costs"]) for s in stats)
+    return 16.0 * (denom - saved) / denom
 
 
 def resolve_budget(
@@ -272,7 +299,9 @@ def resolve_budget(
     ModelOpt's ``QuantRecipeHparam.active`` swaps them. Setting every group's choice from the new
     solution leaves nothing of the previous budget behind, and skips the model copy, the checkpoint
     load and the quantizer re-insertion that a fresh ``auto_quantize(checkpoint=...)`` pays. Only for
-    the same scoring key (formats, method, steps, data, model): anything else is refused.
+    the same scoring key, and never for formats that fold scales into the weights (the searched weights
+    hold the previous choice's fold): :class:`ResolveInMemoryRefused` then. A budget below the lowest
+    reachable one is the same ``UserError`` a fresh search gives.
     """
     from modelopt.torch.opt.utils import get_hparam
     from modelopt.torch.quantization.algorithms import _resolve_best_recipe
@@ -281,10 +310,15 @@ def resolve_budget(
     check_output_dir(output_dir)
     key = score_cache_key(loaded, calib, scheme)
     if key != previous.manifest["score_cache"]["key"]:
-        raise ValueError("resolve_budget needs the scoring key of the previous search")
+        raise ResolveInMemoryRefused("resolve_budget needs the scoring key of the previous search")
+    if folds_weights(scheme):
+        raise ResolveInMemoryRefused(f"{', '.join(scheme.quantization_formats)} fold scales into the weights")
     t_start = time.perf_counter()
     state = previous.search_state
     stats = state["candidate_stats"]
+    lowest = lowest_effective_bits(state)
+    if scheme.effective_bits < lowest - 1e-9:
+        raise unreachable_budget(scheme, lowest)
     # ModelOpt's own LP solve on the stored scores and costs (the one get_auto_quantize_config uses).
     recipe = _resolve_best_recipe(state, {"effective_bits": scheme.effective_bits})
     model = previous.model

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from auto_quantize_model.datasets.calibration import IGNORE_INDEX
+from auto_quantize_model.datasets.calibration import IGNORE_INDEX, caption_hash
 from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
@@ -83,6 +83,11 @@ def read_image_captions(jsonl: str | None = None, coco_annotations: str | None =
     return ImageCaptionSource(str(p.resolve()), fmt, sha256_bytes(raw), pairs)
 
 
+def pair_hash(image: Path, caption: str) -> str:
+    """16-hex-digit hash of an image's bytes and its whitespace-normalised caption."""
+    return sha256_bytes(image.read_bytes() + b"\0" + " ".join(caption.split()).encode("utf-8"))[:16]
+
+
 def _load_image(path: Path, size: int | None):
     from PIL import Image, UnidentifiedImageError
 
@@ -110,6 +115,8 @@ class ImageCalibrationSet:
     token_hash: str
     num_tokens: int
     num_image_tokens: int
+    pair_hashes: list[str] = field(default_factory=list)
+    caption_hashes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``calibration`` section (image-caption flavour)."""
@@ -119,7 +126,9 @@ class ImageCalibrationSet:
             "num_batches": len(self.batches), "num_tokens": self.num_tokens, "num_image_tokens": self.num_image_tokens,
             "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "image_size": self.image_size,
             "skipped": [{"item": s, "reason": r} for s, r in self.source.skipped], "dropped": {},
-            "caption_hashes": [],
+            # Hashes of what calibration used, so evaluation can hold them out: the captions alone, and each
+            # pair (image bytes + caption).
+            "caption_hashes": list(self.caption_hashes), "pair_hashes": list(self.pair_hashes),
         }
 
 
@@ -163,6 +172,8 @@ def build_image_calibration_set(
         if enc["n_prompt"] >= seq_len:
             source.skipped.append((str(path), f"{enc['n_prompt']} prompt tokens exceed --calib-seq-len {seq_len}"))
             continue
+        enc["pair_hash"] = pair_hash(path, caption)
+        enc["caption_hash"] = caption_hash(caption)
         encoded.append(enc)
     if not encoded:
         reasons = "; ".join(f"{s} ({r})" for s, r in source.skipped[:3]) or "the source lists no pairs"
@@ -182,11 +193,18 @@ def build_image_calibration_set(
             labels[r, e["n_prompt"]:len(row)] = ids[r, e["n_prompt"]:len(row)]  # caption tokens only
             img_tokens += e["n_img"]
         tokens += int(mask.sum())
-        digest.append(ids.numpy().tobytes())
+        pixels = torch.cat([e["pixel_values"] for e in group])
+        grid = torch.cat([e["grid"] for e in group])
+        # The data identity covers what the model sees: tokens, mask, and the pixels with their grid (so new or
+        # fixed images under the same captions, or another --image-size, never reuse old scores or scales).
+        digest.append(ids.numpy().tobytes() + mask.numpy().tobytes() + labels.numpy().tobytes()
+                      + pixels.float().contiguous().numpy().tobytes() + grid.numpy().tobytes())
         batches.append({
             "input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "pixel_values": torch.cat([e["pixel_values"] for e in group]).to(device),
-            "image_grid_thw": torch.cat([e["grid"] for e in group]).to(device),
+            "pixel_values": pixels.to(device),
+            "image_grid_thw": grid.to(device),
         })
     return ImageCalibrationSet(batches, source, len(encoded), batch_size, seq_len, seed, image_size,
-                               sha256_bytes(b"".join(digest)), tokens, img_tokens)
+                               sha256_bytes(b"".join(digest)), tokens, img_tokens,
+                               pair_hashes=[e["pair_hash"] for e in encoded],
+                               caption_hashes=[e["caption_hash"] for e in encoded])

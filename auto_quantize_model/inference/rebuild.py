@@ -49,17 +49,26 @@ def find_run(run_dir: str | Path) -> RunArtifacts:
 
 
 def check_matches_checkpoint(run: RunArtifacts, loaded: LoadedModel) -> None:
-    """Refuse a run made on another architecture or config than the loaded checkpoint."""
+    """Refuse a run made on another architecture, config or weights than the loaded checkpoint, and whole-VLM
+    runs (their artifact describes the whole VLM; infer and compare rebuild the language model only)."""
     m = run.manifest["model"]
+    if m.get("scope", "language_model") != "language_model":
+        raise UserError(f"run {run.run_dir} searched the whole VLM ({m.get('scope')}); infer and compare rebuild the "
+                        "language model only: evaluate a language-model run (text captions) instead")
     if m["architecture"] != loaded.architecture or m["config_hash"] != loaded.config_hash:
         raise UserError(
             f"run {run.run_dir} was made on {m['architecture']} (config {m['config_hash'][:12]}) but --model-dir "
             f"is {loaded.architecture} (config {loaded.config_hash[:12]}); pass the checkpoint the run used"
+        )
+    if m.get("weights_fingerprint") != loaded.weights_fingerprint:
+        raise UserError(
+            f"run {run.run_dir} was made on weights {str(m.get('weights_fingerprint'))[:12]} but --model-dir has "
+            f"weights {loaded.weights_fingerprint[:12]} (same config, other weights); pass the checkpoint the run used"
         )
 
 
 def build_quantized_model(loaded: LoadedModel, run: RunArtifacts) -> nn.Module:
     """A fake-quantized copy of ``loaded.model`` as the run left it (loaded.model stays untouched)."""
     check_matches_checkpoint(run, loaded)
-    model = apply_restore_artifact(copy.deepcopy(loaded.model), run.restore_path, loaded.config_hash)
+    model = apply_restore_artifact(copy.deepcopy(loaded.model), run.restore_path, loaded.describe(), run.manifest)
     return model.eval()

@@ -21,6 +21,7 @@ from torch import nn
 
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import sha256_json
+from auto_quantize_model.models.fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     scope: str = "language_model"  # or "vision_language_model": the whole VLM is searched
     image_processor: Any = None
+    weights_fingerprint: str = ""  # models/fingerprint.py: the weight files' content hash
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``model`` section."""
@@ -67,6 +69,7 @@ class LoadedModel:
             "architecture": self.architecture,
             "model_type": self.model_type,
             "config_hash": self.config_hash,
+            "weights_fingerprint": self.weights_fingerprint,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "scope": self.scope,
@@ -181,6 +184,7 @@ def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str 
         full = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    fingerprint = weights_fingerprint(model_dir)
     total = count_parameters(full)
     decoder, lm_head = split_language_model(full)
     lm = LanguageModelWithHead(decoder, lm_head).eval()
@@ -208,6 +212,7 @@ def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str 
         dtype=torch_dtype,
         param_counts=counts,
         load_seconds=seconds,
+        weights_fingerprint=fingerprint,
     )
 
 
@@ -237,6 +242,7 @@ def load_vision_language_model(model_dir: str | Path, device: str = "auto", dtyp
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
     model.eval().requires_grad_(False).to(dev)
+    fingerprint = weights_fingerprint(model_dir)
     total = count_parameters(model)
     counts = {"checkpoint_total": total, "language_model": total, "left_out": 0,
               "searchable_linear_weights": linear_weight_count(model)}
@@ -245,4 +251,4 @@ def load_vision_language_model(model_dir: str | Path, device: str = "auto", dtyp
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
                        model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
                        dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope="vision_language_model",
-                       image_processor=image_processor)
+                       image_processor=image_processor, weights_fingerprint=fingerprint)

@@ -21,7 +21,7 @@ from ray import tune
 
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
-from auto_quantize_model.sweep.spec import SweepSpec, expand_grid
+from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid
 from auto_quantize_model.sweep.trial import run_trial
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
     return spec, n
 
 
-def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str]:
+def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
     """Pool plus ``n`` named workers, each registered once its model is loaded."""
     from auto_quantize_model.actors.pool import WorkerPool
     from auto_quantize_model.actors.worker import ModelWorker
@@ -102,11 +102,15 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str]:
     except ray.exceptions.RayActorError as exc:
         cause = getattr(exc, "cause", None) or exc
         raise UserError(f"a model worker failed to start: {str(cause).strip().splitlines()[-1]}") from exc
+    identities = ray.get([w.identity.remote() for w in workers])
+    if any(i != identities[0] for i in identities[1:]):
+        raise UserError("model workers loaded different weights or data (their identities differ); give every node "
+                        "the same --model-dir and captions")
     ray.get([pool.register.remote(i["name"]) for i in infos])
     for i in infos:
         log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), load %.1fs, pristine on %s", i["name"], i["device"],
                  i["cuda_visible_devices"], i["load_seconds"], i["pristine_on"])
-    return pool, workers, pool_name
+    return pool, workers, pool_name, identities[0]
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
@@ -117,9 +121,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
     read_checkpoint_config(spec.model_dir)  # fail fast, before any actor starts
     read_captions(spec.captions_path)
     trials = expand_grid(spec)
-    unknown = sorted({t["scheme"] for t in trials if t["scoring_key"] is None})
-    if unknown:
-        log.warning("unknown schemes %s: their trials will fail and be recorded", unknown)
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
     if sweep_dir.exists() and not resume and (ours / "trials").exists():
@@ -130,8 +131,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         spec, n = _fit_to_cluster(spec)
-        pool, workers, pool_name = start_workers(spec, n)
+        pool, workers, pool_name, identity = start_workers(spec, n)
         context["pool"] = pool_name
+        # One scoring identity for the lease pool, the cache file names and the tables (autoquant/identity.py).
+        assign_scoring_keys(trials, identity, spec.schemes_file)
         atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
                                                           "num_trials": len(trials)})
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.configs.schemes import Scheme, scheme_catalog
+from auto_quantize_model.configs.schemes import scheme_catalog
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import read_toml, sha256_json
 
@@ -121,13 +121,6 @@ def trial_id(settings: dict[str, Any]) -> str:
     return f"{settings['scheme']}-b{settings['effective_bits']:g}-{settings['method']}-s{settings['num_score_steps']}-{h}"
 
 
-def scoring_key(scheme: Scheme) -> str:
-    """What decides whether two trials can share one scoring pass (data and model are fixed per sweep)."""
-    return sha256_json({"formats": sorted(scheme.quantization_formats), "method": scheme.method,
-                        "score_steps": scheme.num_score_steps, "calib_steps": scheme.num_calib_steps,
-                        "disabled": sorted(scheme.disabled_layers)})[:16]
-
-
 def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
     """One dict per trial. Unknown scheme names still become trials; they fail alone, recorded."""
     catalog = scheme_catalog(spec.schemes_file)
@@ -145,9 +138,23 @@ def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
             if tid in seen:
                 continue
             seen.add(tid)
-            key = None
-            if base is not None:
-                key = scoring_key(dataclasses.replace(base, method=method, num_score_steps=int(steps),
-                                                      num_calib_steps=settings["num_calib_steps"]))
-            trials.append({**settings, "trial_id": tid, "scoring_key": key})
+            # Filled in by assign_scoring_keys once the workers have loaded the model and data.
+            trials.append({**settings, "trial_id": tid, "scoring_key": None})
     return trials
+
+
+def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
+                        schemes_file: str | None) -> dict[str, str]:
+    """Set each trial's ``scoring_key`` with the run's own identity function; returns errors by trial id for
+    trials whose scheme does not resolve (they keep ``None`` and fail alone, recorded)."""
+    from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
+    from auto_quantize_model.configs.schemes import resolve_trial_scheme
+
+    base = DataIdentity(**identity)
+    errors = {}
+    for t in trials:
+        try:
+            t["scoring_key"] = scoring_key(base, resolve_trial_scheme(t, schemes_file))
+        except UserError as exc:
+            errors[t["trial_id"]] = str(exc)
+    return errors

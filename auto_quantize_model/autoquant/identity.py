@@ -1,0 +1,70 @@
+"""The scoring identity: the one function that says whether two searches may share calibration and scores.
+
+Everything that changes calibration statistics, sensitivity scores or the content of ModelOpt's search
+checkpoint is in it: the weights (content fingerprint, not only config.json), compute dtype, the searched
+module (LM only or the whole VLM), the calibration data (tokens, masks, labels and, for image captions, the
+pixels), and every scheme setting except those that only change the solve (the effective-bits target) or
+nothing at all (the name, the description). New scheme settings are part of the identity unless listed in
+``SOLVE_ONLY``, so a setting added later can never make two different searches share a cache file.
+
+The run's cache file name, the sweep's lease pool and the tables' ``score_cache_key`` column all use
+:func:`scoring_key`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from auto_quantize_model.configs.schemes import Scheme
+from auto_quantize_model.io_utils import sha256_json
+
+# Scheme fields that never change calibration, scores or the search checkpoint.
+SOLVE_ONLY = frozenset({"name", "effective_bits", "description", "schema_version"})
+KEY_LENGTH = 20
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a loaded model plus a calibration set contribute to every scoring key."""
+
+    weights_fingerprint: str
+    config_hash: str
+    dtype: str
+    scope: str
+    calibration_hash: str
+    num_batches: int
+
+    @classmethod
+    def of(cls, loaded: Any, calib: Any) -> DataIdentity:
+        """From a ``LoadedModel`` and a calibration set (text or image-caption)."""
+        return cls(weights_fingerprint=loaded.weights_fingerprint, config_hash=loaded.config_hash,
+                   dtype=str(loaded.dtype).removeprefix("torch."), scope=loaded.scope,
+                   calibration_hash=calib.token_hash, num_batches=len(calib.batches))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (recorded in cache markers and manifests)."""
+        return asdict(self)
+
+
+def effective_steps(scheme: Scheme, num_batches: int) -> dict[str, int]:
+    """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
+    return {"num_calib_steps": min(scheme.num_calib_steps, num_batches),
+            "num_score_steps": min(scheme.num_score_steps, num_batches)}
+
+
+def scoring_fields(identity: DataIdentity, scheme: Scheme) -> dict[str, Any]:
+    """The hashed fields, readable (kept beside the cache file so a key can be explained)."""
+    from auto_quantize_model.modelopt_configs import format_signature
+
+    fields = {k: v for k, v in scheme.to_dict().items() if k not in SOLVE_ONLY}
+    # Formats by ModelOpt's canonical signature: two names for one config are one search; order is irrelevant.
+    fields["quantization_formats"] = sorted(format_signature(f) for f in scheme.quantization_formats)
+    fields["disabled_layers"] = sorted(scheme.disabled_layers)
+    fields.update(effective_steps(scheme, identity.num_batches))
+    return {"data": identity.to_dict(), "search": fields}
+
+
+def scoring_key(identity: DataIdentity, scheme: Scheme) -> str:
+    """The scoring identity as a short hex key (file names, lease pool, tables)."""
+    return sha256_json(scoring_fields(identity, scheme))[:KEY_LENGTH]
