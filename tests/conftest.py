@@ -12,8 +12,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
+    """The tiny checkpoint (seed 0, 200 training steps). ``AUTOQUANT_TEST_MODEL_DIR`` names one built before
+    with ``autoquant make-tiny-model`` to skip the build when iterating; CI always builds it."""
+    from pathlib import Path
+
     from auto_quantize_model.models.tiny import make_tiny_checkpoint
 
+    prebuilt = os.environ.get("AUTOQUANT_TEST_MODEL_DIR")
+    if prebuilt:
+        return Path(prebuilt)
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2_5_vl")
 
 

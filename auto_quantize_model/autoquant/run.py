@@ -209,7 +209,7 @@ def _lowest_from_message(text: str) -> float:
     """ModelOpt's infeasibility message names the minimum achievable bits; NaN if its wording changes."""
     import re
 
-    m = re.search(r"minimum achievable[^0-9]*([0-9.]+)", text)
+    m = re.search(r"minimum achievable[^0-9]*([0-9]+(?:\.[0-9]+)?)", text)
     return float(m.group(1)) if m else float("nan")
 
 

@@ -34,7 +34,7 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     """Greedy generation with a run's quantized model (or --bf16 for the reference)."""
     from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
-    from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
+    from auto_quantize_model.inference.rebuild import build_quantized_model, check_matches_model_dir, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
 
     prompts = _read_prompts(args)
@@ -43,6 +43,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     check_positive("max-new-tokens", args.max_new_tokens)
     run = None if args.bf16 else find_run(args.run_dir or "")
     read_checkpoint_config(args.model_dir)
+    if run is not None:
+        check_matches_model_dir(run, args.model_dir)  # refuse before the load
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
     model = loaded.model if run is None else build_quantized_model(loaded, run)
     tok = loaded.tokenizer
@@ -59,7 +61,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """BF16 reference and every run on the same held-out captions: comparison.json and .md."""
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
-    from auto_quantize_model.inference.rebuild import check_matches_checkpoint, find_run
+    from auto_quantize_model.inference.rebuild import check_matches_checkpoint, check_matches_model_dir, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
 
     out = check_output_dir(args.output_dir)
@@ -71,6 +73,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_positive(flag, value)
     runs = [find_run(r) for r in args.runs]
     read_checkpoint_config(args.model_dir)
+    for run in runs:  # refuse before loading the model or spending time on any evaluation
+        check_matches_model_dir(run, args.model_dir)
     source = read_captions(args.eval_captions)
     prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)

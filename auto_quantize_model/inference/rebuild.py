@@ -48,23 +48,38 @@ def find_run(run_dir: str | Path) -> RunArtifacts:
     return RunArtifacts(manifest_file.parent, manifest, restore)
 
 
-def check_matches_checkpoint(run: RunArtifacts, loaded: LoadedModel) -> None:
-    """Refuse a run made on another architecture, config or weights than the loaded checkpoint, and whole-VLM
-    runs (their artifact describes the whole VLM; infer and compare rebuild the language model only)."""
+def _check(run: RunArtifacts, architecture: str, config_hash: str, fingerprint: str) -> None:
     m = run.manifest["model"]
     if m.get("scope", "language_model") != "language_model":
         raise UserError(f"run {run.run_dir} searched the whole VLM ({m.get('scope')}); infer and compare rebuild the "
                         "language model only: evaluate a language-model run (text captions) instead")
-    if m["architecture"] != loaded.architecture or m["config_hash"] != loaded.config_hash:
+    if m["architecture"] != architecture or m["config_hash"] != config_hash:
         raise UserError(
             f"run {run.run_dir} was made on {m['architecture']} (config {m['config_hash'][:12]}) but --model-dir "
-            f"is {loaded.architecture} (config {loaded.config_hash[:12]}); pass the checkpoint the run used"
+            f"is {architecture} (config {config_hash[:12]}); pass the checkpoint the run used"
         )
-    if m.get("weights_fingerprint") != loaded.weights_fingerprint:
+    if m.get("weights_fingerprint") != fingerprint:
         raise UserError(
             f"run {run.run_dir} was made on weights {str(m.get('weights_fingerprint'))[:12]} but --model-dir has "
-            f"weights {loaded.weights_fingerprint[:12]} (same config, other weights); pass the checkpoint the run used"
+            f"weights {fingerprint[:12]} (same config, other weights); pass the checkpoint the run used"
         )
+
+
+def check_matches_checkpoint(run: RunArtifacts, loaded: LoadedModel) -> None:
+    """Refuse a run made on another architecture, config or weights than the loaded checkpoint, and whole-VLM
+    runs (their artifact describes the whole VLM; infer and compare rebuild the language model only)."""
+    _check(run, loaded.architecture, loaded.config_hash, loaded.weights_fingerprint)
+
+
+def check_matches_model_dir(run: RunArtifacts, model_dir: str | Path) -> None:
+    """The same checks as :func:`check_matches_checkpoint`, from the checkpoint folder, before loading it."""
+    from auto_quantize_model.models.fingerprint import weights_fingerprint
+    from auto_quantize_model.models.loading import config_hash, read_checkpoint_config
+
+    config = read_checkpoint_config(model_dir)
+    archs = config.get("architectures") or [run.manifest["model"]["architecture"]]
+    arch = run.manifest["model"]["architecture"] if run.manifest["model"]["architecture"] in archs else archs[0]
+    _check(run, arch, config_hash(config), weights_fingerprint(model_dir))
 
 
 def build_quantized_model(loaded: LoadedModel, run: RunArtifacts) -> nn.Module:
