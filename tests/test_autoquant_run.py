@@ -132,13 +132,16 @@ def test_restore_artifact_rebuilds_the_quantized_model(catalog_runs, loaded, cal
     batch = calib.batches[0]
     with torch.no_grad():
         expected = forward_step(r.model, batch)
-        rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path, loaded.config_hash)
+        rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path, loaded.describe(), r.manifest)
         got = forward_step(rebuilt, batch)
         bf16 = forward_step(loaded.model, batch)
     assert_close(got, expected)
     assert not torch.allclose(got, bf16)  # it really is quantized
     with pytest.raises(UserError, match="another checkpoint"):
-        apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path, "0" * 64)
+        apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path, {**loaded.describe(), "config_hash": "0" * 64})
+    with pytest.raises(UserError, match="other|weights"):
+        apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path,
+                               {**loaded.describe(), "weights_fingerprint": "0" * 64})
 
 
 def test_infeasible_budget_is_a_user_error(loaded, calib, tmp_path):
@@ -168,7 +171,8 @@ def test_in_memory_resolve_equals_fresh_resolve_and_leaves_no_trace(loaded, cali
     assert resolved.manifest["effective_bits"] == fresh.manifest["effective_bits"]
     with torch.no_grad():
         assert torch.equal(forward_step(resolved.model, batch), forward_step(fresh.model, batch))
-        rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), resolved.restore_path, loaded.config_hash)
+        rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), resolved.restore_path, loaded.describe(),
+                                         resolved.manifest)
         assert torch.equal(forward_step(rebuilt, batch), forward_step(fresh.model, batch))
     # Back to 14 bits: exactly the first result again, nothing of the 10-bit solution left.
     back = resolve_budget(resolved, loaded, calib, scheme, tmp_path / "b14-again")

@@ -14,7 +14,7 @@ import pytest
 
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.sweep.spec import SweepSpec, expand_grid, load_sweep_spec
+from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid, load_sweep_spec
 
 FP8_SCHEMES = ("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full")
 
@@ -33,6 +33,11 @@ def test_grid_expansion_and_scoring_keys(tiny_model_dir, tmp_path):
     assert len(trials) == 5 * 3 * 2
     assert len({t["trial_id"] for t in trials}) == len(trials)
     assert expand_grid(spec) == trials  # deterministic
+    # Keys come from the run's own identity function, once the workers report the model and data they loaded.
+    identity = {"weights_fingerprint": "w", "config_hash": "c", "dtype": "float32", "scope": "language_model",
+                "calibration_hash": "t", "num_batches": 16}
+    errors = assign_scoring_keys(trials, identity, None)
+    assert set(errors) == {t["trial_id"] for t in trials if t["scheme"] == "nope"}
     keys = {t["scoring_key"] for t in trials if t["scheme"] in FP8_SCHEMES}
     assert len(keys) == 2  # FP8_DEFAULT_CFG x {gradient, kl_div}, whatever the bits target or scheme name
     all_layers = {t["scoring_key"] for t in trials if t["scheme"] == "fp8_autoquant_all_layers_fp8"}
