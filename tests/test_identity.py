@@ -356,3 +356,37 @@ def test_sweeps_over_two_checkpoints_score_each_once_with_their_fingerprints(ray
     assert main(["compare", run_dir, "--model-dir", str(other_model_dir), "--eval-captions", "demo", "--output-dir",
                  str(tmp_path / "cmp"), "--device", "cpu"]) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+def _run_cmd(model_dir, out, cache, steps="8"):
+    return [sys.executable, "-m", "auto_quantize_model.cli", "run", "--scheme-name", "fp8_autoquant_top50",
+            "--model-dir", str(model_dir), "--output-dir", str(out), "--captions-path", "demo", "--max-calib-samples",
+            "32", "--batch-size", "4", "--calib-seq-len", "32", "--device", "cpu", "--num-score-steps", steps,
+            "--num-calib-steps", "2", "--cache-dir", str(cache)]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_run_killed_or_interrupted_while_scoring_then_next_run_succeeds(tiny_model_dir, tmp_path, sig):
+    # Old code: the checkpoint ModelOpt saved after calibration stayed as search_<key>.pth; later runs took it as
+    # reusable scores and failed (KeyError ...quant_recipe) or mislabelled themselves reused.
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(_run_cmd(tiny_model_dir, tmp_path / "a", cache), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and not list(cache.glob(".search_*.partial.pth")):
+        time.sleep(0.05)  # the partial file appears when calibration is saved: scoring starts now
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(120) != 0
+    assert not list(cache.glob("search_*.pth"))  # nothing that looks finished
+    done = subprocess.run(_run_cmd(tiny_model_dir, tmp_path / "b", cache), env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.loads(next((tmp_path / "b").glob("*_quant_manifest.json")).read_text())
+    assert m["score_cache"]["reused"] is False and m["budget_met"]
+    assert not list(cache.glob(".search_*.partial.pth"))

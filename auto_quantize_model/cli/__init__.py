@@ -38,3 +38,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     except UserError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        # Nothing half-written stays behind (atomic outputs, the search cache commits only finished searches).
+        print(f"{parser.prog}: interrupted; nothing partial was kept, run the same command again", file=sys.stderr)
+        return 130
