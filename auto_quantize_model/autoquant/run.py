@@ -68,7 +68,8 @@ class RunResult:
 def effective_steps(scheme: Scheme, calib: CalibrationSet | ImageCalibrationSet) -> dict[str, int]:
     """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
     n = len(calib.batches)
-    return {"num_calib_steps": min(scheme.num_calib_steps, n), "num_score_steps": min(scheme.num_score_steps, n)}
+    return {"num_calib_steps": min(scheme.num_calib_steps, n),
+            "num_score_steps": min(scheme.score_steps(calib.batch_size), n)}
 
 
 def score_cache_key(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme) -> str:
@@ -78,7 +79,9 @@ def score_cache_key(loaded: LoadedModel, calib: CalibrationSet | ImageCalibratio
             "formats": sorted(format_signature(f) for f in scheme.quantization_formats),
             "method": scheme.method,
             "steps": effective_steps(scheme, calib),
-            "disabled_layers": sorted(scheme.disabled_layers),
+            # Resolved exclusions (explicit + the formats' own): both change the checkpoint's groups/costs.
+            "disabled_layers": sorted(scheme.search_setup().disabled_layers),
+            "cost_excluded_layers": sorted(scheme.search_setup().cost_excluded_layers),
             "calibration_tokens": calib.token_hash,
             "model_config": loaded.config_hash,
             "dtype": str(loaded.dtype),
@@ -170,13 +173,13 @@ def run_scheme(
             warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
             model, search_state = mtq.auto_quantize(
                 model,
-                constraints={"effective_bits": scheme.effective_bits},
+                constraints=scheme.search_constraints(),
                 quantization_formats=formats,
                 data_loader=calib.batches,
                 forward_step=clock.wrap_forward(forward_step),
                 # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
                 loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
-                disabled_layers=list(scheme.disabled_layers) or None,
+                disabled_layers=scheme.search_setup().disabled_layers or None,
                 method=scheme.method,
                 checkpoint=str(checkpoint),
                 verbose=False,
@@ -233,6 +236,7 @@ def _finish(
         search_state=search_state,
         format_names=format_names,
         format_bits=format_bits,
+        search_setup=scheme.search_setup(),
         score_cache=score_cache,
         timings=timings,
         artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},
