@@ -165,7 +165,8 @@ class ModelWorker:
         common = {"scheme": trial["scheme"], "sweep_id": self.spec.name, "trial_id": tid}
         try:
             scheme = resolve_scheme(
-                get_scheme(trial["scheme"], self.spec.schemes_file), effective_bits=trial["effective_bits"],
+                get_scheme(trial.get("scheme_ref", trial["scheme"]), self.spec.schemes_file),
+                effective_bits=trial["effective_bits"],
                 method=trial["method"], num_score_steps=trial["num_score_steps"],
                 num_calib_steps=trial["num_calib_steps"],
             )
@@ -200,7 +201,8 @@ class ModelWorker:
             metrics = ev["metrics"]
             eval_s = time.perf_counter() - t
         m = result.manifest
-        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), **common)
+        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path),
+                    equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
         (self.m_passes if result.scored else self.m_reuses).inc(1, tags)

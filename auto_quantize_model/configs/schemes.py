@@ -192,7 +192,7 @@ _MIXED_TABLES: dict[str, dict[str, Any]] = {
     # the NVFP4 + FP8 counterpart.
     "int4w_fp8_autoquant_mix": {
         "candidate_formats": ["INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8_DEFAULT_CFG"],
-        "constraints": {"effective_bits": 8.0}, "auto_quantize_method": "gradient", "format_exclusions": True,
+        "constraints": {"effective_bits": 6.0}, "auto_quantize_method": "gradient", "format_exclusions": True,
         "description": "INT4 block weight-only, FP8 or BF16 per layer group (4 to 16 bits), the formats' "
         "exclusions kept BF16 and out of the budget.",
     },
