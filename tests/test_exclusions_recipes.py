@@ -162,13 +162,19 @@ def test_recipe_runs_through_autoquant_run(tiny_model_dir, tmp_path, capsys):
     assert m["scheme"]["recipe"] == str(RECIPE) and m["scheme"]["score_size"] == 32
     assert m["layers"]["lm_head"]["dtype"] == "bf16" and m["exclusions"]["layers"]["lm_head"]["search"]["source"] == "scheme"
     assert m["budget_met"] and m["effective_bits"]["target"] == 10.0
-    capsys.readouterr()
+
+
+def test_invalid_recipe_on_the_cli_is_one_line_exit_2(tmp_path, capsys):
+    from auto_quantize_model.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.read_text().replace("auto_quantize_method: gradient", "auto_quantize_method: fisher"))
-    assert main([*args[:2], str(bad), *args[3:6], str(tmp_path / "out2"), *args[6:]]) == 2
+    out = tmp_path / "out"
+    # The scheme is resolved before anything else is read, so no checkpoint is needed to see the error.
+    assert main(["run", "--scheme-name", str(bad), "--model-dir", str(tmp_path), "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("autoquant: error: recipe") and "auto_quantize_method" in err[0]
-    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+    assert len(err) == 1 and err[0].startswith("autoquant: error: recipe") and "auto_quantize_method" in err[0], err
+    assert "Traceback" not in err[0] and not (out.exists() and any(out.iterdir()))
 
 
 @pytest.mark.timeout(420)
