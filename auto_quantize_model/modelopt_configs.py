@@ -33,6 +33,18 @@ CUSTOM_QUANT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+def register_quant_config(name: str, config: dict[str, Any]) -> str:
+    """Make a recipe's custom format resolvable by name in this process; returns ``name``.
+
+    Re-registering a name with a different config is refused: names must identify one format.
+    """
+    known = CUSTOM_QUANT_CONFIGS.get(name)
+    if known is not None and known != config:
+        raise UserError(f"quant config name {name!r} is already used by another format; rename the recipe file")
+    CUSTOM_QUANT_CONFIGS[name] = copy.deepcopy(config)
+    return name
+
+
 def modelopt_preset_names() -> list[str]:
     """Names of ModelOpt's own quantization presets."""
     import modelopt.torch.quantization as mtq

@@ -55,7 +55,12 @@ def test_manifest_describes_every_lm_linear(catalog_runs, loaded, calib):
     assert layers["model.layers.1.mlp.up_proj"]["search_group"] == "model.layers.1.mlp.gate_proj"
     assert {lay["dtype"] for lay in layers.values()} == {"fp8", "bf16"}
     assert len(m["layer_sensitivity"]) == 4 * 4 + 1
-    for info in m["layer_sensitivity"].values():
+    # lm_head is FP8_DEFAULT_CFG's own exclusion: kept out of the search (NONE alone) and out of the budget.
+    assert m["layer_sensitivity"]["lm_head"]["candidate_formats"] == ["NONE"]
+    assert m["layer_sensitivity"]["lm_head"]["cost_weight"] == 0.0
+    for group, info in m["layer_sensitivity"].items():
+        if group == "lm_head":
+            continue
         assert info["candidate_formats"] == ["FP8_DEFAULT_CFG", "NONE"]
         assert info["scores"][0] > 0 and info["scores"][1] == 0
         assert info["costs"][0] == pytest.approx(info["costs"][1] / 2)
@@ -86,7 +91,7 @@ def test_layer_dtypes_agree_with_search_result(catalog_runs, name):
 
 def test_fp8_layer_count_grows_with_budget(catalog_runs):
     counts = [catalog_runs[n].manifest["num_quantized_layers"] for n in SEED_SCHEMES[:3]]
-    assert counts[0] <= counts[1] <= counts[2] == 29
+    assert counts[0] <= counts[1] <= counts[2] == 28  # every layer but the excluded lm_head
     assert counts[0] < counts[2]
     assert catalog_runs["fp8_autoquant_all_layers_fp8"].manifest["num_quantized_layers"] == 29
 

@@ -30,16 +30,19 @@ def test_grid_expansion_and_scoring_keys(tiny_model_dir, tmp_path):
     spec = _spec(tiny_model_dir, tmp_path, schemes=(*FP8_SCHEMES, "fp8_autoquant_all_layers_fp8", "nope"),
                  effective_bits=(14, 12, 10), methods=("gradient", "kl_div"))
     trials = expand_grid(spec)
-    assert len(trials) == 5 * 3 * 2
+    # top25/top50/full differ only in their default budget: with the budget swept they are one experiment.
+    assert len(trials) == 3 * 3 * 2
+    assert all(t["equivalent_schemes"] == ["fp8_autoquant_top50", "fp8_autoquant_full"]
+               for t in trials if t["scheme"] == "fp8_autoquant_top25")
     assert len({t["trial_id"] for t in trials}) == len(trials)
     assert expand_grid(spec) == trials  # deterministic
     # Keys come from the run's own identity function, once the workers report the model and data they loaded.
     identity = {"weights_fingerprint": "w", "config_hash": "c", "dtype": "float32", "scope": "language_model",
-                "calibration_hash": "t", "num_batches": 16}
+                "calibration_hash": "t", "num_batches": 16, "batch_size": 4}
     errors = assign_scoring_keys(trials, identity, None)
     assert set(errors) == {t["trial_id"] for t in trials if t["scheme"] == "nope"}
     keys = {t["scoring_key"] for t in trials if t["scheme"] in FP8_SCHEMES}
-    assert len(keys) == 2  # FP8_DEFAULT_CFG x {gradient, kl_div}, whatever the bits target or scheme name
+    assert len(keys) == 2  # FP8_DEFAULT_CFG x {gradient, kl_div}, whatever the bits target
     all_layers = {t["scoring_key"] for t in trials if t["scheme"] == "fp8_autoquant_all_layers_fp8"}
     assert len(all_layers) == 2 and not all_layers & keys
     assert all(t["scoring_key"] is None for t in trials if t["scheme"] == "nope")
@@ -73,22 +76,23 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     rows = {r["trial_id"]: r for r in res["rows"]}
     ok = [r for r in rows.values() if r["status"] == "ok"]
     failed = [r for r in rows.values() if r["status"] != "ok"]
-    assert res["num_workers"] == 2 and len(rows) == 15
+    # top25/top50/full at the same budget are one experiment (run once); 7 bits fails for each of them.
+    assert res["num_workers"] == 2 and len(rows) == 11
     # 7 bits is below what FP8 reaches, and 'nope' is no scheme: those trials fail alone, with the reason.
-    assert len(ok) == 8 and len(failed) == 7
+    assert len(ok) == 4 and len(failed) == 7
     assert all("between 8 and 16" in r["error"] or "unknown scheme" in r["error"] for r in failed)
     # K distinct scoring keys -> exactly K scoring passes, whatever the number of bits targets or workers.
     assert res["stats"]["passes"] == {k: 1 for k in {r["scoring_key"] for r in ok}}
     assert len(res["stats"]["passes"]) == 2
-    assert sum(r["scored"] for r in ok) == 2 and sum(not r["scored"] for r in ok) == 6
+    assert sum(r["scored"] for r in ok) == 2 and sum(not r["scored"] for r in ok) == 2
     assert all(r["perplexity"] > 1 and r["kl_mean"] >= 0 for r in ok)
     # Tables: one trials row per trial (failures included), 29 layer rows per ok trial, no duplicates.
     trials = load_trials(res["tables"])
-    assert len(trials) == 15 and trials["trial_id"].is_unique
+    assert len(trials) == 11 and trials["trial_id"].is_unique
     assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
     assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()
     layers = load_layers(res["tables"])
-    assert len(layers) == 8 * 29 and not layers.duplicated(["trial_id", "layer"]).any()
+    assert len(layers) == 4 * 29 and not layers.duplicated(["trial_id", "layer"]).any()
     for r in ok:
         trial_dir = tmp_path / "sweeps" / "s" / "autoquant" / "trials" / r["trial_id"]
         assert (trial_dir / f"{r['scheme']}_quant_manifest.json").is_file()
@@ -114,7 +118,7 @@ def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
         for _ in range(2):
             lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
             res = ray.get(workers[0].run_trial.remote(trial, lease, out))
-            assert res["status"] == "ok" and res["num_fp8_layers"] == 29
+            assert res["status"] == "ok" and res["num_fp8_layers"] == 28  # all but the excluded lm_head
             # After an all-FP8 trial, a fresh copy is bit-identical to the freshly loaded model.
             assert ray.get(workers[0].probe_matches.remote())
             path = tmp_path / "trials" / trial["trial_id"] / "fp8_autoquant_top25_quant_manifest.json"
@@ -172,7 +176,7 @@ def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_m
 
     storage = tmp_path / "sweeps"
     args = [sys.executable, "-m", "auto_quantize_model.cli", "sweep", "--name", "resume", "--model-dir", str(tiny_model_dir),
-            "--storage-path", str(storage), "--captions-path", "demo", "--schemes", "fp8_autoquant_top25,fp8_autoquant_top50",
+            "--storage-path", str(storage), "--captions-path", "demo", "--schemes", "fp8_autoquant_top25,fp8_autoquant_all_layers_fp8",
             "--effective-bits", "15,13,11,9", "--max-calib-samples", "16", "--calib-seq-len", "32", "--address", ray_cluster]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -186,7 +190,7 @@ def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_m
     assert 2 <= len(done_before) < 8
     time.sleep(2)  # let Ray reap the dead job's actors
     spec = load_sweep_spec(None, {"name": "resume", "model_dir": str(tiny_model_dir), "storage_path": str(storage),
-                                  "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_top50"),
+                                  "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"),
                                   "effective_bits": (15.0, 13.0, 11.0, 9.0), "max_calib_samples": 16, "calib_seq_len": 32})
     res = run_sweep(spec, resume=True)
     rows = res["rows"]
@@ -206,7 +210,7 @@ def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
 
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "16 trials (16 ok)" in out and "scoring passes per key" in out
+    assert "12 trials (12 ok)" in out and "scoring passes per key" in out
     assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
-    assert len(load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")) == 16
+    assert len(load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")) == 12
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0  # a second run resumes, no error

@@ -198,7 +198,8 @@ class ModelWorker:
             metrics = ev["metrics"]
             eval_s = time.perf_counter() - t
         m = result.manifest
-        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), **common)
+        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path),
+                    equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
         (self.m_passes if result.scored else self.m_reuses).inc(1, tags)

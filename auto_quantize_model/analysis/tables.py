@@ -52,6 +52,7 @@ LAYERS_SCHEMA = pa.schema(
         pa.field("candidate_scores", pa.list_(pa.float64())),
         pa.field("candidate_costs", pa.list_(pa.float64())),
         pa.field("cost", pa.float64()),
+        pa.field("excluded_by", pa.string()),
     ],
     metadata={"auto_quantize_model.table": "layers", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
@@ -78,6 +79,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
         pa.field("manifest_path", pa.string()),
+        pa.field("equivalent_schemes", pa.string()),
         pa.field("written_at", pa.float64()),
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
@@ -131,12 +133,14 @@ def layers_table(m: dict[str, Any], sweep_id: str | None = None, trial_id: str |
             "num_params": lay["num_params"],
             "dtype": lay["dtype"],
             "chosen_format": chosen,
-            "sensitivity": max((s for s in scores if s is not None), default=None),
+            # Layers kept out of the search offer NONE alone: no score, rather than a misleading 0.
+            "sensitivity": max((s for s in scores if s is not None), default=None) if len(fmts) > 1 else None,
             "candidate_formats": fmts,
             "candidate_scores": scores,
             "candidate_costs": costs,
             # The layer's own share of its group's cost under the chosen format.
             "cost": costs[fmts.index(chosen)] * share if chosen in fmts else None,
+            "excluded_by": lay.get("excluded_by"),
         })
     return pa.Table.from_pylist(rows, schema=LAYERS_SCHEMA)
 
@@ -151,6 +155,7 @@ def trials_table(
     error: str | None = None,
     manifest_path: str | None = None,
     settings: dict[str, Any] | None = None,
+    equivalent_schemes: str | None = None,
 ) -> pa.Table:
     """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known)."""
     metrics = metrics or {}
@@ -158,7 +163,8 @@ def trials_table(
         s = settings or {}
         row = {f.name: None for f in TRIALS_SCHEMA}
         row.update({"sweep_id": sweep_id, "trial_id": trial_id, "effective_bits_target": s.get("effective_bits"),
-                    "method": s.get("method"), "status": status, "error": error, "written_at": time.time()})
+                    "method": s.get("method"), "status": status, "error": error, "written_at": time.time(),
+                    "equivalent_schemes": ",".join(s.get("equivalent_schemes") or []) or None})
         return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
     trial_id = trial_id or trial_id_for(m)
     t = m.get("timings", {})
@@ -180,6 +186,8 @@ def trials_table(
         "status": status,
         "error": error,
         "manifest_path": manifest_path,
+        # Other scheme names whose resolved search and budget are this trial's (run once, see sweep/spec.py).
+        "equivalent_schemes": equivalent_schemes or None,
         "written_at": time.time(),
     }
     return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)

@@ -19,8 +19,9 @@ from typing import Any
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.io_utils import sha256_json
 
-# Scheme fields that never change calibration, scores or the search checkpoint.
-SOLVE_ONLY = frozenset({"name", "effective_bits", "description", "schema_version"})
+# Scheme fields that never change calibration, scores or the search checkpoint (``recipe`` is provenance: the
+# recipe's settings are the scheme's other fields).
+SOLVE_ONLY = frozenset({"name", "effective_bits", "description", "schema_version", "recipe"})
 KEY_LENGTH = 20
 
 
@@ -34,23 +35,25 @@ class DataIdentity:
     scope: str
     calibration_hash: str
     num_batches: int
+    batch_size: int
 
     @classmethod
     def of(cls, loaded: Any, calib: Any) -> DataIdentity:
         """From a ``LoadedModel`` and a calibration set (text or image-caption)."""
         return cls(weights_fingerprint=loaded.weights_fingerprint, config_hash=loaded.config_hash,
                    dtype=str(loaded.dtype).removeprefix("torch."), scope=loaded.scope,
-                   calibration_hash=calib.token_hash, num_batches=len(calib.batches))
+                   calibration_hash=calib.token_hash, num_batches=len(calib.batches), batch_size=calib.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (recorded in cache markers and manifests)."""
         return asdict(self)
 
 
-def effective_steps(scheme: Scheme, num_batches: int) -> dict[str, int]:
-    """ModelOpt stops at the end of the data, so more steps than batches means all batches."""
+def effective_steps(scheme: Scheme, num_batches: int, batch_size: int) -> dict[str, int]:
+    """ModelOpt stops at the end of the data, so more steps than batches means all batches (a recipe's
+    ``score_size`` is samples: steps = ceil(score_size / batch size))."""
     return {"num_calib_steps": min(scheme.num_calib_steps, num_batches),
-            "num_score_steps": min(scheme.num_score_steps, num_batches)}
+            "num_score_steps": min(scheme.score_steps(batch_size), num_batches)}
 
 
 def scoring_fields(identity: DataIdentity, scheme: Scheme) -> dict[str, Any]:
@@ -60,8 +63,14 @@ def scoring_fields(identity: DataIdentity, scheme: Scheme) -> dict[str, Any]:
     fields = {k: v for k, v in scheme.to_dict().items() if k not in SOLVE_ONLY}
     # Formats by ModelOpt's canonical signature: two names for one config are one search; order is irrelevant.
     fields["quantization_formats"] = sorted(format_signature(f) for f in scheme.quantization_formats)
-    fields["disabled_layers"] = sorted(scheme.disabled_layers)
-    fields.update(effective_steps(scheme, identity.num_batches))
+    # Exclusions as resolved (explicit patterns plus the formats' own): both change the checkpoint's groups and
+    # cost denominator. Steps as actually run replace the asked-for steps and score_size.
+    setup = scheme.search_setup()
+    fields["disabled_layers"] = sorted(setup.disabled_layers)
+    fields["cost_excluded_layers"] = sorted(setup.cost_excluded_layers)
+    for asked in ("score_size", "format_exclusions", "cost_exclude_disabled"):
+        fields.pop(asked, None)
+    fields.update(effective_steps(scheme, identity.num_batches, identity.batch_size))
     return {"data": identity.to_dict(), "search": fields}
 
 

@@ -92,6 +92,8 @@ def sensitivity_table(search_state: dict[str, Any], format_names: dict[str, str]
             "costs": [float(c) for c in stats["costs"]],
             "uncompressed_cost": float(stats.get("uncompressed_cost", max(stats["costs"]))),
             "chosen_format": name(best[key]) if key in best else None,
+            # 0 = searched but outside the effective-bits budget (cost-excluded layers).
+            "cost_weight": float(stats.get("cost_weight", 1.0)),
             "module_names": modules,
             "block_index": block_index(modules[0]),
             "kinds": [layer_kind(m) for m in modules],
@@ -142,10 +144,33 @@ def tower_summary(layers: dict[str, dict[str, Any]], groups: dict[str, dict[str,
     return out
 
 
-def measured_effective_bits(layers: dict[str, dict[str, Any]]) -> float:
-    """Weight-averaged bits of the live model (independent of the solver's own figure)."""
-    total = sum(lay["num_params"] for lay in layers.values())
-    return sum(lay["num_params"] * lay["bits"] for lay in layers.values()) / total
+def measured_effective_bits(layers: dict[str, dict[str, Any]], budget_only: bool = True) -> float:
+    """Weight-averaged bits of the live model (independent of the solver's own figure).
+
+    ``budget_only``: over the layers the budget counts (as the solver does); else over every layer.
+    """
+    chosen = [lay for lay in layers.values() if lay.get("in_budget", True) or not budget_only]
+    total = sum(lay["num_params"] for lay in chosen)
+    return sum(lay["num_params"] * lay["bits"] for lay in chosen) / total if total else 16.0
+
+
+def exclusion_table(layers: dict[str, dict[str, Any]], search_setup: Any) -> dict[str, Any]:
+    """The scheme's exclusion patterns, and each excluded layer with the pattern that excluded it."""
+    from auto_quantize_model.configs.exclusions import matching_pattern
+
+    out: dict[str, Any] = {"disabled_layers": [], "cost_excluded_layers": [], "layers": {}}
+    if search_setup is None:
+        return out
+    out.update(search_setup.to_dict())
+    for lname, lay in layers.items():
+        search = matching_pattern(lname, search_setup.disabled)
+        budget = matching_pattern(lname, search_setup.cost_excluded)
+        lay["excluded_by"] = search.pattern if search else None
+        if search or budget:
+            out["layers"][lname] = {"search": search.to_dict() if search else None,
+                                    "budget": budget.to_dict() if budget else None,
+                                    "in_budget": lay["in_budget"]}
+    return out
 
 
 def autoquant_state_summary(search_state: dict[str, Any], format_names: dict[str, str]) -> dict[str, Any]:
@@ -178,6 +203,7 @@ def build_manifest(
     format_names: dict[str, str],
     format_bits: dict[str, float],
     score_cache: dict[str, Any],
+    search_setup: Any = None,
     timings: dict[str, float | None],
     artifacts: dict[str, str],
     run_id: str | None = None,
@@ -189,6 +215,10 @@ def build_manifest(
     # Modules AutoQuant did not search (e.g. convolutions it skips) are not part of the study.
     searched = {m for info in groups.values() for m in info["module_names"]}
     layers = {n: lay for n, lay in layers.items() if n in searched or lay["kind"] in KINDS_ALWAYS}
+    for lay in layers.values():
+        group = groups.get(lay["search_group"]) if lay["search_group"] else None
+        lay["in_budget"] = group is None or group["cost_weight"] > 0
+    exclusions = exclusion_table(layers, search_setup)
     target = float(scheme["effective_bits"])
     achieved = search_state["best"]["constraints"].get("effective_bits")
     satisfied = bool(search_state["best"]["is_satisfied"])
@@ -203,12 +233,16 @@ def build_manifest(
             "target": target,
             "achieved": _finite(achieved) if achieved is not None else None,
             "measured": measured_effective_bits(layers),
-            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model")),
+            "measured_all_layers": measured_effective_bits(layers, budget_only=False),
+            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model"))
+            + (f"; without {sum(not lay['in_budget'] for lay in layers.values())} cost-excluded layer(s), "
+               "see exclusions" if not all(lay["in_budget"] for lay in layers.values()) else ""),
         },
         "budget_met": satisfied and achieved is not None and achieved <= target + 1e-6,
         "num_quantized_layers": sum(1 for lay in layers.values() if lay["dtype"] != UNQUANTIZED),
         "num_layers": len(layers),
         "towers": tower_summary(layers, groups),
+        "exclusions": exclusions,
         "layers": layers,
         "layer_sensitivity": groups,
         "autoquant_state": autoquant_state_summary(search_state, format_names),

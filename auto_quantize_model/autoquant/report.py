@@ -24,8 +24,10 @@ def _top_score(info: dict[str, Any]) -> float:
     return max(scores) if scores else 0.0
 
 
-def _group_bits(info: dict[str, Any]) -> float:
+def _group_bits(info: dict[str, Any]) -> float | None:
     chosen = info["chosen_format"]
+    if not info["uncompressed_cost"]:
+        return None  # cost-excluded: outside the budget, no bits figure
     if chosen in info["candidate_formats"]:
         i = info["candidate_formats"].index(chosen)
         return 16.0 * info["costs"][i] / info["uncompressed_cost"]
@@ -59,7 +61,8 @@ def _summary(m: dict[str, Any]) -> list[str]:
 
 def _group_table(m: dict[str, Any]) -> list[str]:
     groups = m["layer_sensitivity"]
-    formats = [f for f in next(iter(groups.values()))["candidate_formats"] if f != "NONE"] if groups else []
+    # Union over groups, in candidate order: groups kept out of the search offer NONE alone.
+    formats = list(dict.fromkeys(f for info in groups.values() for f in info["candidate_formats"] if f != "NONE"))
     head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (bf16)", "bits"]
     lines = ["## Groups by sensitivity", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(groups.items(), key=lambda kv: _top_score(kv[1]), reverse=True)
@@ -103,9 +106,29 @@ def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
     return lines + [""]
 
 
+def _exclusions(m: dict[str, Any]) -> list[str]:
+    """Layers kept out of the search or the budget, each with the pattern (and its source) that did it."""
+    ex = m.get("exclusions") or {}
+    rows = ex.get("layers") or {}
+    if not rows:
+        return ["## Excluded layers", "", "None: every searchable layer was searched and counted in the budget.", ""]
+    lines = ["## Excluded layers", "",
+             f"{len(ex.get('disabled_layers', []))} search-exclusion and {len(ex.get('cost_excluded_layers', []))} "
+             "budget-exclusion patterns; layers they matched (kept BF16 if out of the search; outside the "
+             "effective-bits budget if out of the budget):", "",
+             "| layer | out of search by | out of budget by |", "|---|---|---|"]
+
+    def cell(e: dict[str, str] | None) -> str:
+        return "-" if e is None else f"`{e['pattern']}` ({e['source']})"
+
+    for name, info in rows.items():
+        lines.append(f"| `{name}` | {cell(info['search'])} | {cell(info['budget'])} |")
+    return lines + [""]
+
+
 def render_report(manifest: dict[str, Any]) -> str:
-    """Full report text: summary, groups sorted by sensitivity, per-block and per-kind roll-ups."""
-    lines = _summary(manifest) + _group_table(manifest)
+    """Full report text: summary, exclusions, groups sorted by sensitivity, per-block and per-kind roll-ups."""
+    lines = _summary(manifest) + _exclusions(manifest) + _group_table(manifest)
     if manifest["model"].get("scope") == "vision_language_model":
         lines += _rollup(manifest, "tower", "Per tower")
     lines += _rollup(manifest, "block_index", "Per block")

@@ -156,7 +156,7 @@ def run_scheme(
     cache_dir = Path(cache_dir) if cache_dir else output_dir / "autoquant_cache"
     identity = DataIdentity.of(loaded, calib)
     key = scoring_key(identity, scheme)
-    steps = effective_steps(scheme, identity.num_batches)
+    steps = effective_steps(scheme, identity.num_batches, identity.batch_size)
     formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
     t_start = time.perf_counter()
     model = loaded.model if inplace else copy.deepcopy(loaded.model)
@@ -173,13 +173,13 @@ def run_scheme(
                 warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
                 model, search_state = mtq.auto_quantize(
                     model,
-                    constraints={"effective_bits": scheme.effective_bits},
+                    constraints=scheme.search_constraints(),
                     quantization_formats=formats,
                     data_loader=calib.batches,
                     forward_step=clock.wrap_forward(forward_step),
                     # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
                     loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
-                    disabled_layers=list(scheme.disabled_layers) or None,
+                    disabled_layers=list(scheme.search_setup().disabled_layers) or None,
                     method=scheme.method,
                     checkpoint=str(entry.checkpoint),
                     verbose=False,
@@ -231,7 +231,7 @@ def _finish(
     """Manifest from the live model, then restore artifact, report and manifest on disk."""
     format_names = {format_signature(f): f for f in scheme.quantization_formats}
     format_bits = {f: format_effective_bits(f) for f in scheme.quantization_formats}
-    steps = effective_steps(scheme, len(calib.batches))
+    steps = effective_steps(scheme, len(calib.batches), calib.batch_size)
     reused = score_cache["reused"]
     best = search_state["best"]
     if not best["is_satisfied"]:
@@ -247,6 +247,7 @@ def _finish(
         search_state=search_state,
         format_names=format_names,
         format_bits=format_bits,
+        search_setup=scheme.search_setup(),
         score_cache=score_cache,
         timings=timings,
         artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},

@@ -14,7 +14,9 @@ log = logging.getLogger("autoquant")
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``autoquant run`` (shared with scripts/qwen/...)."""
-    p.add_argument("--scheme-name", required=True, help="catalog scheme (see `autoquant schemes`)")
+    p.add_argument("--scheme-name", required=True,
+                   help="catalog scheme, or a ModelOpt AutoQuantize recipe (YAML path or built-in name; "
+                   "see `autoquant schemes`)")
     p.add_argument("--model-dir", help="local Hugging Face checkpoint (required unless --report-only)")
     p.add_argument("--output-dir", required=True, help="where manifest, report and restore artifact go")
     p.add_argument("--captions-path", default=None,
@@ -48,7 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.output_dir)
     if args.report_only:
-        return _write_report(manifest_path(out, args.scheme_name))
+        return _write_report(manifest_path(out, _scheme_file_name(args.scheme_name, args.schemes_file)))
 
     from auto_quantize_model.autoquant.run import run_scheme
     from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -86,6 +88,16 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"scores {'computed' if result.scored else 'reused'}")
     print(f"manifest: {result.manifest_path}\nreport:   {result.report_path}\nrestore:  {result.restore_path}")
     return 0
+
+
+def _scheme_file_name(ref: str, schemes_file: str | None) -> str:
+    """The name a run's files carry: the scheme's own name (a recipe's file stem), else ``ref`` as given."""
+    from auto_quantize_model.configs import get_scheme
+
+    try:
+        return get_scheme(ref, schemes_file).name
+    except UserError:
+        return ref  # the missing manifest is then the error the user sees
 
 
 def _load_for_images(args: argparse.Namespace):
@@ -140,12 +152,19 @@ def cmd_schemes(args: argparse.Namespace) -> int:
         for name in available_quant_configs():
             print(f"{name}{'  (custom)' if name in CUSTOM_QUANT_CONFIGS else ''}")
         return 0
+    from auto_quantize_model.configs.recipes import builtin_auto_quantize_recipes
+
     for s in scheme_catalog(args.schemes_file).values():
+        setup = s.search_setup()
         print(f"{s.name:32} bits={s.effective_bits:<5g} formats={','.join(s.quantization_formats):22} "
-              f"method={s.method} score_steps={s.num_score_steps} calib_steps={s.num_calib_steps}"
+              f"method={s.method} score_steps={s.num_score_steps} calib_steps={s.num_calib_steps} "
+              f"excluded_patterns={len(setup.disabled)} (budget: {len(setup.cost_excluded)})"
               + (f" disabled={','.join(s.disabled_layers)}" if s.disabled_layers else ""))
         if s.description:
             print(f"    {s.description}")
+    print("ModelOpt AutoQuantize recipes (any also as --scheme-name or in a sweep's schemes; or a YAML path):")
+    for name in builtin_auto_quantize_recipes():
+        print(f"    {name}")
     return 0
 
 

@@ -189,13 +189,15 @@ def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str,
              "| trial | scheme | bits target | achieved | FP8 layers | met | scores | ppl | KL mean | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        # A trial that stands for several scheme names (same resolved experiment) is reported under all.
+        scheme = " = ".join([r["scheme"], *r.get("equivalent_schemes", [])])
         if r.get("status") != "ok":
-            lines.append(f"| {r['trial_id']} | {r['scheme']} | {r['effective_bits']:g} | - | - | - | - | - | - | "
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | - | - | - | - | - | - | "
                          f"ERROR: {str(r.get('error', ''))[:120]} |")
             continue
         ppl = f"{r['perplexity']:.4g}" if r.get("perplexity") is not None else "-"
         kl = f"{r['kl_mean']:.3g}" if r.get("kl_mean") is not None else "-"
         scores = "previous run" if r.get("from_previous_run") else ("computed" if r["scored"] else "reused")
-        lines.append(f"| {r['trial_id']} | {r['scheme']} | {r['effective_bits']:g} | {r['effective_bits_achieved']:.3f} | "
+        lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | {r['effective_bits_achieved']:.3f} | "
                      f"{r['num_fp8_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
     return "\n".join(lines) + "\n"

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.configs.schemes import scheme_catalog
+from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import read_toml, sha256_json
 
+log = logging.getLogger(__name__)
 SWEEP_SPEC_VERSION = 1
 
 
@@ -118,28 +120,85 @@ def _validate(spec: SweepSpec) -> None:
 def trial_id(settings: dict[str, Any]) -> str:
     """Readable and deterministic: ``<scheme>-b<bits>-<method>-s<steps>-<hash>``."""
     h = sha256_json(settings)[:8]
-    return f"{settings['scheme']}-b{settings['effective_bits']:g}-{settings['method']}-s{settings['num_score_steps']}-{h}"
+    steps = settings["num_score_steps"]
+    return f"{settings['scheme']}-b{settings['effective_bits']:g}-{settings['method']}-s{steps if steps else 'auto'}-{h}"
+
+
+def experiment_key(scheme: Scheme) -> str:
+    """What makes two trials one experiment: the resolved search and budget, not the scheme's name.
+
+    Formats by ModelOpt's signature (order-free: ModelOpt sorts them), method, scoring and calibration
+    steps as asked, the resolved search and budget exclusions, and the effective-bits target.
+    """
+    from auto_quantize_model.modelopt_configs import format_signature
+
+    setup = scheme.search_setup()
+    return sha256_json({
+        "formats": sorted(format_signature(f) for f in scheme.quantization_formats), "method": scheme.method,
+        "num_score_steps": scheme.num_score_steps if scheme.score_size is None else None,
+        "score_size": scheme.score_size, "num_calib_steps": scheme.num_calib_steps,
+        "disabled": sorted(setup.disabled_layers), "cost_excluded": sorted(setup.cost_excluded_layers),
+        "effective_bits": float(scheme.effective_bits),
+    })[:16]
+
+
+def _lookup(name: str, schemes_file: str | None) -> tuple[Scheme | None, str | None]:
+    """A scheme (catalog, schemes file or ModelOpt recipe) or the one-line reason it is none."""
+    try:
+        return get_scheme(name, schemes_file), None
+    except UserError as exc:
+        return None, str(exc)
 
 
 def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
-    """One dict per trial. Unknown scheme names still become trials; they fail alone, recorded."""
-    catalog = scheme_catalog(spec.schemes_file)
-    trials = []
-    seen = set()
-    for name in spec.schemes:
-        base = catalog.get(name)
+    """One dict per experiment; every trial is resolved first.
+
+    Unknown schemes and unreachable budgets still become trials; they fail alone, recorded. Two grid
+    points whose resolved search and budget are identical (``experiment_key``; e.g. top25 and top50
+    once a sweep overrides the budget) are one trial, run once, listing the other names in
+    ``equivalent_schemes``.
+    """
+    trials: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    by_experiment: dict[str, dict[str, Any]] = {}
+    for ref in spec.schemes:
+        base, _ = _lookup(ref, spec.schemes_file)
         bits_axis = spec.effective_bits or ((base.effective_bits,) if base else (16.0,))
         method_axis = spec.methods or ((base.method,) if base else ("gradient",))
-        steps_axis = spec.num_score_steps or ((base.num_score_steps,) if base else (16,))
+        # A recipe's score_size stays in charge unless the sweep sets steps (None = the scheme's own).
+        steps_axis = spec.num_score_steps or ((None if base.score_size else base.num_score_steps,) if base else (16,))
+        name = base.name if base else ref
         for bits, method, steps in itertools.product(bits_axis, method_axis, steps_axis):
-            settings = {"scheme": name, "effective_bits": float(bits), "method": method, "num_score_steps": int(steps),
+            settings = {"scheme": name, "effective_bits": float(bits), "method": method,
+                        "num_score_steps": None if steps is None else int(steps),
                         "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else 16)}
+            if name != ref:
+                settings["scheme_ref"] = ref  # a recipe path: the worker loads it again by this
             tid = trial_id(settings)
             if tid in seen:
                 continue
             seen.add(tid)
-            # Filled in by assign_scoring_keys once the workers have loaded the model and data.
-            trials.append({**settings, "trial_id": tid, "scoring_key": None})
+            resolved = None
+            if base is not None:
+                try:
+                    resolved = resolve_scheme(base, effective_bits=bits, method=method, num_score_steps=steps,
+                                              num_calib_steps=settings["num_calib_steps"])
+                except UserError:
+                    resolved = None  # the trial fails alone with this error when it runs
+            ekey = experiment_key(resolved) if resolved is not None else None
+            if ekey is not None and ekey in by_experiment:
+                first = by_experiment[ekey]
+                if name != first["scheme"] and name not in first["equivalent_schemes"]:
+                    first["equivalent_schemes"].append(name)
+                log.warning("%s at %g bits is the same experiment as %s (same formats, exclusions, method, steps "
+                            "and budget): run once, reported under both names", name, bits, first["trial_id"])
+                continue
+            # scoring_key: filled in by assign_scoring_keys once the workers have loaded the model and data.
+            trial = {**settings, "trial_id": tid, "scoring_key": None, "experiment_key": ekey,
+                     "equivalent_schemes": []}
+            if ekey is not None:
+                by_experiment[ekey] = trial
+            trials.append(trial)
     return trials
 
 

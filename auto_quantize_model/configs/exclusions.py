@@ -1,0 +1,83 @@
+"""Layer exclusions: which layers a scheme keeps out of the search and which leave the bits budget.
+
+``mtq.auto_quantize`` ignores the name-pattern disables inside a format config (``*lm_head*`` in
+``FP8_DEFAULT_CFG``): only its ``disabled_layers`` keep a layer out of the search. This module reads
+those disables from the *installed* ModelOpt's format configs (so the list cannot drift from the
+library), turns them into module-name patterns for ``disabled_layers``, and records which pattern
+excluded each layer so manifests and reports can say why a layer stayed BF16.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Where a pattern came from when it is not a format config: the scheme (or recipe) itself.
+SCHEME_SOURCE = "scheme"
+# The quantizers whose names a format config's name patterns are written against.
+_QUANTIZER_ATTRS = ("weight_quantizer", "input_quantizer")
+
+
+@dataclass(frozen=True)
+class ExclusionPattern:
+    """One module-name glob and where it came from (a format config name, or ``scheme``)."""
+
+    pattern: str
+    source: str
+
+    def to_dict(self) -> dict[str, str]:
+        """JSON-ready form for manifests."""
+        return {"pattern": self.pattern, "source": self.source}
+
+
+def _is_layer_disable(entry: Any) -> bool:
+    """A config entry that switches quantization off for layers chosen by name (not by class)."""
+    pattern = entry.get("quantizer_name")
+    if entry.get("enable", True) is not False or entry.get("parent_class") or not isinstance(pattern, str):
+        return False
+    # ``*`` is the "everything off, then enable below" base; ``*..._quantizer`` entries address one
+    # quantizer of every layer (KV cache, output), which is a format choice, not a layer exclusion.
+    return pattern != "*" and "quantizer" not in pattern
+
+
+def format_disable_patterns(config: dict[str, Any]) -> list[str]:
+    """The name-pattern disables of one format config, in the config's order (quantizer-name globs)."""
+    return [e["quantizer_name"] for e in config.get("quant_cfg", []) if isinstance(e, dict) and _is_layer_disable(e)]
+
+
+def module_patterns(quantizer_pattern: str) -> list[str]:
+    """Module-name globs that select exactly the layers whose quantizers ``quantizer_pattern`` selects.
+
+    A quantizer is named ``<module>.<attr>_quantizer``. A glob ending in ``*`` matches the module name
+    itself as well; one ending in ``.*`` (``*mlp.gate.*``, ``output.*``) addresses the module's
+    children, so the module itself needs the glob without that tail.
+    """
+    if quantizer_pattern.endswith(".*"):
+        return [quantizer_pattern, quantizer_pattern[:-2]]
+    return [quantizer_pattern]
+
+
+def format_exclusions(format_names: Iterable[str]) -> list[ExclusionPattern]:
+    """Union of the named formats' layer disables as module-name patterns, first source wins.
+
+    A layer that any candidate format excludes stays out of the search (BF16): ModelOpt's grouped
+    search cannot offer a layer only some of the formats, so the conservative union is used.
+    """
+    from auto_quantize_model.modelopt_configs import resolve_quant_config
+
+    out: dict[str, ExclusionPattern] = {}
+    for name in format_names:
+        for qpat in format_disable_patterns(resolve_quant_config(name)):
+            for mpat in module_patterns(qpat):
+                out.setdefault(mpat, ExclusionPattern(mpat, name))
+    return list(out.values())
+
+
+def matching_pattern(module_name: str, patterns: Iterable[ExclusionPattern]) -> ExclusionPattern | None:
+    """The first pattern that matches ``module_name`` the way ``mtq.auto_quantize`` matches (fnmatch)."""
+    for p in patterns:
+        if fnmatch.fnmatch(module_name, p.pattern):
+            return p
+    return None
