@@ -151,7 +151,8 @@ def test_restore_artifact_rebuilds_the_quantized_model(catalog_runs, loaded, cal
 
 def test_infeasible_budget_is_a_user_error(loaded, calib, tmp_path):
     # With every MLP disabled, its weights still count in the denominator, so 8 bits is unreachable.
-    scheme = dataclasses.replace(resolve_scheme(get_scheme("fp8_autoquant_full")), disabled_layers=("*mlp*",))
+    scheme = dataclasses.replace(resolve_scheme(get_scheme("fp8_autoquant_full")), disabled_layers=("*mlp*",),
+                                 cost_exclude_disabled=False)
     with pytest.raises(UserError, match="infeasible"):
         run_scheme(loaded, calib, scheme, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*_quant_manifest.json"))

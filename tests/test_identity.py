@@ -172,7 +172,8 @@ def test_folding_formats_rebuild_and_resolve_exactly(loaded, calib, tmp_path, fm
 
 def test_unreachable_budget_is_the_same_error_on_every_path(loaded, calib, tmp_path):
     # Old code: a UserError on a fresh search, but an ok result with budget_met false after an in-memory re-solve.
-    scheme = dataclasses.replace(_scheme(effective_bits=14.0), disabled_layers=("*mlp*",))
+    # The MLPs stay in the budget's denominator (cost_exclude_disabled off), so 8 bits cannot be reached.
+    scheme = dataclasses.replace(_scheme(effective_bits=15.0), disabled_layers=("*mlp*",), cost_exclude_disabled=False)
     session = SearchSession(loaded, calib, tmp_path / "cache")
     session.run(scheme, tmp_path / "b14")
     with pytest.raises(UserError, match="infeasible.*lowest achievable") as in_memory:
