@@ -78,8 +78,13 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     assert sum(r["scored"] for r in ok) == 2 and sum(not r["scored"] for r in ok) == 6
     assert all(r["perplexity"] > 1 and r["kl_mean"] >= 0 for r in ok)
     # Tables: one trials row per trial (failures included), 29 layer rows per ok trial, no duplicates.
+    # ... plus one row for the uniform FP8 PTQ control (all trials share calibration data and steps).
     trials = load_trials(res["tables"])
-    assert len(trials) == 15 and trials["trial_id"].is_unique
+    assert len(trials) == 16 and trials["trial_id"].is_unique
+    control = trials[trials["is_control"].fillna(False).astype(bool)]
+    assert len(control) == 1 and control["scheme"].iloc[0] == "uniform_fp8_ptq"
+    assert control["kl_mean"].iloc[0] > 0 and control["num_fp8_layers"].iloc[0] == 28
+    assert control["reference_dtype"].iloc[0] == "float32"
     assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
     assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()
     layers = load_layers(res["tables"])
@@ -89,6 +94,13 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
         assert (trial_dir / f"{r['scheme']}_quant_manifest.json").is_file()
         assert (trial_dir / "layer-sensitivity-report.md").is_file() and (trial_dir / "result.json").is_file()
     assert "scoring passes per key" in (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    # `analyze` on the sweep directory finds the control record and reports it.
+    from auto_quantize_model.analysis.report import analyze
+
+    ana = analyze([res["sweep_dir"]], tmp_path / "ana")
+    text = ana["report"].read_text()
+    assert "### Control: uniform FP8 PTQ" in text and "float32" in text
+    assert load_trials(tmp_path / "ana" / "tables")["is_control"].fillna(False).astype(bool).sum() == 1
     with pytest.raises(UserError, match="already exists"):
         run_sweep(spec)
 
