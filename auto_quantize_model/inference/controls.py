@@ -82,7 +82,8 @@ def build_uniform_ptq(
     steps = len(calib.batches) if num_calib_steps is None else min(num_calib_steps, len(calib.batches))
     batches = calib.batches[:steps]
     t = time.perf_counter()
-    model = copy.deepcopy(loaded.model)
+    # The sweep worker may keep its pristine model in pinned host memory: compute where the batches are.
+    model = copy.deepcopy(loaded.model).to(loaded.device)
 
     def forward_loop(m: nn.Module) -> None:
         for batch in batches:
