@@ -215,5 +215,6 @@ def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "16 trials (16 ok)" in out and "scoring passes per key" in out
     assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
-    assert len(load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")) == 16
+    trials = load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")
+    assert len(trials) == 17 and trials["is_control"].fillna(False).astype(bool).sum() == 1  # 16 + the control
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0  # a second run resumes, no error
