@@ -124,3 +124,14 @@ def test_seed_variance_table_when_seeds_repeat(loaded, tmp_path):
     # One seed only: the section says so instead of a table.
     one = analyze([str(tmp_path / "seed0")], tmp_path / "one")
     assert "No setting was scored with more than one calibration seed" in one["report"].read_text()
+
+
+def test_calibration_defaults_follow_hf_ptq_and_sweep_takes_chat_template():
+    from auto_quantize_model.cli import build_parser
+    from auto_quantize_model.sweep.spec import load_sweep_spec
+
+    spec = load_sweep_spec(None, {"name": "s", "model_dir": "m", "chat_template": True})
+    assert (spec.max_calib_samples, spec.batch_size, spec.calib_seq_len) == (1024, 8, 512)
+    assert spec.chat_template is True and spec.to_dict()["chat_template"] is True
+    args = build_parser().parse_args(["run", "--scheme-name", "x", "--output-dir", "o", "--chat-template"])
+    assert (args.max_calib_samples, args.batch_size, args.calib_seq_len, args.chat_template) == (1024, 8, 512, True)
