@@ -87,8 +87,13 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     assert sum(r["scored"] for r in ok) == 2 and sum(not r["scored"] for r in ok) == 2
     assert all(r["perplexity"] > 1 and r["kl_mean"] >= 0 for r in ok)
     # Tables: one trials row per trial (failures included), 29 layer rows per ok trial, no duplicates.
+    # ... plus one row for the uniform FP8 PTQ control (all trials share calibration data and steps).
     trials = load_trials(res["tables"])
-    assert len(trials) == 11 and trials["trial_id"].is_unique
+    assert len(trials) == 12 and trials["trial_id"].is_unique
+    control = trials[trials["is_control"].fillna(False).astype(bool)]
+    assert len(control) == 1 and control["scheme"].iloc[0] == "uniform_fp8_ptq"
+    assert control["kl_mean"].iloc[0] > 0 and control["num_fp8_layers"].iloc[0] == 28
+    assert control["reference_dtype"].iloc[0] == "float32"
     assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
     assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()
     layers = load_layers(res["tables"])
@@ -98,6 +103,13 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
         assert (trial_dir / f"{r['scheme']}_quant_manifest.json").is_file()
         assert (trial_dir / "layer-sensitivity-report.md").is_file() and (trial_dir / "result.json").is_file()
     assert "scoring passes per key" in (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    # `analyze` on the sweep directory finds the control record and reports it.
+    from auto_quantize_model.analysis.report import analyze
+
+    ana = analyze([res["sweep_dir"]], tmp_path / "ana")
+    text = ana["report"].read_text()
+    assert "### Control: uniform FP8 PTQ" in text and "float32" in text
+    assert load_trials(tmp_path / "ana" / "tables")["is_control"].fillna(False).astype(bool).sum() == 1
     with pytest.raises(UserError, match="already exists"):
         run_sweep(spec)
 
@@ -212,5 +224,6 @@ def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 trials (12 ok)" in out and "scoring passes per key" in out
     assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
-    assert len(load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")) == 12
+    trials = load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")
+    assert len(trials) == 13 and trials["is_control"].fillna(False).astype(bool).sum() == 1  # 12 + the control
     assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0  # a second run resumes, no error

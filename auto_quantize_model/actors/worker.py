@@ -48,7 +48,7 @@ class ModelWorker:
         self.calib = build_calibration_set(
             self.loaded.tokenizer, read_captions(self.spec.captions_path), max_samples=self.spec.max_calib_samples,
             batch_size=self.spec.batch_size, seq_len=self.spec.calib_seq_len, seed=self.spec.seed,
-            device=self.loaded.device,
+            device=self.loaded.device, chat_template=self.spec.chat_template,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
         # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
@@ -169,6 +169,7 @@ class ModelWorker:
         from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
         from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
+        from auto_quantize_model.inference.controls import evaluate_control
 
         t0 = time.perf_counter()
         tid = trial["trial_id"]
@@ -196,6 +197,9 @@ class ModelWorker:
             ev = evaluate_run(result.model, reference, self.eval_data, result.manifest)
             write_evaluation(trial_dir, ev)
             metrics = ev["metrics"]
+            # The uniform FP8 PTQ control, once per calibration-step count (a record on disk is reused).
+            evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial["num_calib_steps"],
+                             out["trials"], out["tables"], self.spec.name)
             eval_s = time.perf_counter() - t
         m = result.manifest
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path),

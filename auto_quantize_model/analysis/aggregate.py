@@ -82,6 +82,28 @@ def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]
     return src, trial_id, None
 
 
+def _controls(sources: list[str], tables_root: str) -> dict[str, str]:
+    """Control records (``*_control.json``, the sweep's uniform-PTQ control) under source directories:
+    each becomes a trials row with ``is_control`` true."""
+    from auto_quantize_model.analysis.tables import control_trials_table, write_table_file
+    from auto_quantize_model.inference.controls import CONTROL_NAME, CONTROL_SUFFIX
+
+    out: dict[str, str] = {}
+    for src in sources:
+        if not Path(src).is_dir():
+            continue
+        for f in sorted(Path(src).rglob(f"*{CONTROL_SUFFIX}")):
+            try:
+                record = json.loads(f.read_text(encoding="utf-8"))
+                table = control_trials_table(record, str(f))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable control record %s (%s)", f, exc.__class__.__name__)
+                continue
+            write_table_file(tables_root, "trials", CONTROL_NAME, record["trial_id"], table)
+            out[str(f)] = record["trial_id"]
+    return out
+
+
 def aggregate(sources: list[str], tables_root: str | Path, workers: int = 1) -> dict[str, Any]:
     """Build or refresh the tables from manifests. Returns counts, trial ids and skipped sources."""
     found = find_manifest_files(sources)
@@ -98,6 +120,8 @@ def aggregate(sources: list[str], tables_root: str | Path, workers: int = 1) -> 
             skipped.append((src, error or "invalid"))
         else:
             trial_ids[src] = trial_id
+    for src, trial_id in _controls(sources, root).items():
+        trial_ids[src] = trial_id
     for src, reason in skipped:
         log.warning("skipped %s: %s", src, reason)
     if not trial_ids:

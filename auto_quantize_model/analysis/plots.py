@@ -51,10 +51,12 @@ def plot_inclusion(layers: pd.DataFrame, out: Path) -> Path:
 
 
 def plot_pareto(trials: pd.DataFrame, out: Path) -> Path:
-    """Total sensitivity score (and KL when measured) against achieved bits, Pareto front marked."""
+    """Total sensitivity score (and KL when measured) against achieved bits, Pareto front of the
+    AutoQuant trials marked; the uniform FP8 PTQ control (KL panel) as a red star."""
+    controls, trials = summaries.split_controls(trials)
     metrics = [("total_score", "total AutoQuant score")]
     if "kl_mean" in trials and trials["kl_mean"].notna().any():
-        metrics.append(("kl_mean", "mean KL vs BF16"))
+        metrics.append(("kl_mean", f"mean KL vs unquantized ({summaries.reference_label(trials)})"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     for ax, (col, label) in zip(axes[0], metrics):
         ok = trials.dropna(subset=["effective_bits_achieved", col])
@@ -62,6 +64,10 @@ def plot_pareto(trials: pd.DataFrame, out: Path) -> Path:
             ax.scatter(sub["effective_bits_achieved"], sub[col], label=scheme, s=25)
         front = summaries.pareto_front(ok, y=col)
         ax.plot(front["effective_bits_achieved"], front[col], "k--", lw=1, label="Pareto front")
+        ctl = controls.dropna(subset=["effective_bits_achieved", col]) if col in controls else controls.iloc[0:0]
+        if not ctl.empty:
+            ax.scatter(ctl["effective_bits_achieved"], ctl[col], marker="*", s=180, c="red", edgecolors="k",
+                       zorder=5, label="uniform FP8 PTQ (control)")
         ax.set_xlabel("achieved effective bits")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

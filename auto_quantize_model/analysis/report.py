@@ -60,7 +60,19 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
     ]
     if agg["skipped"]:
         lines += ["Skipped:", ""] + [f"- `{s}`: {r}" for s, r in agg["skipped"]] + [""]
-    lines += ["## Trials", "", _md(trials[trial_cols].sort_values(["scheme", "effective_bits_target"]))]
+    controls, searched = summaries.split_controls(trials)
+    ref = summaries.reference_label(trials)
+    lines += ["## Trials", "", f"Evaluation metrics are against the unquantized checkpoint as loaded ({ref}).", "",
+              _md(searched[trial_cols].sort_values(["scheme", "effective_bits_target"]))]
+    if not controls.empty:
+        ctl_cols = [c for c in ("trial_id", "quantization_formats", "effective_bits_achieved", "num_fp8_layers",
+                                "num_layers", "num_calib_steps", "perplexity", "kl_mean", "top1_agreement")
+                    if c in controls]
+        lines += ["### Control: uniform FP8 PTQ", "",
+                  "`mtq.quantize` with ModelOpt's format config as shipped (its name-pattern exclusions, e.g. "
+                  "`*lm_head*`, stay unquantized), calibrated on the same calibration batches. An AutoQuant trial "
+                  "beats it when it has lower KL at no more effective bits (red star in the Pareto plot).", "",
+                  _md(controls[ctl_cols])]
     lines += ["## Most sensitive groups per scheme", ""]
     for scheme, sub in layers.groupby("scheme", observed=True):
         top = (sub.groupby("search_group", observed=True)["sensitivity"].mean().nlargest(8).reset_index())
@@ -73,6 +85,17 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
     lines += ["## Rank agreement of layer sensitivity", "",
               "Between scoring configurations (distinct formats, method, calibration data or steps); Spearman over "
               "search groups and overlap of the top 25% most sensitive groups.", "", _md(agreement)]
+    seeds = summaries.seed_variance(layers, trials)
+    lines += ["## Seed variance of sensitivity rankings", ""]
+    if seeds.empty:
+        lines += ["No setting was scored with more than one calibration seed; repeat a sweep (or runs) with a "
+                  "different `seed` to measure how much the ranking depends on the calibration sample.", ""]
+    else:
+        lines += ["Same scheme, method, formats, steps, sample count and chat-template setting, different "
+                  "calibration seed: Spearman and top-25% overlap of group sensitivity between the two seeds, and "
+                  "the median coefficient of variation of a group's score across all seeds of the setting. "
+                  "Rank differences between scoring configurations smaller than these are within seed noise.", "",
+                  _md(seeds)]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made] + [""]
     report = atomic_write_text(out / "analysis.md", "\n".join(lines))
     log.info("analysis of %d trials: tables %.2fs, total %.2fs", agg["num_trials"], t_tables, time.perf_counter() - t0)

@@ -64,6 +64,8 @@ def scoring_configs(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     cols = {}
     for _, row in t.iterrows():
         label = f"{row['scheme']} / {row['method']} / n={row['calib_num_samples']} / steps={row['num_score_steps']}"
+        if "calib_seed" in row and pd.notna(row["calib_seed"]) and row["calib_seed"]:
+            label += f" / seed={int(row['calib_seed'])}"
         sub = layers[layers["trial_id"] == row["trial_id"]]
         cols[label] = sub.groupby("search_group")["sensitivity"].first()
     return pd.DataFrame(cols)
@@ -84,3 +86,61 @@ def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.Data
                      "spearman": spearman(list(both[a]), list(both[b])),
                      "top_k": k, "top_k_overlap": len(top_a & top_b) / k})
     return pd.DataFrame(rows, columns=["config_a", "config_b", "groups", "spearman", "top_k", "top_k_overlap"])
+
+
+def split_controls(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(control rows, AutoQuant trial rows); tables written before controls existed have no controls."""
+    if "is_control" not in trials:
+        return trials.iloc[0:0], trials
+    is_ctl = trials["is_control"].fillna(False).astype(bool)
+    return trials[is_ctl], trials[~is_ctl]
+
+
+def reference_label(trials: pd.DataFrame) -> str:
+    """What the unquantized reference ran in (``BF16``, ``float32``, ...), from the trials' model dtype."""
+    from auto_quantize_model.models.loading import reference_label as label
+
+    if "reference_dtype" not in trials:
+        return "unknown dtype"
+    dtypes = sorted({label(d) for d in trials["reference_dtype"].dropna()})
+    return "/".join(dtypes) or "unknown dtype"
+
+
+SEED_SETTING = ("scheme", "method", "quantization_formats", "num_score_steps", "num_calib_steps",
+                "calib_num_samples", "calib_chat_template", "model_id")
+
+
+def seed_variance(layers: pd.DataFrame, trials: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
+    """For every setting scored with two or more calibration seeds: pairwise Spearman and top-k overlap
+    of group sensitivity between seeds, plus the median coefficient of variation of group scores.
+
+    A setting is everything that decides a scoring pass except the seed (``SEED_SETTING``).
+    """
+    from auto_quantize_model.inference.metrics import spearman
+
+    cols = ["setting", "seed_a", "seed_b", "groups", "spearman", "top_k", "top_k_overlap", "median_cv"]
+    _, t = split_controls(trials)
+    need = [c for c in SEED_SETTING if c in t] + ["calib_seed", "trial_id", "score_cache_key"]
+    if "calib_seed" not in t:
+        return pd.DataFrame(columns=cols)
+    t = t.dropna(subset=["calib_seed", "score_cache_key"])[need].drop_duplicates("score_cache_key")
+    rows = []
+    keys = [c for c in SEED_SETTING if c in t]
+    for setting, sub in t.groupby(keys, observed=True, dropna=False):
+        sub = sub.drop_duplicates("calib_seed")
+        if len(sub) < 2:
+            continue
+        scores = pd.DataFrame({int(r.calib_seed): layers[layers["trial_id"] == r.trial_id]
+                               .groupby("search_group")["sensitivity"].first() for r in sub.itertuples()})
+        cv = (scores.std(axis=1) / scores.mean(axis=1).abs()).median()
+        label = " / ".join(str(v) for v in (setting[:3] + setting[3:6]))
+        for a, b in itertools.combinations(scores.columns, 2):
+            both = scores[[a, b]].dropna()
+            if len(both) < 3:
+                continue
+            k = max(1, round(top_fraction * len(both)))
+            top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
+            rows.append({"setting": label, "seed_a": a, "seed_b": b, "groups": len(both),
+                         "spearman": spearman(list(both[a]), list(both[b])), "top_k": k,
+                         "top_k_overlap": len(top_a & top_b) / k, "median_cv": float(cv)})
+    return pd.DataFrame(rows, columns=cols)

@@ -81,6 +81,11 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("manifest_path", pa.string()),
         pa.field("equivalent_schemes", pa.string()),
         pa.field("written_at", pa.float64()),
+        # Added for the uniform-FP8 control, honest reference labels and seed-variance checks.
+        pa.field("is_control", pa.bool_()),
+        pa.field("reference_dtype", pa.string()),
+        pa.field("calib_seed", pa.int64()),
+        pa.field("calib_chat_template", pa.bool_()),
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
@@ -189,7 +194,28 @@ def trials_table(
         # Other scheme names whose resolved search and budget are this trial's (run once, see sweep/spec.py).
         "equivalent_schemes": equivalent_schemes or None,
         "written_at": time.time(),
+        "is_control": False,
+        "reference_dtype": m["model"].get("dtype"),
+        "calib_seed": m["calibration"].get("seed"),
+        "calib_chat_template": bool(m["calibration"].get("chat_template")),
     }
+    return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
+
+
+def control_trials_table(record: dict[str, Any], manifest_path: str | None = None) -> pa.Table:
+    """The trials row of a uniform-PTQ control record (``*_control.json``, see inference/controls.py):
+    ``is_control`` true, no target bits, no scores; achieved bits are the control's measured bits."""
+    c, metrics = record["control"], record.get("metrics") or {}
+    row = {f.name: None for f in TRIALS_SCHEMA}
+    row.update({
+        "sweep_id": record.get("sweep_id"), "trial_id": record["trial_id"],
+        "effective_bits_achieved": c["effective_bits"], "calibration_hash": c["calibration_hash"],
+        "model_id": record["model"]["config_hash"], "quantization_formats": c["quant_format"],
+        "num_calib_steps": c["num_calib_steps"], "model_path": record["model"]["path"],
+        "num_fp8_layers": c["num_quantized_layers"], "num_layers": c["num_layers"],
+        **{k: metrics.get(k) for k in METRICS}, "status": "ok", "manifest_path": manifest_path,
+        "written_at": time.time(), "is_control": True, "reference_dtype": record["model"].get("dtype"),
+    })
     return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
 
 

@@ -38,15 +38,24 @@ def _summary(m: dict[str, Any]) -> list[str]:
     s, eb, cal, mod = m["scheme"], m["effective_bits"], m["calibration"], m["model"]
     t = m["timings"]
     cache = m.get("score_cache", {})
+    unq = mod.get("reference_label", "BF16")
+    use = cal.get("usage")
+    used = (f"; ModelOpt calibrated on {use['calibrate']['samples']} samples ({use['calibrate']['tokens']} tokens, "
+            f"{use['calibrate']['steps']} steps) and scored on {use['score']['samples']} samples "
+            f"({use['score']['tokens']} tokens, {use['score']['steps']} steps)") if use else ""
+    chat = cal.get("chat_template")
+    wrapped = (f"; each caption wrapped in the checkpoint's chat template as the assistant's reply to "
+               f"\"{chat['user_prompt']}\"") if chat else "; raw captions (no chat template)"
     return [
         f"# Layer sensitivity: {s['name']}",
         "",
         f"- Model: `{mod['path']}` ({mod['architecture']}, config `{mod['config_hash'][:12]}`), "
         f"{mod['parameter_counts'].get('searchable_linear_weights', 0):,} searchable LM linear weights",
-        f"- Formats: {', '.join(s['quantization_formats'])} or BF16; method `{s['method']}`, "
+        f"- Formats: {', '.join(s['quantization_formats'])} or unquantized ({unq}); method `{s['method']}`, "
         f"{s['num_calib_steps']} calibration / {s['num_score_steps']} scoring batches",
         f"- Calibration: {cal['num_samples']} captions from `{cal['source_path']}` "
-        f"(batch {cal['batch_size']}, max length {cal['seq_len']}, seed {cal['seed']}, {cal['num_tokens']} tokens)",
+        f"(batch {cal['batch_size']}, max length {cal['seq_len']}, seed {cal['seed']}, {cal['num_tokens']} tokens)"
+        f"{used}{wrapped}",
         f"- Effective bits: target {_fmt(eb['target'])}, achieved {_fmt(eb['achieved'])}, measured on the "
         f"quantized model {_fmt(eb['measured'])}; budget met: **{'yes' if m['budget_met'] else 'NO'}**",
         f"- Quantized layers: {m['num_quantized_layers']} of {m.get('num_layers', len(m['layers']))}",
@@ -54,16 +63,20 @@ def _summary(m: dict[str, Any]) -> list[str]:
         f"(key `{cache.get('key', '?')}`); total time {_fmt(t.get('total'), '.2f')} s",
         "",
         "Higher score = more sensitive: the loss increase estimated for quantizing that group. Scores are "
-        "comparable within a run, not across runs with different data sizes or step counts.",
+        "comparable within a run, not across runs with different data sizes or step counts: each is a sum over "
+        "scoring steps and over the group's member modules, clamped by ModelOpt to be non-increasing along the "
+        "candidate list (docs/manifest.md). Costs and effective bits count an unquantized weight as 16 bits "
+        f"whatever dtype the reference runs in ({unq} here).",
         "",
     ]
 
 
 def _group_table(m: dict[str, Any]) -> list[str]:
     groups = m["layer_sensitivity"]
+    unq = m["model"].get("reference_label", "BF16")
     # Union over groups, in candidate order: groups kept out of the search offer NONE alone.
     formats = list(dict.fromkeys(f for info in groups.values() for f in info["candidate_formats"] if f != "NONE"))
-    head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (bf16)", "bits"]
+    head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (16-bit units)", "bits"]
     lines = ["## Groups by sensitivity", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(groups.items(), key=lambda kv: _top_score(kv[1]), reverse=True)
     for rank, (name, info) in enumerate(ordered, 1):
@@ -71,7 +84,7 @@ def _group_table(m: dict[str, Any]) -> list[str]:
         chosen = info["chosen_format"]
         row = [
             str(rank), f"`{name}`", "-" if info["block_index"] is None else str(info["block_index"]),
-            "/".join(info["kinds"]), "BF16" if chosen == "NONE" else f"**{chosen}**",
+            "/".join(info["kinds"]), unq if chosen == "NONE" else f"**{chosen}**",
             *[_fmt(scores.get(f)) for f in formats], f"{info['uncompressed_cost']:,.0f}", _fmt(_group_bits(info), ".1f"),
         ]
         lines.append("| " + " | ".join(row) + " |")

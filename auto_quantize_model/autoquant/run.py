@@ -27,7 +27,7 @@ from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.configs.schemes import Scheme
-from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet
+from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet, usage
 from auto_quantize_model.datasets.image_captions import ImageCalibrationSet
 from auto_quantize_model.errors import UserError, check_output_dir
 from auto_quantize_model.io_utils import atomic_write_text
@@ -242,7 +242,7 @@ def _finish(
     manifest = build_manifest(
         scheme=scheme.to_dict() | steps,
         model_info=loaded.describe(),
-        calibration=calib.describe(),
+        calibration={**calib.describe(), "usage": usage(calib, steps["num_calib_steps"], steps["num_score_steps"])},
         model=model,
         search_state=search_state,
         format_names=format_names,

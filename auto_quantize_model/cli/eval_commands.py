@@ -67,7 +67,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir)
     settings = EvalSettings(max_samples=args.max_eval_samples, batch_size=args.batch_size, seq_len=args.seq_len,
                             seed=args.seed, max_new_tokens=args.max_new_tokens,
-                            chat_template=not args.no_chat_template)
+                            chat_template=not args.no_chat_template, control=not args.no_control)
     for flag, value in (("max-eval-samples", settings.max_samples), ("batch-size", settings.batch_size),
                         ("seq-len", settings.seq_len), ("max-new-tokens", settings.max_new_tokens)):
         check_positive(flag, value)
@@ -94,7 +94,7 @@ def register(sub) -> None:
     _add_generation_arguments(p)
     p.add_argument("--bf16", action="store_true", help="run the unquantized model instead")
     p.set_defaults(func=cmd_infer)
-    p = sub.add_parser("compare", help="evaluate runs against BF16 on held-out captions")
+    p = sub.add_parser("compare", help="evaluate runs and the uniform FP8 control against the unquantized model")
     p.add_argument("runs", nargs="+", help="run directories (or manifest files)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--eval-captions", required=True, help="held-out captions (.txt, COCO .json, .jsonl) or 'demo'")
@@ -103,5 +103,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the uniform FP8 PTQ control (it needs the first run's calibration captions)")
     _add_generation_arguments(p)
     p.set_defaults(func=cmd_compare)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from auto_quantize_model.cli.common import check_output_dir
+from auto_quantize_model.datasets.calibration import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 from auto_quantize_model.errors import UserError, check_positive
 
 log = logging.getLogger("autoquant")
@@ -22,9 +23,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--captions-path", default=None,
                    help="captions: .txt (one per line), COCO captions JSON, or JSONL; 'demo' = embedded demo set "
                    "(default: datasets/vlm-quantize-calib/coco2017_captions.txt)")
-    p.add_argument("--max-calib-samples", type=int, default=64, help="captions used (default 64)")
-    p.add_argument("--batch-size", type=int, default=4, help="captions per batch (default 4)")
-    p.add_argument("--calib-seq-len", type=int, default=256, help="max tokens per caption (default 256)")
+    p.add_argument("--max-calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                   help=f"captions drawn (default {DEFAULT_CALIB_SAMPLES}, ModelOpt hf_ptq's calibration size; "
+                   "fewer if the file holds fewer); the scheme's steps decide how many batches are read")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"captions per batch (default {DEFAULT_BATCH_SIZE}: 16 scoring steps read 128 samples)")
+    p.add_argument("--calib-seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"max tokens per caption (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each caption in the checkpoint's chat template as the assistant's reply "
+                   "(recorded in the manifest)")
     p.add_argument("--effective-bits", type=float, default=None, help="override the scheme's budget")
     p.add_argument("--auto-quantize-method", choices=("gradient", "kl_div"), default=None, help="override the method")
     p.add_argument("--num-score-steps", type=int, default=None, help="override scoring batches")
@@ -79,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
         calib = build_calibration_set(
             loaded.tokenizer, captions, max_samples=args.max_calib_samples, batch_size=args.batch_size,
-            seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device,
+            seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device, chat_template=args.chat_template,
         )
     result = run_scheme(loaded, calib, scheme, out, cache_dir=args.cache_dir, inplace=True)
     m = result.manifest

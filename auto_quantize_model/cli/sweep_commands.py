@@ -39,6 +39,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
         "evaluate": True if args.evaluate else None, "eval_captions": args.eval_captions,
         "schemes_file": args.schemes_file, "max_failures": args.max_failures,
+        "chat_template": True if args.chat_template else None,
     }
     spec = load_sweep_spec(args.config, overrides)
     res = run_sweep(spec, resume=args.resume)
@@ -78,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--calib-seq-len", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--evaluate", action="store_true", help="perplexity/KL vs BF16 for every trial")
+    p.add_argument("--chat-template", action="store_true", help="wrap captions in the checkpoint's chat template")
+    p.add_argument("--evaluate", action="store_true", help="perplexity/KL vs the unquantized model, and the uniform FP8 control, for every trial")
     p.add_argument("--eval-captions", help="held-out captions for --evaluate (default: the calibration source)")
     p.add_argument("--schemes-file")
     p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (default 2)")

@@ -4,6 +4,13 @@ Each batch is a dict of ``input_ids``, ``attention_mask`` and ``labels`` (pad po
 they never enter the loss). Batches are padded to the longest caption in the batch, capped at
 ``seq_len``, and live on the model's device so ``auto_quantize`` can iterate them twice (calibration,
 then scoring) without host-to-device copies.
+
+With ``chat_template`` each caption becomes the assistant's answer to a short user request, rendered
+by the checkpoint's own chat template: the text distribution the LM sees when it captions in use
+(system prompt, role markers), rather than bare caption text.
+
+Defaults follow ModelOpt's ``hf_ptq`` example (1024 samples x 512 tokens; scoring on 128 samples) as
+far as the data allows; the demo and the tests pass small explicit values.
 """
 
 from __future__ import annotations
@@ -15,10 +22,14 @@ from typing import Any
 import torch
 
 from auto_quantize_model.datasets.captions import CaptionSource
-from auto_quantize_model.errors import check_positive
+from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
 IGNORE_INDEX = -100
+DEFAULT_CALIB_SAMPLES = 1024  # hf_ptq's --calib_size default for auto_quantize runs
+DEFAULT_SEQ_LEN = 512  # hf_ptq's calibration max length (captions are far shorter: a cap, not padding)
+DEFAULT_BATCH_SIZE = 8  # with a scheme's 16 scoring steps: 128 scored samples, hf_ptq's score size
+CHAT_USER_PROMPT = "Describe this image in one sentence."
 
 
 @dataclass
@@ -34,6 +45,7 @@ class CalibrationSet:
     token_hash: str
     num_tokens: int
     sample_indices: list[int]
+    chat_template: dict[str, Any] | None = None  # None: raw captions
 
     @property
     def captions(self) -> list[str]:
@@ -53,10 +65,38 @@ class CalibrationSet:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "chat_template": self.chat_template,
             "dropped": dict(self.source.dropped),
             # Short hashes of the captions used, so evaluation can refuse to score on calibration data.
             "caption_hashes": [caption_hash(c) for c in self.captions],
         }
+
+
+def usage(calib: Any, num_calib_steps: int, num_score_steps: int) -> dict[str, Any]:
+    """Samples and non-pad tokens ModelOpt really reads: it calibrates on the first ``num_calib_steps``
+    batches and scores on the first ``num_score_steps`` (``zip(range(n), data_loader)``)."""
+
+    def take(n: int) -> dict[str, int]:
+        batches = calib.batches[:n]
+        return {"steps": len(batches), "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
+                "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+
+    return {"calibrate": take(num_calib_steps), "score": take(num_score_steps)}
+
+
+def wrap_in_chat_template(tokenizer: Any, caption: str, user_prompt: str = CHAT_USER_PROMPT) -> str:
+    """The caption as the assistant's reply to ``user_prompt``, in the checkpoint's chat template."""
+    messages = [{"role": "user", "content": user_prompt}, {"role": "assistant", "content": caption}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _chat_template_info(tokenizer: Any, user_prompt: str) -> dict[str, Any]:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError("the checkpoint's tokenizer has no chat template; drop --chat-template (or chat_template "
+                        "in the sweep config) to calibrate on raw captions")
+    return {"user_prompt": user_prompt, "role": "assistant",
+            "template_hash": sha256_bytes(str(template).encode("utf-8"))[:16]}
 
 
 def caption_hash(text: str) -> str:
@@ -73,9 +113,12 @@ def build_calibration_set(
     seq_len: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    chat_template: bool = False,
 ) -> CalibrationSet:
-    """Shuffle with ``seed``, keep ``max_samples`` captions, tokenize and batch them."""
+    """Shuffle with ``seed``, keep ``max_samples`` captions, optionally wrap each in the chat template,
+    tokenize and batch them."""
     check_positive("max-calib-samples", max_samples)
+    chat = _chat_template_info(tokenizer, CHAT_USER_PROMPT) if chat_template else None
     check_positive("batch-size", batch_size)
     check_positive("calib-seq-len", seq_len)
     order = list(range(len(source.captions)))
@@ -86,6 +129,8 @@ def build_calibration_set(
     num_tokens = 0
     for start in range(0, len(chosen), batch_size):
         texts = [source.captions[i] for i in chosen[start : start + batch_size]]
+        if chat:
+            texts = [wrap_in_chat_template(tokenizer, t) for t in texts]
         enc = tokenizer(
             texts, return_tensors="pt", padding="longest", truncation=True, max_length=seq_len,
             padding_side="right",
@@ -105,4 +150,5 @@ def build_calibration_set(
         token_hash=sha256_bytes(b"".join(digest_parts)),
         num_tokens=num_tokens,
         sample_indices=chosen,
+        chat_template=chat,
     )

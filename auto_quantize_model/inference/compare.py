@@ -1,4 +1,7 @@
-"""Evaluate runs against the BF16 reference on held-out captions; write comparison.json and .md.
+"""Evaluate runs against the unquantized reference on held-out captions; write comparison.json and .md.
+
+The reference is the checkpoint in the dtype it was loaded in (BF16 on GPU, float32 on CPU; the
+tables say which). Beside it, every comparison carries the uniform FP8 PTQ control (controls.py).
 
 ``evaluate_run`` is what a sweep worker calls with a model already in memory; ``compare_runs`` is the
 ``autoquant compare`` job: one reference, many runs, one table.
@@ -46,6 +49,7 @@ class EvalSettings:
     seed: int = 0
     max_new_tokens: int = 24
     chat_template: bool = True
+    control: bool = True  # evaluate the uniform FP8 PTQ control beside the runs
 
 
 def held_out_source(source: CaptionSource, manifests: list[dict[str, Any]]) -> tuple[CaptionSource, dict[str, int]]:
@@ -101,7 +105,8 @@ def compare_runs(
     settings: EvalSettings,
     prompts: tuple[str, ...] | list[str] = DEFAULT_PROMPTS,
 ) -> dict[str, Any]:
-    """Evaluate the BF16 reference and every run on the same held-out data and prompts."""
+    """Evaluate the unquantized reference, the uniform FP8 control and every run on the same held-out
+    data and prompts."""
     source, overlap = held_out_source(eval_source, [r.manifest for r in runs])
     data = build_calibration_set(loaded.tokenizer, source, max_samples=settings.max_samples,
                                  batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed,
@@ -110,6 +115,7 @@ def compare_runs(
     prompt_ids = encode_prompts(tok, list(prompts), settings.chat_template)
     ref_gen = _generations(loaded.model, tok, prompt_ids, settings)
     reference = evaluate_against_reference(loaded.model, loaded.model, data.batches)
+    control = _control_row(loaded, runs[0].manifest, data, tok, prompt_ids, ref_gen, settings) if settings.control else None
     rows = []
     for run in runs:
         model = build_quantized_model(loaded, run)
@@ -142,10 +148,27 @@ def compare_runs(
         "prompts": list(prompts),
         "reference": {"metrics": {"perplexity": reference["reference_perplexity"], "num_tokens": reference["num_tokens"]},
                       "generations": [{"token_ids": g, "text": tok.decode(g, skip_special_tokens=True)} for g in ref_gen]},
+        "control": control,
         "runs": rows,
         "versions": versions(),
         "git_revision": git_revision(),
     }
+
+
+def _control_row(loaded: LoadedModel, manifest: dict[str, Any], data: CalibrationSet, tok: Any,
+                 prompt_ids: list[list[int]], ref_gen: list[list[int]], settings: EvalSettings) -> dict[str, Any]:
+    """Uniform FP8 PTQ calibrated on the first run's calibration data and steps, evaluated like a run."""
+    from auto_quantize_model.inference.controls import build_uniform_ptq, calibration_from_manifest
+
+    calib = calibration_from_manifest(loaded, manifest)
+    control = build_uniform_ptq(loaded, calib, manifest["scheme"].get("num_calib_steps"))
+    result = evaluate_run(control.model, loaded.model, data)
+    gens = _generations(control.model, tok, prompt_ids, settings)
+    log.info("compared control %s: ppl %.4g, KL mean %.3g", control.name, result["metrics"]["perplexity"],
+             result["metrics"]["kl_mean"])
+    return {**control.describe(), **result,
+            "generations": [{"token_ids": g, "text": tok.decode(g, skip_special_tokens=True),
+                             "first_divergence": first_divergence(r, g)} for r, g in zip(ref_gen, gens)]}
 
 
 def _marked(tokenizer: Any, ids: list[int], at: int | None) -> str:
@@ -159,17 +182,26 @@ def _marked(tokenizer: Any, ids: list[int], at: int | None) -> str:
 def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
     """comparison.md: metrics table, generations side by side, error against sensitivity."""
     ev = comp["evaluation"]
+    ref = comp["model"].get("reference_label", "BF16")
+    ctl = comp.get("control")
     lines = [
         "# Cross-scheme comparison",
         "",
         f"Held-out captions: {ev['num_samples']} from `{ev['source_path']}` ({ev['num_tokens']} tokens, "
         f"seed {ev['seed']}); {ev['dropped_calibration_captions']} captions were dropped because a run "
-        "calibrated on them. KL is KL(BF16 || run) of next-token distributions, per token.",
+        f"calibrated on them. KL is KL({ref} || run) of next-token distributions, per token. The reference is the "
+        f"unquantized checkpoint as loaded ({ref}).",
         "",
         "| run | scheme | bits (target/achieved) | FP8 layers | perplexity | KL mean | KL max | top-1 agree | error~score Spearman |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| BF16 reference | - | 16 | 0 | {comp['reference']['metrics']['perplexity']:.4f} | 0 | 0 | 1.000 | - |",
+        f"| {ref} reference | - | 16 | 0 | {comp['reference']['metrics']['perplexity']:.4f} | 0 | 0 | 1.000 | - |",
     ]
+    if ctl:
+        mt = ctl["metrics"]
+        lines.append(
+            f"| uniform FP8 PTQ (control) | {ctl['quant_format']} | -/{ctl['effective_bits']:.3f} | "
+            f"{ctl['num_quantized_layers']}/{ctl['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
+            f"{mt['kl_max']:.4g} | {mt['top1_agreement']:.3f} | - |")
     for r in comp["runs"]:
         mt, ev_s = r["metrics"], r.get("error_vs_sensitivity", {})
         rho = ev_s.get("spearman")
@@ -178,17 +210,29 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
             f"{r['num_fp8_layers']}/{r['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
             f"{mt['kl_max']:.4g} | {mt['top1_agreement']:.3f} | {'n/a' if rho is None else f'{rho:.3f}'} |"
         )
-    lines += ["", "## Greedy generations", "", "⟦ ⟧ marks the first token that differs from BF16.", ""]
+    if ctl:
+        lines += ["", f"The control is `mtq.quantize` with ModelOpt's `{ctl['quant_format']}` as shipped (its own "
+                  f"name-pattern exclusions keep {', '.join(f'`{n}`' for n in ctl['unquantized_layers']) or 'nothing'} "
+                  f"unquantized), max-calibrated on the first run's {ctl['num_calib_steps']} calibration batches: "
+                  "a run that beats it at fewer effective bits gains over plain FP8."]
+    gen_rows = [("uniform FP8 PTQ", ctl)] if ctl else []
+    lines += ["", "## Greedy generations", "", f"⟦ ⟧ marks the first token that differs from {ref}.", ""]
     for i, prompt in enumerate(comp["prompts"]):
         lines += [f"**Prompt {i + 1}:** {prompt}", "", "| model | generation |", "|---|---|",
-                  f"| BF16 | {_marked(tokenizer, comp['reference']['generations'][i]['token_ids'], None)} |"]
+                  f"| {ref} | {_marked(tokenizer, comp['reference']['generations'][i]['token_ids'], None)} |"]
+        for name, c in gen_rows:
+            g = c["generations"][i]
+            lines.append(f"| {name} | {_marked(tokenizer, g['token_ids'], g['first_divergence'])} |")
         for r in comp["runs"]:
             g = r["generations"][i]
             lines.append(f"| {r['name']} | {_marked(tokenizer, g['token_ids'], g['first_divergence'])} |")
         lines.append("")
     lines += ["## Measured layer error against AutoQuant sensitivity", "",
               "Relative L2 error of each quantized layer's output against the same layer without quantizers, "
-              "on the same inputs; Spearman correlation with the group's sensitivity score.", ""]
+              "on the same inputs; Spearman correlation, over the quantized groups, with the score of the format "
+              "each group got. It shows whether AutoQuant's scores order the measured harm among the groups it "
+              "quantized; it cannot show whether the groups it left unquantized were the right ones (they have "
+              "no measured error), and layer error is not the end-to-end loss the scores estimate.", ""]
     for r in comp["runs"]:
         top = sorted(r["layer_errors"].items(), key=lambda kv: kv[1], reverse=True)[:5]
         ev_s = r.get("error_vs_sensitivity", {})

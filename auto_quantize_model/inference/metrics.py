@@ -109,7 +109,12 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 def error_vs_sensitivity(manifest: dict[str, Any], errors: dict[str, float]) -> dict[str, Any]:
     """Per search group: measured error (weight-averaged over its layers) against its AutoQuant score.
 
-    Returns the rows and the Spearman rank correlation over groups that were quantized.
+    The score paired with a group is the one of the format the group actually got (its
+    ``chosen_format``), not its largest candidate score: with several candidate formats the largest
+    belongs to the most aggressive one, which the measured model may not run. Returns the rows and the
+    Spearman rank correlation over groups that were quantized (a group that stayed unquantized has no
+    measured error). Over quantized groups only, so the figure says whether the score orders the
+    harm among what was quantized; it cannot show whether the groups left unquantized were the right ones.
     """
     rows = []
     for group, info in manifest["layer_sensitivity"].items():
@@ -118,7 +123,13 @@ def error_vs_sensitivity(manifest: dict[str, Any], errors: dict[str, float]) -> 
             continue
         sizes = [manifest["layers"][m]["num_params"] for m in members]
         err = sum(errors[m] * s for m, s in zip(members, sizes)) / sum(sizes)
-        score = max((s for s in info["scores"] if s is not None), default=0.0)
-        rows.append({"group": group, "relative_error": err, "score": score})
+        chosen = info.get("chosen_format")
+        if chosen in info["candidate_formats"]:
+            score = info["scores"][info["candidate_formats"].index(chosen)]
+        else:
+            score = None
+        if score is None:
+            continue
+        rows.append({"group": group, "chosen_format": chosen, "relative_error": err, "score": score})
     rho = spearman([r["relative_error"] for r in rows], [r["score"] for r in rows]) if len(rows) >= 3 else None
     return {"groups": rows, "spearman": rho, "num_groups": len(rows)}

@@ -74,7 +74,15 @@ class LoadedModel:
             "device": str(self.device),
             "scope": self.scope,
             "parameter_counts": dict(self.param_counts),
+            # What the unquantized reference really runs in (float32 on CPU, not BF16).
+            "reference_label": reference_label(self.dtype),
         }
+
+
+def reference_label(dtype: torch.dtype | str) -> str:
+    """Display name of the unquantized reference's dtype: ``BF16``, ``float32`` or ``FP16``."""
+    name = str(dtype).removeprefix("torch.")
+    return {"bfloat16": "BF16", "float16": "FP16"}.get(name, name)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -46,9 +46,10 @@ class SweepSpec:
     num_score_steps: tuple[int, ...] = ()  # empty: each scheme's own
     num_calib_steps: int | None = None
     schemes_file: str | None = None
-    max_calib_samples: int = 64
-    batch_size: int = 4
-    calib_seq_len: int = 256
+    max_calib_samples: int = 1024  # ModelOpt hf_ptq's defaults (see datasets/calibration.py)
+    batch_size: int = 8
+    calib_seq_len: int = 512
+    chat_template: bool = False  # wrap captions in the checkpoint's chat template
     seed: int = 0
     dtype: str = "auto"
     num_workers: int = 0  # 0: one per GPU in the cluster (or 1 without GPUs)
