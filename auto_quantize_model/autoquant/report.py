@@ -73,7 +73,8 @@ def _group_table(m: dict[str, Any]) -> list[str]:
     groups = m["layer_sensitivity"]
     unq = m["model"].get("reference_label", "BF16")
     formats = [f for f in next(iter(groups.values()))["candidate_formats"] if f != "NONE"] if groups else []
-    head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (16-bit units)", "bits"]
+    head = ["rank", "group", "block", "kinds", "chosen", *[f"score {f}" for f in formats], "cost (16-bit units)",
+            "bits"]
     lines = ["## Groups by sensitivity", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(groups.items(), key=lambda kv: _top_score(kv[1]), reverse=True)
     for rank, (name, info) in enumerate(ordered, 1):
