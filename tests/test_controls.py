@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
+from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.analysis.report import analyze
 from auto_quantize_model.analysis.summaries import seed_variance
-from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.autoquant.report import render_report
 from auto_quantize_model.autoquant.run import run_scheme, score_cache_key
 from auto_quantize_model.configs import get_scheme, resolve_scheme

@@ -80,7 +80,8 @@ def register(sub) -> None:
     p.add_argument("--calib-seq-len", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--chat-template", action="store_true", help="wrap captions in the checkpoint's chat template")
-    p.add_argument("--evaluate", action="store_true", help="perplexity/KL vs the unquantized model, and the uniform FP8 control, for every trial")
+    p.add_argument("--evaluate", action="store_true",
+                   help="perplexity/KL vs the unquantized model for every trial, and the uniform FP8 control")
     p.add_argument("--eval-captions", help="held-out captions for --evaluate (default: the calibration source)")
     p.add_argument("--schemes-file")
     p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (default 2)")

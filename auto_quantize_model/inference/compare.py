@@ -115,7 +115,8 @@ def compare_runs(
     prompt_ids = encode_prompts(tok, list(prompts), settings.chat_template)
     ref_gen = _generations(loaded.model, tok, prompt_ids, settings)
     reference = evaluate_against_reference(loaded.model, loaded.model, data.batches)
-    control = _control_row(loaded, runs[0].manifest, data, tok, prompt_ids, ref_gen, settings) if settings.control else None
+    control = (_control_row(loaded, runs[0].manifest, data, tok, prompt_ids, ref_gen, settings)
+               if settings.control else None)
     rows = []
     for run in runs:
         model = build_quantized_model(loaded, run)

@@ -110,9 +110,10 @@ def calibration_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> 
     from auto_quantize_model.errors import UserError
 
     cal = manifest["calibration"]
-    if cal.get("source_format") not in ("text", "jsonl", "coco_json"):
+    if cal.get("kind") == "image_caption" or cal.get("source_format") not in ("text", "jsonl", "coco_json"):
         raise UserError(f"run {manifest.get('run_id') or manifest['scheme']['name']} calibrated on "
-                        f"{cal.get('source_format')!r} data; the uniform FP8 control needs caption text: pass --no-control")
+                        f"{cal.get('kind') or cal.get('source_format')!r} data; the uniform FP8 control needs "
+                        "caption text: pass --no-control")
     calib = build_calibration_set(loaded.tokenizer, read_captions(cal["source_path"]), max_samples=cal["num_samples"],
                                   batch_size=cal["batch_size"], seq_len=cal["seq_len"], seed=cal["seed"],
                                   device=loaded.device, chat_template=bool(cal.get("chat_template")))
