@@ -8,6 +8,7 @@ then scoring) without host-to-device copies.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from auto_quantize_model.errors import check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +83,10 @@ def build_calibration_set(
     order = list(range(len(source.captions)))
     random.Random(seed).shuffle(order)
     chosen = order[:max_samples]
+    if len(chosen) < max_samples:
+        # Fewer captions than asked: scores rest on less data than the settings suggest.
+        log.warning("calibration set has %d samples, fewer than the %d asked (%s holds only %d usable captions)",
+                    len(chosen), max_samples, source.path, len(source.captions))
     batches: list[dict[str, torch.Tensor]] = []
     digest_parts: list[bytes] = []
     num_tokens = 0
