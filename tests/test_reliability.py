@@ -286,7 +286,7 @@ def test_sigint_marks_interrupted_then_resume_trusts_only_json(ray_cluster, tiny
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal goes to the whole foreground group
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, (out, err)
+    assert proc.returncode == 128 + signal.SIGINT, err[-4000:]
     summary = (sweep_dir / "summary.md").read_text()
     assert "Interrupted by SIGINT" in summary and "| interrupted |" in summary and "ERROR" not in summary
     assert "autoquant sweep --name intr" in err and "--resume" in err
@@ -404,3 +404,76 @@ def test_result_files_get_the_process_umask_not_0600(tmp_path):
     assert (t.stat().st_mode & 0o777) == 0o644
     assert ((tmp_path / "d").stat().st_mode & 0o777) == 0o755
     assert (g.stat().st_mode & 0o777) == 0o640
+
+
+_MULTINODE = r"""
+import json, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from auto_quantize_model.sweep.driver import run_sweep
+from auto_quantize_model.sweep.spec import load_sweep_spec
+
+model_dir, storage = sys.argv[1], sys.argv[2]
+# Head: the driver and the pool only (0 CPUs); two 2-CPU nodes for the model worker and the trials.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, namespace="autoquant", log_to_driver=False)
+spec = load_sweep_spec(None, {"name": "multi", "model_dir": model_dir, "storage_path": storage,
+                              "captions_path": "demo", "schemes": ["fp8_autoquant_top25", "fp8_autoquant_top50"],
+                              "effective_bits": [14.0, 12.0, 10.0], "max_calib_samples": 8, "calib_seq_len": 32,
+                              "num_workers": 1, "max_failures": 3, "worker": {"num_gpus": 0, "num_cpus": 1}})
+removed = []
+
+def remover():
+    deadline = time.time() + 400
+    while time.time() < deadline and not removed:
+        pools = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-multi")]
+        if pools:
+            try:
+                busy = ray.get(ray.get_actor(pools[0]["name"], namespace="autoquant").stats.remote())["busy"]
+            except (ValueError, ray.exceptions.RayActorError):
+                busy = {}
+            if busy:
+                name = next(iter(busy))
+                info = [a for a in ray._private.state.actors().values() if a.get("Name") == name and a["State"] == "ALIVE"]
+                node = next((n for n in nodes if info and n.node_id == info[0]["Address"]["NodeID"]), None)
+                if node is not None:
+                    cluster.remove_node(node, allow_graceful=False)
+                    removed.append(node.node_id)
+                    return
+        time.sleep(0.05)
+
+t = threading.Thread(target=remover, daemon=True)
+t.start()
+res = run_sweep(spec)
+t.join(5)
+print("RESULT " + json.dumps({"removed": removed, "rows": [{k: r.get(k) for k in ("trial_id", "status", "error",
+      "from_previous_run")} for r in res["rows"]], "tables": res["tables"], "sweep_dir": res["sweep_dir"]}), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.timeout(900)
+def test_two_node_cluster_survives_losing_the_worker_node(tiny_model_dir, tmp_path):
+    """A 3-node local Ray (head + 2 nodes); the node holding the model worker is removed mid-trial."""
+    from auto_quantize_model.analysis import load_layers, load_trials
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    storage = tmp_path / "shared"
+    proc = subprocess.run([sys.executable, "-c", _MULTINODE, str(tiny_model_dir), str(storage)], env=env,
+                          capture_output=True, text=True, timeout=840)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["removed"], "the test never caught a busy worker"
+    rows = res["rows"]
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), rows
+    assert res["sweep_dir"] == str((storage / "multi").resolve())
+    # Exactly once: one result.json per trial and one table row per trial, all on the shared storage path.
+    assert len(list((storage / "multi" / "autoquant" / "trials").glob("*/result.json"))) == 6
+    trials = load_trials(res["tables"])
+    assert len(trials) == 6 and trials["trial_id"].is_unique and (trials["status"] == "ok").all()
+    assert len(load_layers(res["tables"])) == 6 * 29

@@ -61,6 +61,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
     from auto_quantize_model.inference.rebuild import check_matches_checkpoint, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 
     out = check_output_dir(args.output_dir)
     settings = EvalSettings(max_samples=args.max_eval_samples, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -71,6 +72,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_positive(flag, value)
     runs = [find_run(r) for r in args.runs]
     read_checkpoint_config(args.model_dir)
+    check_checkpoint_files(args.model_dir)
+    probe_writable(out, "output dir", "--output-dir")
     source = read_captions(args.eval_captions)
     prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)

@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
@@ -95,7 +96,9 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str]:
 
     tag = f"{spec.name}-{os.getpid()}-{int(time.time())}"
     pool_name = f"autoquant-pool-{tag}"
-    pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE).remote()
+    # The pool holds the only lease state: pin it to the driver's node, so losing any other node never loses it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE, scheduling_strategy=here).remote()
     workers = [
         ModelWorker.options(name=f"autoquant-worker-{tag}-{i}", namespace=NAMESPACE, num_gpus=spec.worker.num_gpus,
                             num_cpus=spec.worker.num_cpus).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
