@@ -289,7 +289,7 @@ def test_sigint_marks_interrupted_then_resume_trusts_only_json(ray_cluster, tiny
     assert proc.returncode == 128 + signal.SIGINT, err[-4000:]
     summary = (sweep_dir / "summary.md").read_text()
     assert "Interrupted by SIGINT" in summary and "| interrupted |" in summary and "ERROR" not in summary
-    assert "autoquant sweep --name intr" in err and "--resume" in err
+    assert "autoquant sweep --name intr" in err and "--resume" in err and "Tuner.restore" not in err
     done = {p.parent.name for p in trials_dir.glob("*/result.json")}
     assert 1 <= len(done) < 6
 

@@ -202,7 +202,10 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
                                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
                                                     trial_name_creator=lambda t: t.config["trial"]["trial_id"]),
                     )
+                    stop.in_fit = True
                     grid = tuner.fit()
+                    stop.in_fit = False
+                    interrupted = stop.signal_name
                     stats = ray.get(pool.stats.remote())
                 finally:
                     for w in workers:
