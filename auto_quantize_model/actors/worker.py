@@ -185,10 +185,13 @@ class ModelWorker:
                 raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=self.spec.name)
             restore_s = self.session.last_copy_seconds
-        except UserError as exc:
-            write_trial(out["tables"], None, status="error", error=str(exc), settings=trial, **common)
+        except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
+            error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
+            if not isinstance(exc, UserError):
+                log.exception("trial %s failed", tid)
+            write_trial(out["tables"], None, status="error", error=error[:1000], settings=trial, **common)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})
-            return {"status": "error", "error": str(exc), "trial": tid, "worker": self.name}
+            return {"status": "error", "error": error[:300], "trial": tid, "worker": self.name}
         metrics: dict[str, Any] = {}
         eval_s = 0.0
         if self.eval_data is not None:

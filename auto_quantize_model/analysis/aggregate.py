@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from auto_quantize_model.analysis.tables import write_trial
 from auto_quantize_model.autoquant.manifest import EVALUATION_FILE, MANIFEST_SUFFIX, validate_manifest
 from auto_quantize_model.errors import UserError
@@ -72,13 +74,20 @@ def _read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | 
     return str(path), manifest, metrics, None
 
 
+# What a manifest that passes the shape check but holds wrong types raises while becoming rows.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, pa.ArrowException)
+
+
 def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]:
-    """Read one manifest and write its table files (a worker-process task)."""
-    src, manifest, metrics, error = _read_one(path)
-    if manifest is None:
-        return src, None, error
-    trial_id = write_trial(tables_root, manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
-                           manifest_path=src)
+    """Read one manifest and write its table files (a worker-process task); a bad file is skipped, by name."""
+    try:
+        src, manifest, metrics, error = _read_one(path)
+        if manifest is None:
+            return src, None, error
+        trial_id = write_trial(tables_root, manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
+                               manifest_path=src)
+    except MALFORMED as exc:
+        return str(path), None, f"malformed manifest ({exc.__class__.__name__}: {str(exc)[:120]})"
     return src, trial_id, None
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from auto_quantize_model.io_utils import sha256_json
+from auto_quantize_model.io_utils import set_default_mode, sha256_json
 
 TABLES_SCHEMA_VERSION = 1
 PARTITION = "scheme"
@@ -229,6 +229,7 @@ def write_table_file(root: str | Path, table_name: str, scheme: str, trial_id: s
     part.mkdir(parents=True, exist_ok=True)
     final = part / f"{_safe_part(trial_id)}.parquet"
     fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=part)
+    set_default_mode(fd)  # pyarrow rewrites the file in place, keeping this mode
     os.close(fd)
     try:
         pq.write_table(table, tmp)

@@ -63,6 +63,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
     from auto_quantize_model.inference.rebuild import check_matches_checkpoint, check_matches_model_dir, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 
     out = check_output_dir(args.output_dir)
     settings = EvalSettings(max_samples=args.max_eval_samples, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -75,6 +76,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     read_checkpoint_config(args.model_dir)
     for run in runs:  # refuse before loading the model or spending time on any evaluation
         check_matches_model_dir(run, args.model_dir)
+    check_checkpoint_files(args.model_dir)
+    probe_writable(out, "output dir", "--output-dir")
     source = read_captions(args.eval_captions)
     prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)

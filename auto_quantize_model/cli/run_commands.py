@@ -65,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from auto_quantize_model.datasets.calibration import build_calibration_set
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 
     if not args.model_dir:
         raise UserError("--model-dir is required (a local Hugging Face checkpoint) unless --report-only is given")
@@ -80,6 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for flag in ("max_calib_samples", "batch_size", "calib_seq_len"):
         check_positive(flag.replace("_", "-"), getattr(args, flag))
     read_checkpoint_config(args.model_dir)
+    check_checkpoint_files(args.model_dir)
+    probe_writable(out, "output dir", "--output-dir")
+    if args.cache_dir:
+        probe_writable(args.cache_dir, "cache dir", "--cache-dir")
     if args.image_captions_path or args.coco_annotations or args.coco_root:
         loaded, calib = _load_for_images(args)
     else:
@@ -131,9 +136,15 @@ def _write_report(manifest: Path, output: Path | None = None) -> int:
     from auto_quantize_model.autoquant.report import render_report, report_path
     from auto_quantize_model.io_utils import atomic_write_text
 
-    data = load_manifest(manifest)
+    try:
+        data = load_manifest(manifest)
+        text = render_report(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # Shape-valid JSON with wrong types inside: refuse by name rather than with a traceback.
+        raise UserError(f"manifest {manifest} is malformed ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                        "re-run the scheme to rewrite it") from exc
     target = output or report_path(manifest.parent)
-    atomic_write_text(target, render_report(data))
+    atomic_write_text(target, text)
     print(f"report: {target}")
     return 0
 

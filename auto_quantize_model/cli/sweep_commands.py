@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 
 from auto_quantize_model.cli.common import check_output_dir
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.preflight import probe_writable
 
 log = logging.getLogger("autoquant")
 
@@ -21,8 +24,23 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise UserError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    """Comma-separated whole numbers; ``2.5`` is refused, not truncated."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise UserError(f"expected comma-separated whole numbers, got {text!r}") from exc
+
+
 def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this sweep: the same arguments plus ``--resume``."""
+    return shlex.join(["autoquant", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -30,11 +48,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from auto_quantize_model.sweep.driver import run_sweep
     from auto_quantize_model.sweep.spec import load_sweep_spec
 
-    steps = _floats(args.num_score_steps)
     overrides = {
         "name": args.name, "model_dir": args.model_dir, "storage_path": args.storage_path,
         "captions_path": args.captions_path, "schemes": _names(args.schemes), "effective_bits": _floats(args.effective_bits),
-        "methods": _names(args.methods), "num_score_steps": tuple(int(s) for s in steps) if steps else None,
+        "methods": _names(args.methods), "num_score_steps": _ints(args.num_score_steps),
         "num_workers": args.num_workers, "address": args.address, "max_calib_samples": args.max_calib_samples,
         "batch_size": args.batch_size, "calib_seq_len": args.calib_seq_len, "seed": args.seed,
         "evaluate": True if args.evaluate else None, "eval_captions": args.eval_captions,
@@ -45,6 +62,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     res = run_sweep(spec, resume=args.resume)
     print(res["summary"])
     print(f"results: {res['sweep_dir']} (tables: {res['tables']})")
+    if res.get("interrupted"):
+        print(f"sweep interrupted by {res['interrupted']}; continue it with:\n  {resume_command(sys.argv[1:])}",
+              file=sys.stderr)
+        return 128 + int(getattr(signal, res["interrupted"]))
     failed = [r for r in res["rows"] if r.get("status") != "ok"]
     return 1 if failed and len(failed) == len(res["rows"]) else 0
 
@@ -53,7 +74,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """Tables, plots and analysis.md from sweep directories or manifests."""
     from auto_quantize_model.analysis.report import analyze
 
-    out = check_output_dir(args.output_dir)
+    out = probe_writable(check_output_dir(args.output_dir), "output dir", "--output-dir")
     res = analyze(args.sources, out, workers=args.workers)
     for src, reason in res["skipped"]:
         print(f"skipped {src}: {reason}", file=sys.stderr)

@@ -16,11 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.config_types import check_table
 from auto_quantize_model.configs.exclusions import SCHEME_SOURCE, ExclusionPattern, format_exclusions
 from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import read_toml
 
 SCHEME_SCHEMA_VERSION = 1
+# What each key of a scheme must be in a schemes file (config_types kinds): a string where a list belongs
+# would otherwise become one format per character.
+SCHEME_KINDS = {"name": "str", "quantization_formats": "list[str]", "effective_bits": "number", "method": "str",
+                "num_score_steps": "int", "num_calib_steps": "int", "disabled_layers": "list[str]",
+                "description": "str", "format_exclusions": "bool", "cost_excluded_layers": "list[str]",
+                "cost_exclude_disabled": "bool", "score_size": "int?", "recipe": "str?"}
 METHODS = ("gradient", "kl_div")
 
 
@@ -74,6 +81,7 @@ class Scheme:
         missing = [k for k in ("name", "quantization_formats", "effective_bits") if k not in data]
         if missing:
             raise UserError(f"scheme {data.get('name', '?')!r} is missing {missing}")
+        check_table(f"scheme {data['name']!r}", data, SCHEME_KINDS)
         return cls(**data)
 
     def score_steps(self, batch_size: int) -> int:

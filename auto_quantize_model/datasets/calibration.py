@@ -15,6 +15,7 @@ far as the data allows; the demo and the tests pass small explicit values.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ DEFAULT_CALIB_SAMPLES = 1024  # hf_ptq's --calib_size default for auto_quantize 
 DEFAULT_SEQ_LEN = 512  # hf_ptq's calibration max length (captions are far shorter: a cap, not padding)
 DEFAULT_BATCH_SIZE = 8  # with a scheme's 16 scoring steps: 128 scored samples, hf_ptq's score size
 CHAT_USER_PROMPT = "Describe this image in one sentence."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,6 +126,10 @@ def build_calibration_set(
     order = list(range(len(source.captions)))
     random.Random(seed).shuffle(order)
     chosen = order[:max_samples]
+    if len(chosen) < max_samples:
+        # Fewer captions than asked: scores rest on less data than the settings suggest.
+        log.warning("calibration set has %d samples, fewer than the %d asked (%s holds only %d usable captions)",
+                    len(chosen), max_samples, source.path, len(source.captions))
     batches: list[dict[str, torch.Tensor]] = []
     digest_parts: list[bytes] = []
     num_tokens = 0

@@ -54,13 +54,41 @@ def resolve_captions_path(path: str | None) -> Path:
     return p
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".csv", ".tsv", ".md")
+
+
 def _detect_format(raw: bytes, path: Path) -> str:
-    head = raw.lstrip()[:1]
-    if path.suffix == ".jsonl" or (head == b"{" and b"\n{" in raw.strip()):
+    """The suffix decides (.jsonl, .json, .txt...); only an unknown suffix falls back to the content."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return "jsonl"
-    if path.suffix == ".json" or head in (b"{", b"["):
+    if suffix == ".json":
+        return "coco_json"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    head = raw.lstrip()[:1]
+    if head == b"{" and b"\n{" in raw.strip():
+        return "jsonl"
+    if head in (b"{", b"["):
         return "coco_json"
     return "text"
+
+
+def _check_decodable(raw: bytes, path: Path) -> None:
+    """Refuse UTF-16/32 and binary files: read as UTF-8 lines they calibrate on garbage."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:1 << 16]:
+        raise UserError(f"captions file {path} is not UTF-8 text (UTF-16 or binary content); save it as UTF-8, "
+                        "one caption per line")
+    lines = raw[:1 << 20].splitlines()
+    bad = 0
+    for line in lines:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad += 1
+    if lines and bad * 2 > len(lines):
+        raise UserError(f"captions file {path} is not UTF-8 text ({bad} of {len(lines)} lines undecodable); "
+                        "save it as UTF-8, one caption per line")
 
 
 def _from_lines(raw: bytes) -> tuple[list[str], int]:
@@ -111,6 +139,7 @@ def read_captions(path: str | None) -> CaptionSource:
         raw = p.read_bytes()
     except OSError as exc:
         raise UserError(f"captions file {p} is unreadable ({exc.strerror}); check its permissions") from exc
+    _check_decodable(raw, p)
     fmt = _detect_format(raw, p)
     dropped = {"blank": 0, "duplicate": 0, "bad_utf8": 0, "no_caption_field": 0}
     if fmt == "text":

@@ -18,16 +18,20 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
+from auto_quantize_model.sweep.lock import sweep_lock
+from auto_quantize_model.sweep.signals import SweepInterrupted, stop_on_signals
 from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid
-from auto_quantize_model.sweep.trial import run_trial
+from auto_quantize_model.sweep.trial import finished_result, run_trial
 
 log = logging.getLogger(__name__)
 NAMESPACE = "autoquant"
 # Trials only lease and wait; they need a sliver of a CPU (Tune refuses 0) and no GPU.
 TRIAL_RESOURCES = {"cpu": 0.01}
+INTERRUPTED = "interrupted"
 
 
 class ProgressLine(tune.Callback):
@@ -35,9 +39,11 @@ class ProgressLine(tune.Callback):
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.results: dict[str, dict[str, Any]] = {}  # by our trial id: what an interrupted sweep still reports
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
         self.done += 1
+        self.results[trial.config["trial"]["trial_id"]] = dict(result)
         if result.get("status") != "ok":
             log.info("[%d/%d] %s FAILED: %s", self.done, self.total, result.get("trial"), result.get("error"))
             return
@@ -90,7 +96,9 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
 
     tag = f"{spec.name}-{os.getpid()}-{int(time.time())}"
     pool_name = f"autoquant-pool-{tag}"
-    pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE).remote()
+    # The pool holds the only lease state: pin it to the driver's node, so losing any other node never loses it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE, scheduling_strategy=here).remote()
     workers = [
         ModelWorker.options(name=f"autoquant-worker-{tag}-{i}", namespace=NAMESPACE, num_gpus=spec.worker.num_gpus,
                             num_cpus=spec.worker.num_cpus).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
@@ -113,59 +121,138 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     return pool, workers, pool_name, identities[0]
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns the result rows, pool statistics and paths."""
+def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
+    """Every input check that needs no Ray and no model; returns the grid. Refuses a grid with no runnable trial."""
+    from auto_quantize_model.configs.schemes import resolve_trial_scheme
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.models.loading import read_checkpoint_config
+    from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
 
-    read_checkpoint_config(spec.model_dir)  # fail fast, before any actor starts
+    check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)
+    read_checkpoint_config(spec.model_dir)
+    check_checkpoint_files(spec.model_dir)
     read_captions(spec.captions_path)
+    if spec.eval_captions:
+        read_captions(spec.eval_captions)
     trials = expand_grid(spec)
+    reasons: dict[str, str] = {}
+    for t in trials:
+        try:
+            resolve_trial_scheme(t, spec.schemes_file)
+        except UserError as exc:
+            reasons[t["trial_id"]] = str(exc)
+    if len(reasons) == len(trials):
+        raise UserError(f"none of the {len(trials)} trials can run, e.g. {trials[0]['trial_id']}: "
+                        f"{reasons[trials[0]['trial_id']]}")
+    if reasons:
+        log.warning("%d of %d trials cannot run and will be recorded as errors (first: %s)", len(reasons),
+                    len(trials), next(iter(reasons.values())))
+    probe_writable(spec.storage_path, "storage path", "--storage-path")
+    if spec.sweep_dir.exists() and not spec.sweep_dir.is_dir():
+        raise UserError(f"{spec.sweep_dir} is a file; choose another --name or --storage-path")
+    ours = spec.sweep_dir / "autoquant"
+    if not resume and (ours / "trials").exists():
+        raise UserError(f"sweep {spec.sweep_dir} already exists; pass --resume to continue it or choose another --name")
+    return trials
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the result rows, pool statistics and paths.
+
+    ``--resume`` never reads Tune's pickled experiment state: it starts a fresh Tuner over the whole grid,
+    and each trial that finds its own ``result.json`` (JSON, same settings) reports it without running.
+    SIGINT/SIGTERM stop the sweep: the result has ``interrupted`` set (the signal's name) and unfinished rows
+    have status ``interrupted``.
+    """
+    trials = _preflight(spec, resume)
+    sweep_dir = spec.sweep_dir
+    with sweep_lock(sweep_dir):
+        return _run_locked(spec, trials, resume)
+
+
+def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> dict[str, Any]:
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
-    if sweep_dir.exists() and not resume and (ours / "trials").exists():
-        raise UserError(f"sweep {sweep_dir} already exists; pass --resume to continue it or choose another --name")
     context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(ours / "cache"),
                "namespace": NAMESPACE}
+    progress = ProgressLine(len(trials))
     started = _connect(spec)
     t0 = time.perf_counter()
+    interrupted = None
+    stats: dict[str, Any] = {}
+    grid = None
+    n = 0
     try:
-        spec, n = _fit_to_cluster(spec)
-        pool, workers, pool_name, identity = start_workers(spec, n)
-        context["pool"] = pool_name
-        # One scoring identity for the lease pool, the cache file names and the tables (autoquant/identity.py).
-        assign_scoring_keys(trials, identity, spec.schemes_file)
-        atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
-                                                          "num_trials": len(trials)})
-        trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
-        run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
-                                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                    callbacks=[ProgressLine(len(trials))])
-        if resume and tune.Tuner.can_restore(str(sweep_dir)):
-            log.info("resuming %s: Tune re-runs unfinished and errored trials; finished ones are skipped", sweep_dir)
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space={"trial": tune.grid_search(trials)}, run_config=run_config,
-                # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
-                tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
-                                            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-                                            trial_name_creator=lambda t: t.config["trial"]["trial_id"]),
-            )
-        grid = tuner.fit()
-        stats = ray.get(pool.stats.remote())
-        rows = _rows(grid, trials)
-        for w in workers:
-            ray.kill(w)
-        ray.kill(pool)
+        with stop_on_signals() as stop:
+            try:
+                spec, n = _fit_to_cluster(spec)
+                pool, workers, pool_name, identity = start_workers(spec, n)
+                try:
+                    context["pool"] = pool_name
+                    # One scoring identity for the lease pool, the cache file names and the tables
+                    # (autoquant/identity.py), from the model and data the workers loaded.
+                    assign_scoring_keys(trials, identity, spec.schemes_file)
+                    atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
+                                                                      "num_trials": len(trials)})
+                    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
+                    run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
+                                                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                                callbacks=[progress])
+                    if resume:
+                        log.info("resuming %s: finished trials report their result.json; the rest run", sweep_dir)
+                    tuner = tune.Tuner(
+                        trainable, param_space={"trial": tune.grid_search(trials)}, run_config=run_config,
+                        # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
+                        tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
+                                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+                                                    trial_name_creator=lambda t: t.config["trial"]["trial_id"]),
+                    )
+                    stop.in_fit = True
+                    grid = tuner.fit()
+                    stop.in_fit = False
+                    interrupted = stop.signal_name
+                    stats = ray.get(pool.stats.remote())
+                finally:
+                    for w in workers:
+                        ray.kill(w)
+                    ray.kill(pool)
+            except SweepInterrupted:
+                interrupted = stop.signal_name
     finally:
         if started:
             ray.shutdown()
     wall = time.perf_counter() - t0
-    summary = render_summary(spec, rows, stats, wall, n)
+    if interrupted:
+        rows = _rows_after_interrupt(trials, progress.results, context["trials"])
+    else:
+        rows = _rows(grid, trials)
+        _record_trial_errors(rows, spec, context["tables"])
+    summary = render_summary(spec, rows, stats, wall, n, interrupted=interrupted)
     atomic_write_text(sweep_dir / "summary.md", summary)
     return {"rows": rows, "stats": stats, "wall_seconds": wall, "num_workers": n, "sweep_dir": str(sweep_dir),
-            "tables": context["tables"], "summary": summary}
+            "tables": context["tables"], "summary": summary, "interrupted": interrupted}
+
+
+def _rows_after_interrupt(trials: list[dict[str, Any]], seen: dict[str, dict[str, Any]],
+                          trials_dir: str) -> list[dict[str, Any]]:
+    """Rows from what finished (reported results, result.json markers); everything else is ``interrupted``."""
+    rows = []
+    for t in trials:
+        done = finished_result(trials_dir, t)
+        got = {k: v for k, v in (done or seen.get(t["trial_id"]) or {}).items() if k != "trial_id"}
+        rows.append({**t, **(got if got.get("status") else {"status": INTERRUPTED})})
+    return rows
+
+
+def _record_trial_errors(rows: list[dict[str, Any]], spec: SweepSpec, tables: str) -> None:
+    """A trial that failed in Tune (its worker died past max_failures) still gets its row in the tables."""
+    from auto_quantize_model.analysis.tables import write_trial
+
+    for r in rows:
+        if r.get("status") == "error" and r.get("tune_error"):
+            settings = {k: r[k] for k in ("scheme", "effective_bits", "method", "num_score_steps", "num_calib_steps")}
+            write_trial(tables, None, scheme=r["scheme"], sweep_id=spec.name, trial_id=r["trial_id"], status="error",
+                        error=str(r.get("error")), settings=settings)
 
 
 def _rows(grid: Any, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -175,22 +262,30 @@ def _rows(grid: Any, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = {k: v for k, v in (res.metrics or {}).items() if k != "trial_id"}
         tid = (res.config or {}).get("trial", {}).get("trial_id")
         if res.error is not None and not m.get("status"):
-            m = {"status": "error", "error": str(res.error).strip().splitlines()[-1][:300]}
+            m = {"status": "error", "error": str(res.error).strip().splitlines()[-1][:300], "tune_error": True}
         by_id[tid] = m
     return [{**t, **by_id.get(t["trial_id"], {"status": "missing"})} for t in trials]
 
 
-def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str, Any], wall: float, n: int) -> str:
+def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str, Any], wall: float, n: int,
+                   interrupted: str | None = None) -> str:
     """The end-of-sweep table (printed and saved as summary.md)."""
     ok = sum(r.get("status") == "ok" for r in rows)
-    lines = [f"# Sweep {spec.name}", "",
-             f"{len(rows)} trials ({ok} ok) on {n} worker(s) in {wall:.1f} s; scoring passes per key: "
-             f"{stats.get('passes')}; reuses: {stats.get('reuses')}", "",
+    lines = [f"# Sweep {spec.name}", ""]
+    if interrupted:
+        left = sum(r.get("status") == INTERRUPTED for r in rows)
+        lines += [f"**Interrupted by {interrupted}**: {left} trial(s) did not finish; continue with `--resume`.", ""]
+    lines += [f"{len(rows)} trials ({ok} ok) on {n} worker(s) in {wall:.1f} s; scoring passes per key: "
+              f"{stats.get('passes')}; reuses: {stats.get('reuses')}", "",
              "| trial | scheme | bits target | achieved | FP8 layers | met | scores | ppl | KL mean | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # A trial that stands for several scheme names (same resolved experiment) is reported under all.
         scheme = " = ".join([r["scheme"], *r.get("equivalent_schemes", [])])
+        if r.get("status") == INTERRUPTED:
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | - | - | - | - | - | - | "
+                         f"{INTERRUPTED} |")
+            continue
         if r.get("status") != "ok":
             lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | - | - | - | - | - | - | "
                          f"ERROR: {str(r.get('error', ''))[:120]} |")

@@ -10,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.config_types import check_table
 from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import read_toml, sha256_json
 
 log = logging.getLogger(__name__)
 SWEEP_SPEC_VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,15 @@ class SweepSpec:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SweepSpec)}
+# What each setting must be in TOML or flags (config_types kinds); checked before any dataclass is built.
+SPEC_KINDS = {
+    "name": "str", "model_dir": "str", "storage_path": "str", "captions_path": "str?", "schemes": "list[str]",
+    "effective_bits": "list[number]", "methods": "list[str]", "num_score_steps": "list[int]",
+    "num_calib_steps": "int?", "schemes_file": "str?", "max_calib_samples": "int", "batch_size": "int",
+    "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
+    "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
+}
+WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str"}
 
 
 def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
@@ -92,7 +104,11 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
     for required in ("name", "model_dir"):
         if not data.get(required):
             raise UserError(f"sweep setting {required!r} is missing; give --{required.replace('_', '-')} or set it in the TOML")
+    check_table("sweep setting", data, SPEC_KINDS)
+    if "worker" in data and not isinstance(data["worker"], dict | WorkerSettings):
+        raise UserError(f"sweep setting worker must be a [worker] table, got {data['worker']!r}")
     if isinstance(data.get("worker"), dict):
+        check_table("sweep setting worker", data["worker"], WORKER_KINDS)
         try:
             data["worker"] = WorkerSettings(**data["worker"])
         except TypeError as exc:
@@ -103,6 +119,7 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
 
 
 def _validate(spec: SweepSpec) -> None:
+    check_sweep_name(spec.name)
     for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples"):
         if getattr(spec, key) <= 0:
             raise UserError(f"sweep setting {key} must be positive, got {getattr(spec, key)}")
@@ -116,6 +133,13 @@ def _validate(spec: SweepSpec) -> None:
         raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
     if any(s <= 0 for s in spec.num_score_steps):
         raise UserError("num_score_steps entries must be positive")
+
+
+def check_sweep_name(name: str) -> None:
+    """A sweep name is one directory name: Tune and our outputs must both land under the storage path."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"sweep name {name!r} must be one directory name (letters, digits, '.', '_', '-'; no '/' "
+                        "or '..'); put the parent directories in --storage-path instead")
 
 
 def trial_id(settings: dict[str, Any]) -> str:

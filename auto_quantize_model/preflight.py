@@ -1,0 +1,87 @@
+"""Checks that run before the expensive part (model load, Ray start): cheap, one clear line each.
+
+Every check raises :class:`UserError` naming the problem and the fix, so bad input costs seconds and leaves
+nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from auto_quantize_model.errors import UserError
+
+# Set by Ray's job supervisor in the driver of a `ray job submit` job (ray/_private/runtime_env/constants.py).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def probe_writable(path: str | Path, what: str, flag: str) -> Path:
+    """Create ``path`` (a directory) if needed and write then delete a probe file in it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file; pass a directory path for {flag}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".autoquant-probe.", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"{what} {p} is not writable ({exc.strerror or exc.__class__.__name__}); "
+                        f"pass a writable directory for {flag}") from exc
+    return p
+
+
+def _safetensors_header_ok(path: Path) -> str | None:
+    """None if the file's header parses and its data fits in the file, else the reason."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return "shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                return "header length beyond the end of the file"
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"unreadable header ({exc.__class__.__name__})"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+               and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)), default=0)
+    if 8 + n + end > size:
+        return "truncated (tensor data ends past the end of the file)"
+    return None
+
+
+def check_checkpoint_files(model_dir: str | Path) -> None:
+    """Tokenizer files present and every ``*.safetensors`` header intact (the weights are not read)."""
+    p = Path(model_dir)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer from the "
+                        "original checkpoint into it")
+    for f in sorted(p.glob("*.safetensors")):
+        reason = _safetensors_header_ok(f)
+        if reason:
+            raise UserError(f"checkpoint file {f} is corrupt: {reason}; re-download or re-save the checkpoint")
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a ``ray job submit`` job (its working directory is a temporary copy)."""
+    return bool(os.environ.get(RAY_JOB_ENV))
+
+
+def check_job_paths(**paths: str | None) -> None:
+    """Under ``ray job submit``, refuse relative output and model paths: they would resolve inside the
+    job's temporary copy of the working directory and vanish with it."""
+    if not in_submitted_job():
+        return
+    for key, value in paths.items():
+        if value and not Path(value).is_absolute():
+            raise UserError(f"{key} {value!r} is relative, but this sweep runs under `ray job submit`, whose working "
+                            f"directory is a temporary copy; give an absolute {key} (shared by every node)")
