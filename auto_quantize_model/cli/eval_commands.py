@@ -41,6 +41,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
     check_positive("max-new-tokens", args.max_new_tokens)
+    if args.exported:
+        return _infer_exported(args, prompts)
+    if not args.model_dir:
+        raise UserError("--model-dir is required (unless --exported DIR is given)")
     run = None if args.bf16 else find_run(args.run_dir or "")
     read_checkpoint_config(args.model_dir)
     loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
@@ -52,6 +56,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
     label = "bf16" if run is None else run.name
     for prompt, ids in zip(prompts, outs):
         print(f"[{label}] {prompt}\n  -> {tok.decode(ids, skip_special_tokens=True)}")
+    return 0
+
+
+def _infer_exported(args: argparse.Namespace, prompts: list[str]) -> int:
+    """Greedy generation with an exported checkpoint, FP8 layers executed in FP8 (inference/fp8_linear.py)."""
+    from auto_quantize_model.inference.fp8_linear import load_exported_lm
+    from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
+
+    if args.bf16 or args.run_dir:
+        raise UserError("--exported runs the exported checkpoint alone; drop --bf16/--run-dir")
+    ex = load_exported_lm(args.exported, device=args.device)
+    tok = ex.tokenizer
+    outs = greedy_generate(ex.model, encode_prompts(tok, prompts, not args.no_chat_template),
+                           max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+    for prompt, ids in zip(prompts, outs):
+        print(f"[exported:{ex.name}] {prompt}\n  -> {tok.decode(ids, skip_special_tokens=True)}")
     return 0
 
 
@@ -86,7 +107,8 @@ def register(sub) -> None:
     """Add this module's subcommands."""
     p = sub.add_parser("infer", help="greedy generation with a run's quantized model")
     p.add_argument("--run-dir", help="output dir of an `autoquant run` (omit with --bf16)")
-    p.add_argument("--model-dir", required=True, help="the checkpoint the run was made on")
+    p.add_argument("--model-dir", help="the checkpoint the run was made on (not needed with --exported)")
+    p.add_argument("--exported", help="an `autoquant export` dir: run it with real FP8 matmuls instead")
     _add_generation_arguments(p)
     p.add_argument("--bf16", action="store_true", help="run the unquantized model instead")
     p.set_defaults(func=cmd_infer)
