@@ -91,6 +91,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         ("seq-len", settings.seq_len), ("max-new-tokens", settings.max_new_tokens)):
         check_positive(flag, value)
     runs = [find_run(r) for r in args.runs]
+    if args.measure:
+        from auto_quantize_model.inference.measure import MeasureSettings, check_measurable
+        from auto_quantize_model.models.loading import resolve_device
+
+        check_measurable(resolve_device(args.device))  # refuse before any evaluation
+        measure = MeasureSettings(batch_size=args.measure_batch_size, seq_len=args.measure_seq_len)
     read_checkpoint_config(args.model_dir)
     source = read_captions(args.eval_captions)
     prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
@@ -98,6 +104,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for run in runs:  # refuse before spending time on any evaluation
         check_matches_checkpoint(run, loaded)
     comp = compare_runs(loaded, runs, source, settings, prompts)
+    if args.measure:
+        from auto_quantize_model.inference.measure import measure_runs
+
+        comp["measurement"] = measure_runs(loaded, runs, measure, out)
     js, md = write_comparison(comp, loaded.tokenizer, out)
     print(f"comparison: {js}\n            {md}")
     return 0
@@ -121,5 +131,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", action="store_true",
+                   help="GPU only: export each run and measure prefill/decode tokens/s and weight memory vs BF16")
+    p.add_argument("--measure-batch-size", type=int, default=4)
+    p.add_argument("--measure-seq-len", type=int, default=512)
     _add_generation_arguments(p)
     p.set_defaults(func=cmd_compare)

@@ -12,6 +12,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ def prefill_tokens_per_second(model: nn.Module, vocab_size: int, batch: int, seq
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=g).to(device)
-    fwd = forward or model
+    fwd = model if forward is None else forward
     seconds = _median_seconds(lambda: fwd(ids), settings.repeats, settings.warmup)
     return batch * seq_len / seconds
 
@@ -125,4 +126,32 @@ def measure_model(model: nn.Module, vocab_size: int, settings: MeasureSettings,
     out["decode_tokens_per_s"] = decode_tokens_per_second(model, vocab_size, settings)
     out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     log.info("measured: %s", {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()})
+    return out
+
+
+def measure_runs(loaded: Any, runs: list[Any], settings: MeasureSettings, work_dir: str | Path) -> dict[str, Any]:
+    """``compare --measure``: BF16 and each run's export (written under ``work_dir``, removed after) measured alike."""
+    import shutil
+    import tempfile
+
+    from auto_quantize_model.export.hf import export_run
+    from auto_quantize_model.inference.fp8_linear import load_exported_lm
+
+    check_measurable(loaded.device)
+    vocab = loaded.model.lm_head.out_features
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(loaded.device), "settings": settings.describe(),
+                           "bf16": measure_model(loaded.model, vocab, settings)}
+    torch._dynamo.reset()
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        tmp = Path(tempfile.mkdtemp(prefix=".measure-", dir=work_dir))
+        try:
+            export_run(run.run_dir, loaded.model_dir, tmp / "export", device=str(loaded.device))
+            ex = load_exported_lm(tmp / "export", device=str(loaded.device))
+            out[run.name] = {"fp8_layers": len(ex.fp8_layers), **measure_model(ex.model, vocab, settings)}
+            del ex
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

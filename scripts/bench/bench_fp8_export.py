@@ -44,12 +44,14 @@ def _free() -> None:
 
 
 @torch.no_grad()
-def logits_check(exported, fake_quant, vocab: int) -> dict:
-    """KL(fake-quant || real FP8) per token, top-1 agreement and max |logit diff| on seeded random ids."""
+def logits_check(exported, fake_quant, bf16, vocab: int) -> dict:
+    """KL(fake-quant || real FP8) per token, top-1 agreement and max |logit diff| on seeded random ids;
+    KL(BF16 || fake-quant) beside it for scale."""
     ids = torch.randint(0, vocab, (2, 256), generator=torch.Generator().manual_seed(1)).cuda()
-    a, b = exported(ids).float(), fake_quant(ids).float()
+    a, b, c = exported(ids).float(), fake_quant(ids).float(), bf16(ids).float()
     kl = (F.softmax(b, -1) * (F.log_softmax(b, -1) - F.log_softmax(a, -1))).sum(-1)
-    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+    kl_ref = (F.softmax(c, -1) * (F.log_softmax(c, -1) - F.log_softmax(b, -1))).sum(-1)
+    return {"kl_bf16_vs_fake_quant_mean": kl_ref.mean().item(), "kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
             "max_abs_logit_diff": (a - b).abs().max().item(), "max_abs_logit": b.abs().max().item()}
 
 
@@ -99,7 +101,7 @@ def main() -> None:
         _free()
         fq = build_quantized_model(loaded, find_run(work / label))
         ex = load_exported_lm(work / f"export_{label}", device="cuda")
-        res["runs"][label]["logits_vs_fake_quant"] = logits_check(ex.model, fq, vocab)
+        res["runs"][label]["logits_vs_fake_quant"] = logits_check(ex.model, fq, loaded.model, vocab)
         del fq, ex
         _free()
         save()
