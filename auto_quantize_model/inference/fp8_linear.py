@@ -138,6 +138,8 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     )
 
     d = Path(export_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"export dir {d} has no config.json; pass the --output-dir of an `autoquant export`")
     cfg = read_checkpoint_config(d)
     if "quantization_config" not in cfg or not (d / "hf_quant_config.json").is_file():
         raise UserError(f"{d} is not an FP8 export (no quantization_config/hf_quant_config.json); "
