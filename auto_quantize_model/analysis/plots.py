@@ -75,6 +75,24 @@ def plot_pareto(trials: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "pareto.png")
 
 
+def plot_pareto_throughput(trials: pd.DataFrame, out: Path) -> Path | None:
+    """KL against measured FP8 prefill throughput (higher is better), when trials carry both."""
+    cols = ["kl_mean", "prefill_tokens_per_s"]
+    if not all(c in trials for c in cols) or trials.dropna(subset=cols).empty:
+        return None
+    ok = trials.dropna(subset=cols).assign(neg_prefill=lambda d: -d["prefill_tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheme, sub in ok.groupby("scheme"):
+        ax.scatter(sub["prefill_tokens_per_s"], sub["kl_mean"], label=scheme, s=25)
+    front = summaries.pareto_front(ok, x="neg_prefill", y="kl_mean")
+    ax.plot(front["prefill_tokens_per_s"], front["kl_mean"], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("measured prefill tokens/s (FP8 export, GPU)")
+    ax.set_ylabel("mean KL vs BF16")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "pareto_throughput.png")
+
+
 def plot_rank_agreement(configs: pd.DataFrame, out: Path) -> Path | None:
     """Spearman matrix of group sensitivity between scoring configurations."""
     if configs.shape[1] < 2:

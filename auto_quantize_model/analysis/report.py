@@ -44,6 +44,7 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
         plots.plot_sensitivity_heatmaps(layers, out),
         plots.plot_inclusion(layers, out),
         plots.plot_pareto(trials, out),
+        plots.plot_pareto_throughput(trials, out),
         plots.plot_rank_agreement(configs, out),
     ]
     made = [p for p in made if p is not None]

@@ -57,7 +57,8 @@ LAYERS_SCHEMA = pa.schema(
     metadata={"auto_quantize_model.table": "layers", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
 
-METRICS = ("perplexity", "reference_perplexity", "kl_mean", "kl_max", "top1_agreement")
+# prefill_tokens_per_s: measured on a GPU from the run's FP8 export (inference/measure.py), when present.
+METRICS = ("perplexity", "reference_perplexity", "kl_mean", "kl_max", "top1_agreement", "prefill_tokens_per_s")
 TIMINGS = ("load", "calibrate", "score", "solve", "total")
 
 TRIALS_SCHEMA = pa.schema(

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from auto_quantize_model.cli import eval_commands, run_commands, sweep_commands
+from auto_quantize_model.cli import eval_commands, export_commands, run_commands, sweep_commands
 from auto_quantize_model.cli.common import check_output_dir, setup_logging
 from auto_quantize_model.cli.run_commands import add_run_arguments, cmd_run
 from auto_quantize_model.errors import UserError
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoquant", description="Per-layer FP8/BF16 AutoQuant for VLM language models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (run_commands, eval_commands, sweep_commands):
+    for module in (run_commands, eval_commands, sweep_commands, export_commands):
         module.register(sub)
     return parser
 

@@ -41,6 +41,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not prompts:
         raise UserError("no prompt given; pass --prompt TEXT or --prompts-file FILE")
     check_positive("max-new-tokens", args.max_new_tokens)
+    if args.exported:
+        return _infer_exported(args, prompts)
+    if not args.model_dir:
+        raise UserError("--model-dir is required (unless --exported DIR is given)")
     run = None if args.bf16 else find_run(args.run_dir or "")
     read_checkpoint_config(args.model_dir)
     if run is not None:
@@ -54,6 +58,23 @@ def cmd_infer(args: argparse.Namespace) -> int:
     label = "bf16" if run is None else run.name
     for prompt, ids in zip(prompts, outs):
         print(f"[{label}] {prompt}\n  -> {tok.decode(ids, skip_special_tokens=True)}")
+    return 0
+
+
+def _infer_exported(args: argparse.Namespace, prompts: list[str]) -> int:
+    """Greedy generation with an exported checkpoint, FP8 layers executed in FP8 (inference/fp8_linear.py)."""
+    from auto_quantize_model.inference.fp8_linear import load_exported_lm
+    from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
+
+    if args.bf16 or args.run_dir:
+        raise UserError("--exported runs the exported checkpoint alone; drop --bf16/--run-dir")
+    ex = load_exported_lm(args.exported, device=args.device)
+    tok = ex.tokenizer
+    outs = greedy_generate(ex.model, encode_prompts(tok, prompts, not args.no_chat_template),
+                           max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+    for prompt, ids in zip(prompts, outs):
+        print(f"[exported:{ex.name}] {prompt}\n  -> {tok.decode(ids, skip_special_tokens=True)}")
     return 0
 
 
@@ -73,6 +94,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                         ("seq-len", settings.seq_len), ("max-new-tokens", settings.max_new_tokens)):
         check_positive(flag, value)
     runs = [find_run(r) for r in args.runs]
+    if args.measure:
+        from auto_quantize_model.inference.measure import MeasureSettings, check_measurable
+        from auto_quantize_model.models.loading import resolve_device
+
+        check_measurable(resolve_device(args.device))  # refuse before any evaluation
+        measure = MeasureSettings(batch_size=args.measure_batch_size, seq_len=args.measure_seq_len)
     read_checkpoint_config(args.model_dir)
     for run in runs:  # refuse before loading the model or spending time on any evaluation
         check_matches_model_dir(run, args.model_dir)
@@ -84,6 +111,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for run in runs:  # refuse before spending time on any evaluation
         check_matches_checkpoint(run, loaded)
     comp = compare_runs(loaded, runs, source, settings, prompts)
+    if args.measure:
+        from auto_quantize_model.inference.measure import measure_runs
+
+        comp["measurement"] = measure_runs(loaded, runs, measure, out)
     js, md = write_comparison(comp, loaded.tokenizer, out)
     print(f"comparison: {js}\n            {md}")
     return 0
@@ -93,7 +124,8 @@ def register(sub) -> None:
     """Add this module's subcommands."""
     p = sub.add_parser("infer", help="greedy generation with a run's quantized model")
     p.add_argument("--run-dir", help="output dir of an `autoquant run` (omit with --bf16)")
-    p.add_argument("--model-dir", required=True, help="the checkpoint the run was made on")
+    p.add_argument("--model-dir", help="the checkpoint the run was made on (not needed with --exported)")
+    p.add_argument("--exported", help="an `autoquant export` dir: run it with real FP8 matmuls instead")
     _add_generation_arguments(p)
     p.add_argument("--bf16", action="store_true", help="run the unquantized model instead")
     p.set_defaults(func=cmd_infer)
@@ -108,5 +140,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-control", action="store_true",
                    help="skip the uniform FP8 PTQ control (it needs the first run's calibration captions)")
+    p.add_argument("--measure", action="store_true",
+                   help="GPU only: export each run and measure prefill/decode tokens/s and weight memory vs BF16")
+    p.add_argument("--measure-batch-size", type=int, default=4)
+    p.add_argument("--measure-seq-len", type=int, default=512)
     _add_generation_arguments(p)
     p.set_defaults(func=cmd_compare)

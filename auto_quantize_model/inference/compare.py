@@ -228,6 +228,18 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
             g = r["generations"][i]
             lines.append(f"| {r['name']} | {_marked(tokenizer, g['token_ids'], g['first_divergence'])} |")
         lines.append("")
+    if "measurement" in comp:  # compare --measure (GPU)
+        ms = comp["measurement"]
+        st = ms["settings"]
+        lines += [f"## Measured cost on {ms['device']}", "",
+                  f"Prefill: {st['batch_size']} x {st['seq_len']} tokens, compiled={st['compile']}; decode: batch "
+                  f"{st['decode_batch_size']}, {st['decode_tokens']} tokens; runs executed from their FP8 export.", "",
+                  "| model | prefill tok/s | decode tok/s | weight GB |", "|---|---|---|---|"]
+        for name, m in ms.items():
+            if isinstance(m, dict) and "weight_bytes" in m:
+                lines.append(f"| {name} | {m['prefill_tokens_per_s']:,.0f} | {m['decode_tokens_per_s']:,.1f} | "
+                             f"{m['weight_bytes'] / 1e9:.3f} |")
+        lines.append("")
     lines += ["## Measured layer error against AutoQuant sensitivity", "",
               "Relative L2 error of each quantized layer's output against the same layer without quantizers, "
               "on the same inputs; Spearman correlation, over the quantized groups, with the score of the format "

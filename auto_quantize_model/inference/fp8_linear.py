@@ -1,0 +1,181 @@
+"""Real FP8 execution of an exported checkpoint in plain PyTorch.
+
+:class:`Fp8Linear` keeps the exported weight as ``float8_e4m3fn`` with its per-tensor ``weight_scale``
+and static ``input_scale`` (both ``amax / 448``, as ModelOpt exports them). On a GPU with FP8 tensor
+cores (compute capability >= 8.9: Ada, Hopper, Blackwell) it quantizes the activation and runs
+``torch._scaled_mm``; elsewhere (CPU) it dequantizes both operands and runs an ordinary matmul in the
+activation dtype, which is exactly what ModelOpt's fake quantization computes, so CI can test it.
+
+Activation quantization is a few elementwise ops (divide, clamp, cast). In eager mode they are
+separate kernels that eat the FP8 GEMM's gain; under ``torch.compile`` they fuse into one kernel in
+front of the GEMM, which is where the prefill speed-up comes from (docs/benchmarks.md).
+
+Tolerance against the fake-quant model of the same run: given the same FP8 weight, the CPU path equals
+ModelOpt's fake-quant linear bit for bit (tests/test_export.py). The export itself differs: ModelOpt's
+exporter divides each weight by its scale in bf16, fake quant multiplies in float32, so ~2-4% of FP8 weights
+land one FP8 step away. Pinned on the tiny model (CPU, bf16): KL(fake quant || real FP8) per token stays
+below KL(BF16 || fake quant), top-1 agreement >= 0.8. On the random-weight 3B (H100): 0.069 vs 0.087
+(all FP8) and 0.0020 vs 0.0021 (top50), docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auto_quantize_model.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# torch._scaled_mm wants the token dimension of the FP8 activation padded to a multiple of 16.
+_MM_ALIGN = 16
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """True on CUDA devices with FP8 tensor cores (compute capability 8.9 or newer)."""
+    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight is FP8 E4M3 with a per-tensor scale and whose input is quantized statically."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        if weight.dtype != FP8_DTYPE:
+            raise ValueError(f"Fp8Linear needs a float8_e4m3fn weight, got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(()))
+        self.register_buffer("input_scale", input_scale.float().reshape(()))
+        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
+        self.compute_dtype = compute_dtype
+        self.use_scaled_mm = scaled_mm_supported(weight.device)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scaled_mm={self.use_scaled_mm}"
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_scaled_mm:
+            rows = x2.shape[0]
+            pad = (-rows) % _MM_ALIGN
+            if pad:
+                x2 = F.pad(x2, (0, 0, 0, pad))
+            y = torch._scaled_mm(self._quantize_input(x2), self.weight.t(), scale_a=self.input_scale,
+                                 scale_b=self.weight_scale, bias=self.bias, out_dtype=x.dtype)
+            return y[:rows].reshape(*shape[:-1], self.out_features)
+        # Dequantize-then-matmul: the fake-quant computation (values rounded through FP8, math in x.dtype).
+        xq = (self._quantize_input(x2).float() * self.input_scale).to(x.dtype)
+        w = (self.weight.float() * self.weight_scale).to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(xq, w, b).reshape(*shape[:-1], self.out_features)
+
+
+@dataclass
+class ExportedModel:
+    """An exported checkpoint's language model with FP8 layers as :class:`Fp8Linear`."""
+
+    model: nn.Module
+    tokenizer: object
+    export_dir: Path
+    device: torch.device
+    fp8_layers: list[str]
+    info: dict
+
+    @property
+    def name(self) -> str:
+        """The run the export came from (falls back to the directory name)."""
+        return self.info.get("run", {}).get("name") or self.export_dir.name
+
+
+def _load_tensors(export_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(export_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{export_dir} holds no .safetensors weights; pass the output dir of `autoquant export`")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(str(f), device=str(device)))
+    return out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied tensors once), excluding rotary tables."""
+    seen: dict[int, int] = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or "rotary" in name or "inv_freq" in name:
+            continue
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedModel:
+    """Load the language model and lm_head of an ``autoquant export`` checkpoint (vision tower left out).
+
+    Layers stored as FP8 become :class:`Fp8Linear`; BF16 layers stay ``nn.Linear`` in bfloat16.
+    """
+    from transformers import AutoConfig
+
+    from auto_quantize_model.models.loading import (
+        LanguageModelWithHead,
+        _model_class,
+        load_tokenizer,
+        read_checkpoint_config,
+        resolve_device,
+        split_language_model,
+    )
+
+    d = Path(export_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"export dir {d} has no config.json; pass the --output-dir of an `autoquant export`")
+    cfg = read_checkpoint_config(d)
+    if "quantization_config" not in cfg or not (d / "hf_quant_config.json").is_file():
+        raise UserError(f"{d} is not an FP8 export (no quantization_config/hf_quant_config.json); "
+                        "create one with `autoquant export`, or pass a plain checkpoint as --model-dir")
+    algo = json.loads((d / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"].get("quant_algo")
+    if algo != "FP8":
+        raise UserError(f"{d} is quantized as {algo}; only per-tensor FP8 exports run here")
+    info_file = d / "autoquant_export.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    _, cls = _model_class(cfg)
+    dev = resolve_device(device)
+    config = AutoConfig.from_pretrained(str(d))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # built as a plain BF16 model, then FP8 layers are swapped in
+    with torch.device(dev):
+        full = cls._from_config(config, dtype=torch.bfloat16)
+    decoder, lm_head = split_language_model(full)
+    lm = LanguageModelWithHead(decoder, lm_head).eval().requires_grad_(False)
+    del full
+    own = set(lm.state_dict())
+    tensors = {k: v for k, v in _load_tensors(d, dev).items() if k in own or k.rsplit(".", 1)[0] + ".weight" in own}
+    fp8 = sorted(k.removesuffix(".weight") for k, v in tensors.items() if k.endswith(".weight") and v.dtype == FP8_DTYPE)
+    for name in fp8:
+        old = lm.get_submodule(name)
+        if not isinstance(old, nn.Linear):
+            raise UserError(f"{d}: FP8 tensor {name}.weight is not a Linear layer; the export is not supported")
+        bias = tensors.pop(f"{name}.bias", None)
+        lm.set_submodule(name, Fp8Linear(tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"),
+                                         tensors.pop(f"{name}.input_scale"), bias, torch.bfloat16))
+    missing, unexpected = lm.load_state_dict(tensors, strict=False)
+    fp8_keys = {f"{n}.{s}" for n in fp8 for s in ("weight", "weight_scale", "input_scale", "bias")}
+    missing = [k for k in missing if k not in fp8_keys and not (k == "lm_head.weight" and lm.lm_head.weight is
+                                                                  lm.model.get_input_embeddings().weight)]
+    if missing or unexpected:
+        raise UserError(f"{d} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}; re-export")
+    log.info("loaded export %s: %d FP8 layers on %s (scaled_mm: %s)", d, len(fp8), dev, scaled_mm_supported(dev))
+    return ExportedModel(lm, load_tokenizer(d), d, dev, fp8, info)
