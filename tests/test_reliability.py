@@ -273,7 +273,7 @@ def test_sigint_marks_interrupted_then_resume_trusts_only_json(ray_cluster, tiny
 
     storage = tmp_path / "sweeps"
     argv = ["sweep", "--name", "intr", "--model-dir", str(tiny_model_dir), "--storage-path", str(storage),
-            "--captions-path", "demo", "--schemes", "fp8_autoquant_top25,fp8_autoquant_top50",
+            "--captions-path", "demo", "--schemes", "fp8_autoquant_top25,fp8_autoquant_all_layers_fp8",
             "--effective-bits", "15,13,11", "--max-calib-samples", "8", "--calib-seq-len", "32",
             "--address", ray_cluster]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
@@ -294,7 +294,7 @@ def test_sigint_marks_interrupted_then_resume_trusts_only_json(ray_cluster, tiny
     assert 1 <= len(done) < 6
 
     spec = load_sweep_spec(None, {"name": "intr", "model_dir": str(tiny_model_dir), "storage_path": str(storage),
-                                  "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_top50"),
+                                  "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"),
                                   "effective_bits": (15.0, 13.0, 11.0), "max_calib_samples": 8,
                                   "calib_seq_len": 32})
     # A crafted Tune state in the storage path must not run: --resume trusts only our JSON markers.
@@ -420,7 +420,7 @@ nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, namespace="autoquant", log_to_driver=False)
 spec = load_sweep_spec(None, {"name": "multi", "model_dir": model_dir, "storage_path": storage,
-                              "captions_path": "demo", "schemes": ["fp8_autoquant_top25", "fp8_autoquant_top50"],
+                              "captions_path": "demo", "schemes": ["fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"],
                               "effective_bits": [14.0, 12.0, 10.0], "max_calib_samples": 8, "calib_seq_len": 32,
                               "num_workers": 1, "max_failures": 3, "worker": {"num_gpus": 0, "num_cpus": 1}})
 removed = []
