@@ -391,3 +391,14 @@ def test_run_killed_or_interrupted_while_scoring_then_next_run_succeeds(tiny_mod
     m = json.loads(next((tmp_path / "b").glob("*_quant_manifest.json")).read_text())
     assert m["score_cache"]["reused"] is False and m["budget_met"]
     assert not list(cache.glob(".search_*.partial.pth"))
+
+
+def test_full_disk_while_writing_the_report_leaves_no_manifest(loaded, calib, tmp_path, monkeypatch):
+    # Old code wrote the manifest first: a full disk at the report left a complete-looking manifest behind.
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_mod, "atomic_write_text", full)
+    with pytest.raises(OSError):
+        run_scheme(loaded, calib, _scheme(), tmp_path / "a", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "a").glob("*_quant_manifest.json"))

@@ -261,10 +261,10 @@ def _finish(
     manifest["artifacts"]["restore_sha256"] = save_restore_artifact(model, apath, loaded.describe(), manifest)
     timings["write_restore"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start + loaded.load_seconds
-    # Render first, so a report failure leaves no manifest behind that looks complete.
-    report = render_report(manifest)
+    # Report first, manifest last: the manifest marks a complete run, so a failure (a full disk) while writing
+    # either never leaves a manifest without its report.
+    atomic_write_text(rpath, render_report(manifest))
     write_manifest(manifest, mpath)
-    atomic_write_text(rpath, report)
     log.info("phase write: manifest %s, report %s, restore %s; %d/%d layers quantized, %.3f bits (target %.3g)",
              mpath, rpath, apath, manifest["num_quantized_layers"], manifest["num_layers"],
              manifest["effective_bits"]["measured"], scheme.effective_bits)
