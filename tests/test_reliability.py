@@ -455,9 +455,6 @@ cluster.shutdown()
 """
 
 
-@pytest.mark.skip(reason="fails (run 2026-11-26, 2-core box under load 6-12): after the worker's node is removed, "
-                  "its trials exhaust max_failures=3 with ActorUnavailableError while the worker restarts and "
-                  "reloads on the other node; 5 of 6 trials ok. Needs trials to wait for the restarted worker.")
 @pytest.mark.timeout(900)
 def test_two_node_cluster_survives_losing_the_worker_node(tiny_model_dir, tmp_path):
     """A 3-node local Ray (head + 2 nodes); the node holding the model worker is removed mid-trial."""
