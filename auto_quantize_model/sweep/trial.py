@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ def finished_result(trials_dir: str | Path, trial: dict[str, Any]) -> dict[str, 
     return stored["result"] if stored.get("trial") == trial else None
 
 
+def _wait_until_back(worker: Any, timeout: float = 900.0) -> None:
+    """Wait while a dead worker restarts and reloads (elsewhere if its node is gone), so Tune's retries
+    of this trial are not all spent on an actor that is still unavailable."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(worker.info.remote(), timeout=30)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(1.0)
+
+
 def run_trial(config: dict[str, Any], context: dict[str, str]) -> None:
     """Tune function trainable: ``config["trial"]`` is one grid entry, ``context`` names actors and dirs."""
     trial = config["trial"]
@@ -46,6 +59,7 @@ def run_trial(config: dict[str, Any], context: dict[str, str]) -> None:
     except ray.exceptions.RayActorError:
         # The worker died mid-trial (Ray restarts it and it reloads); free the lease and let Tune retry.
         ray.get(pool.worker_died.remote(lease))
+        _wait_until_back(worker)
         raise
     if result["status"] == "ok":
         atomic_write_json(Path(context["trials"]) / trial["trial_id"] / RESULT_FILE, {"trial": trial, "result": result})
