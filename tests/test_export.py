@@ -24,10 +24,10 @@ from auto_quantize_model.models.loading import load_language_model
 def exports(loaded, calib, tiny_model_dir, tmp_path_factory):
     """Runs at 12 bits (lm_head BF16, tied) and 8 bits (every layer FP8, lm_head too), each exported."""
     root = tmp_path_factory.mktemp("export")
-    base = resolve_scheme(get_scheme("fp8_autoquant_top50"))
     out = {}
-    for label, bits in (("some", 12.0), ("all", 8.0)):
-        scheme = dataclasses.replace(base, name=f"fp8_{label}", effective_bits=bits)
+    # The default FP8 schemes keep lm_head out of the search; the all-layers scheme makes it FP8 too.
+    for label, bits, base_name in (("some", 12.0, "fp8_autoquant_top50"), ("all", 8.0, "fp8_autoquant_all_layers_fp8")):
+        scheme = dataclasses.replace(resolve_scheme(get_scheme(base_name)), name=f"fp8_{label}", effective_bits=bits)
         run_scheme(loaded, calib, scheme, root / label, cache_dir=root / "cache")
         assert main(["export", str(root / label), "--model-dir", str(tiny_model_dir), "--output-dir",
                      str(root / f"export_{label}")]) == 0
