@@ -56,6 +56,13 @@ def test_more_fp8_layers_more_kl(runs, loaded):
     assert by["fp8_none"]["layer_errors"] == {}
     rho = by["fp8_all"]["error_vs_sensitivity"]["spearman"]
     assert rho is None or -1.0 <= rho <= 1.0
+    # At 8 bits the default FP8 scheme quantizes every searched layer, as the uniform FP8 control does: on the
+    # common basis (every LM Linear counted) both have the same bits, though the run's budget-basis figure says 8.
+    ctl = comp["control"]
+    assert by["fp8_all"]["num_fp8_layers"] == ctl["num_quantized_layers"]
+    assert by["fp8_all"]["metrics"]["kl_mean"] == pytest.approx(ctl["metrics"]["kl_mean"], rel=0.05)
+    assert by["fp8_all"]["effective_bits_all_layers"] == pytest.approx(ctl["effective_bits"])
+    assert by["fp8_all"]["effective_bits_achieved"] == pytest.approx(8.0) and 8.0 < ctl["effective_bits"]
     assert by["fp8_all"]["error_vs_sensitivity"]["num_groups"] == 16  # lm_head stays BF16 (FP8_DEFAULT_CFG excludes it)
     # Evaluation never scores on calibration captions.
     cal = set(runs["all"].manifest["calibration"]["caption_hashes"])

@@ -59,16 +59,21 @@ def plot_pareto(trials: pd.DataFrame, out: Path) -> Path:
         metrics.append(("kl_mean", f"mean KL vs unquantized ({summaries.reference_label(trials)})"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     for ax, (col, label) in zip(axes[0], metrics):
-        ok = trials.dropna(subset=["effective_bits_achieved", col])
+        # The score is the search's own objective: its budget basis. KL is compared with the control, so it uses
+        # the one basis both share (every LM Linear counted), when the tables have it.
+        x = "effective_bits_achieved"
+        if col == "kl_mean" and "effective_bits_all_layers" in trials and trials["effective_bits_all_layers"].notna().all():
+            x = "effective_bits_all_layers"
+        ok = trials.dropna(subset=[x, col])
         for scheme, sub in ok.groupby("scheme"):
-            ax.scatter(sub["effective_bits_achieved"], sub[col], label=scheme, s=25)
-        front = summaries.pareto_front(ok, y=col)
-        ax.plot(front["effective_bits_achieved"], front[col], "k--", lw=1, label="Pareto front")
-        ctl = controls.dropna(subset=["effective_bits_achieved", col]) if col in controls else controls.iloc[0:0]
+            ax.scatter(sub[x], sub[col], label=scheme, s=25)
+        front = summaries.pareto_front(ok, x=x, y=col)
+        ax.plot(front[x], front[col], "k--", lw=1, label="Pareto front")
+        ctl = controls.dropna(subset=[x, col]) if {x, col} <= set(controls) else controls.iloc[0:0]
         if not ctl.empty:
-            ax.scatter(ctl["effective_bits_achieved"], ctl[col], marker="*", s=180, c="red", edgecolors="k",
+            ax.scatter(ctl[x], ctl[col], marker="*", s=180, c="red", edgecolors="k",
                        zorder=5, label="uniform FP8 PTQ (control)")
-        ax.set_xlabel("achieved effective bits")
+        ax.set_xlabel("effective bits over all LM Linears" if x == "effective_bits_all_layers" else "achieved effective bits")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,19 +74,25 @@ def scoring_configs(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
 
 def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
     """Pairwise Spearman correlation and top-k overlap of group sensitivity between configurations."""
-    from auto_quantize_model.inference.metrics import spearman
-
     rows = []
     for a, b in itertools.combinations(configs.columns, 2):
-        both = configs[[a, b]].dropna()
-        if len(both) < 3:
-            continue
-        k = max(1, round(top_fraction * len(both)))
-        top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
-        rows.append({"config_a": a, "config_b": b, "groups": len(both),
-                     "spearman": spearman(list(both[a]), list(both[b])),
-                     "top_k": k, "top_k_overlap": len(top_a & top_b) / k})
+        pair = _pair_agreement(configs, a, b, top_fraction)
+        if pair is not None:
+            rows.append({"config_a": a, "config_b": b, **pair})
     return pd.DataFrame(rows, columns=["config_a", "config_b", "groups", "spearman", "top_k", "top_k_overlap"])
+
+
+def _pair_agreement(scores: pd.DataFrame, a: Any, b: Any, top_fraction: float) -> dict[str, Any] | None:
+    """Spearman and top-k overlap of two score columns over the groups both have (None under 3 groups)."""
+    from auto_quantize_model.inference.metrics import spearman
+
+    both = scores[[a, b]].dropna()
+    if len(both) < 3:
+        return None
+    k = max(1, round(top_fraction * len(both)))
+    top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
+    return {"groups": len(both), "spearman": spearman(list(both[a]), list(both[b])), "top_k": k,
+            "top_k_overlap": len(top_a & top_b) / k}
 
 
 def split_controls(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -116,8 +123,6 @@ def seed_variance(layers: pd.DataFrame, trials: pd.DataFrame, top_fraction: floa
 
     A setting is everything that decides a scoring pass except the seed (``SEED_SETTING``).
     """
-    from auto_quantize_model.inference.metrics import spearman
-
     cols = ["setting", "seed_a", "seed_b", "groups", "spearman", "top_k", "top_k_overlap", "median_cv"]
     _, t = split_controls(trials)
     need = [c for c in SEED_SETTING if c in t] + ["calib_seed", "trial_id", "score_cache_key"]
@@ -135,12 +140,7 @@ def seed_variance(layers: pd.DataFrame, trials: pd.DataFrame, top_fraction: floa
         cv = (scores.std(axis=1) / scores.mean(axis=1).abs()).median()
         label = " / ".join(str(v) for v in (setting[:3] + setting[3:6]))
         for a, b in itertools.combinations(scores.columns, 2):
-            both = scores[[a, b]].dropna()
-            if len(both) < 3:
-                continue
-            k = max(1, round(top_fraction * len(both)))
-            top_a, top_b = set(both[a].nlargest(k).index), set(both[b].nlargest(k).index)
-            rows.append({"setting": label, "seed_a": a, "seed_b": b, "groups": len(both),
-                         "spearman": spearman(list(both[a]), list(both[b])), "top_k": k,
-                         "top_k_overlap": len(top_a & top_b) / k, "median_cv": float(cv)})
+            pair = _pair_agreement(scores, a, b, top_fraction)
+            if pair is not None:
+                rows.append({"setting": label, "seed_a": a, "seed_b": b, **pair, "median_cv": float(cv)})
     return pd.DataFrame(rows, columns=cols)

@@ -31,6 +31,8 @@ _KEY = [
     pa.field("trial_id", pa.string(), nullable=False),
     pa.field("effective_bits_target", pa.float64()),
     pa.field("effective_bits_achieved", pa.float64()),
+    # Bits over every LM Linear, excluded layers at their real width: one basis for trials and the control.
+    pa.field("effective_bits_all_layers", pa.float64()),
     pa.field("method", pa.string()),
     pa.field("calibration_hash", pa.string()),
     pa.field("model_id", pa.string()),
@@ -112,6 +114,7 @@ def _key_values(m: dict[str, Any], sweep_id: str | None, trial_id: str) -> dict[
         "trial_id": trial_id,
         "effective_bits_target": m["effective_bits"]["target"],
         "effective_bits_achieved": m["effective_bits"]["achieved"],
+        "effective_bits_all_layers": m["effective_bits"].get("measured_all_layers", m["effective_bits"].get("measured")),
         "method": m["scheme"]["method"],
         "calibration_hash": m["calibration"].get("token_hash"),
         "model_id": m["model"]["config_hash"],
@@ -210,7 +213,8 @@ def control_trials_table(record: dict[str, Any], manifest_path: str | None = Non
     row = {f.name: None for f in TRIALS_SCHEMA}
     row.update({
         "sweep_id": record.get("sweep_id"), "trial_id": record["trial_id"],
-        "effective_bits_achieved": c["effective_bits"], "calibration_hash": c["calibration_hash"],
+        "effective_bits_achieved": c["effective_bits"], "effective_bits_all_layers": c["effective_bits"],
+        "calibration_hash": c["calibration_hash"],
         "model_id": record["model"]["config_hash"], "quantization_formats": c["quant_format"],
         "num_calib_steps": c["num_calib_steps"], "model_path": record["model"]["path"],
         "num_fp8_layers": c["num_quantized_layers"], "num_layers": c["num_layers"],

@@ -15,23 +15,23 @@ from auto_quantize_model.preflight import probe_writable
 log = logging.getLogger("autoquant")
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
+def _numbers(text: str | None, kind: type = float) -> tuple | None:
+    """Comma-separated numbers of ``kind``; with ``int``, ``2.5`` is refused, not truncated."""
     if not text:
         return None
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        return tuple(kind(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from exc
+        what = "whole numbers" if kind is int else "numbers"
+        raise UserError(f"expected comma-separated {what}, got {text!r}") from exc
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return _numbers(text, float)
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
-    """Comma-separated whole numbers; ``2.5`` is refused, not truncated."""
-    if not text:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise UserError(f"expected comma-separated whole numbers, got {text!r}") from exc
+    return _numbers(text, int)
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:

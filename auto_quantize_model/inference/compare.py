@@ -129,6 +129,7 @@ def compare_runs(
             "scheme": m["scheme"]["name"],
             "effective_bits_target": m["effective_bits"]["target"],
             "effective_bits_achieved": m["effective_bits"]["achieved"],
+            "effective_bits_all_layers": m["effective_bits"].get("measured_all_layers", m["effective_bits"]["measured"]),
             "num_fp8_layers": m["num_quantized_layers"],
             "num_layers": m.get("num_layers", len(m["layers"])),
             **result,
@@ -193,14 +194,14 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
         f"calibrated on them. KL is KL({ref} || run) of next-token distributions, per token. The reference is the "
         f"unquantized checkpoint as loaded ({ref}).",
         "",
-        "| run | scheme | bits (target/achieved) | FP8 layers | perplexity | KL mean | KL max | top-1 agree | error~score Spearman |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {ref} reference | - | 16 | 0 | {comp['reference']['metrics']['perplexity']:.4f} | 0 | 0 | 1.000 | - |",
+        "| run | scheme | bits (target/achieved) | bits, all LM Linears | FP8 layers | perplexity | KL mean | KL max | top-1 agree | error~score Spearman |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {ref} reference | - | 16 | 16 | 0 | {comp['reference']['metrics']['perplexity']:.4f} | 0 | 0 | 1.000 | - |",
     ]
     if ctl:
         mt = ctl["metrics"]
         lines.append(
-            f"| uniform FP8 PTQ (control) | {ctl['quant_format']} | -/{ctl['effective_bits']:.3f} | "
+            f"| uniform FP8 PTQ (control) | {ctl['quant_format']} | - | {ctl['effective_bits']:.3f} | "
             f"{ctl['num_quantized_layers']}/{ctl['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
             f"{mt['kl_max']:.4g} | {mt['top1_agreement']:.3f} | - |")
     for r in comp["runs"]:
@@ -208,10 +209,15 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
         rho = ev_s.get("spearman")
         lines.append(
             f"| {r['name']} | {r['scheme']} | {r['effective_bits_target']:g}/{r['effective_bits_achieved']:.3f} | "
+            f"{r.get('effective_bits_all_layers') or r['effective_bits_achieved']:.3f} | "
             f"{r['num_fp8_layers']}/{r['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
             f"{mt['kl_max']:.4g} | {mt['top1_agreement']:.3f} | {'n/a' if rho is None else f'{rho:.3f}'} |"
         )
     if ctl:
+        lines += ["", "Compare runs with the control on `bits, all LM Linears` (every LM Linear counted, layers a "
+                  "scheme keeps out of its search or budget at their real width): `achieved` is over the layers the "
+                  "scheme's budget covers, so a default FP8 scheme at 8 bits and the control can be the same model "
+                  "with different `achieved` figures."]
         lines += ["", f"The control is `mtq.quantize` with ModelOpt's `{ctl['quant_format']}` as shipped (its own "
                   f"name-pattern exclusions keep {', '.join(f'`{n}`' for n in ctl['unquantized_layers']) or 'nothing'} "
                   f"unquantized), max-calibrated on the first run's {ctl['num_calib_steps']} calibration batches: "
