@@ -235,7 +235,7 @@ def _finish(
     reused = score_cache["reused"]
     best = search_state["best"]
     if not best["is_satisfied"]:
-        log.warning("scheme %s: the solver could not meet %.4g effective bits (achieved %.4g)",
+        log.warning("scheme %s: ModelOpt's LP ended without an optimal status at %.4g effective bits (achieved %.4g)",
                     scheme.name, scheme.effective_bits, best["constraints"].get("effective_bits", float("nan")))
 
     mpath, rpath, apath = manifest_path(output_dir, scheme.name), report_path(output_dir), restore_path(output_dir, scheme.name)
