@@ -378,8 +378,10 @@ def test_run_killed_or_interrupted_while_scoring_then_next_run_succeeds(tiny_mod
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cache = tmp_path / "cache"
+    # A shell running this suite in the background (as CI may) starts it with SIGINT ignored, which children
+    # inherit and Python then keeps: give the run the default disposition a terminal's Ctrl-C meets.
     proc = subprocess.Popen(_run_cmd(tiny_model_dir, tmp_path / "a", cache), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None and not list(cache.glob(".search_*.partial.pth")):
         time.sleep(0.05)  # the partial file appears when calibration is saved: scoring starts now
