@@ -29,7 +29,7 @@ from torch import nn
 
 from auto_quantize_model.autoquant.manifest import NO_QUANT
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.rebuild import RunArtifacts, find_run
+from auto_quantize_model.inference.rebuild import RunArtifacts, check_same_checkpoint, find_run
 from auto_quantize_model.io_utils import atomic_directory, atomic_write_json
 from auto_quantize_model.provenance import git_revision, versions
 
@@ -72,22 +72,14 @@ def _check_output_dir(out: Path) -> None:
         raise UserError(f"export dir {out} exists and is not empty; pass a new --output-dir")
 
 
-def _check_checkpoint(run: RunArtifacts, config: dict[str, Any], model_dir: Path) -> dict[str, str]:
+def _check_checkpoint(run: RunArtifacts, config: dict[str, Any], model_dir: Path, arch: str) -> dict[str, str]:
     """The checkpoint's identity (config hash, weights fingerprint), refused unless it is the run's."""
     from auto_quantize_model.models.fingerprint import weights_fingerprint
     from auto_quantize_model.models.loading import config_hash
 
-    m = run.manifest["model"]
-    h = config_hash(config)
-    if h != m["config_hash"]:
-        raise UserError(f"run {run.run_dir} was made on another checkpoint (config {m['config_hash'][:12]}, "
-                        f"--model-dir {model_dir} has {h[:12]}); pass the checkpoint the run used")
-    fp = weights_fingerprint(model_dir)
-    if fp != m.get("weights_fingerprint"):
-        raise UserError(f"run {run.run_dir} was made on weights {str(m.get('weights_fingerprint'))[:12]} but "
-                        f"--model-dir {model_dir} has weights {fp[:12]} (same config, other weights); pass the "
-                        "checkpoint the run used")
-    return {"config_hash": h, "weights_fingerprint": fp}
+    ident = {"config_hash": config_hash(config), "weights_fingerprint": weights_fingerprint(model_dir)}
+    check_same_checkpoint(run, arch, ident["config_hash"], ident["weights_fingerprint"])
+    return ident
 
 
 def _quantized_target(full: nn.Module, scope: str) -> nn.Module:
@@ -207,9 +199,9 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     _check_output_dir(out)
     src = Path(model_dir)
     config = read_checkpoint_config(src)
-    ident = _check_checkpoint(run, config, src)
-    chash = ident["config_hash"]
     arch, cls = _model_class(config)
+    ident = _check_checkpoint(run, config, src, arch)
+    chash = ident["config_hash"]
     dev = resolve_device(device)
     t0 = time.perf_counter()
     try:

@@ -53,6 +53,12 @@ def _check(run: RunArtifacts, architecture: str, config_hash: str, fingerprint: 
     if m.get("scope", "language_model") != "language_model":
         raise UserError(f"run {run.run_dir} searched the whole VLM ({m.get('scope')}); infer and compare rebuild the "
                         "language model only: evaluate a language-model run (text captions) instead")
+    check_same_checkpoint(run, architecture, config_hash, fingerprint)
+
+
+def check_same_checkpoint(run: RunArtifacts, architecture: str, config_hash: str, fingerprint: str) -> None:
+    """Refuse a run made on another architecture, config hash or weights fingerprint (one line naming both)."""
+    m = run.manifest["model"]
     if m["architecture"] != architecture or m["config_hash"] != config_hash:
         raise UserError(
             f"run {run.run_dir} was made on {m['architecture']} (config {m['config_hash'][:12]}) but --model-dir "
