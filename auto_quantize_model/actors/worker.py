@@ -165,6 +165,7 @@ class ModelWorker:
         import torch
 
         from auto_quantize_model.analysis.tables import write_trial
+        from auto_quantize_model.autoquant.passes import ScoringPass
         from auto_quantize_model.autoquant.session import SearchSession
         from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
@@ -183,6 +184,11 @@ class ModelWorker:
                 self.session = SearchSession(self.loaded, self.calib, out["cache"], fresh_model=self._checked_fresh_model)
             if trial.get("scoring_key") not in (None, self.session.key(scheme)):
                 raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
+            pass_ran, pass_s = False, 0.0
+            if trial.get("scoring_pass") and not self.session.can_resolve_in_memory(scheme):
+                # One shared scoring pass serves every trial whose search differs only in its formats.
+                outcome = self.session.run_pass(ScoringPass.from_dict(trial["scoring_pass"]))
+                pass_ran, pass_s = outcome.ran, outcome.seconds
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=self.spec.name)
             restore_s = self.session.last_copy_seconds
         except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
@@ -209,7 +215,8 @@ class ModelWorker:
                     equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
-        (self.m_passes if result.scored else self.m_reuses).inc(1, tags)
+        scored = result.scored or pass_ran
+        (self.m_passes if scored else self.m_reuses).inc(1, tags)
         self.m_trials.inc(1, {"worker": self.name, "status": "ok"})
         self.m_gpu.set(peak, tags)
         timings = m["timings"]
@@ -217,7 +224,7 @@ class ModelWorker:
             "status": "ok", "trial": tid, "worker": self.name, "scheme": trial["scheme"],
             "effective_bits_target": trial["effective_bits"], "effective_bits_achieved": m["effective_bits"]["achieved"],
             "budget_met": m["budget_met"], "num_fp8_layers": m["num_quantized_layers"], "num_layers": m["num_layers"],
-            "scored": result.scored, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
+            "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_calibrate": timings.get("calibrate") or 0.0,
             "time_score": timings.get("score") or timings.get("calibrate_and_score") or 0.0,
             "time_solve": timings["solve"], "time_write": timings.get("write_restore", 0.0),

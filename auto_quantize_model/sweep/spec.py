@@ -229,16 +229,29 @@ def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
                         schemes_file: str | None) -> dict[str, str]:
-    """Set each trial's ``scoring_key`` with the run's own identity function; returns errors by trial id for
-    trials whose scheme does not resolve (they keep ``None`` and fail alone, recorded)."""
+    """Set each trial's ``scoring_key``, ``lease_key`` and ``scoring_pass`` with the run's own identity function;
+    returns errors by trial id for trials whose scheme does not resolve (they keep ``None`` and fail alone).
+
+    Trials whose searches differ only in their candidate formats share one scoring pass (``autoquant/passes.py``):
+    they carry the pass (union scheme and members) and lease under the pass's key, so the pool lets one worker
+    run it while the others wait, then serves them all from the cache.
+    """
     from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
+    from auto_quantize_model.autoquant.passes import plan_passes
     from auto_quantize_model.configs.schemes import resolve_trial_scheme
 
     base = DataIdentity(**identity)
     errors = {}
+    schemes = {}
     for t in trials:
         try:
-            t["scoring_key"] = scoring_key(base, resolve_trial_scheme(t, schemes_file))
+            schemes[t["trial_id"]] = resolve_trial_scheme(t, schemes_file)
+            t["scoring_key"] = scoring_key(base, schemes[t["trial_id"]])
         except UserError as exc:
             errors[t["trial_id"]] = str(exc)
+    plan = plan_passes(base, schemes.values())
+    for t in trials:
+        sp = plan.get(t["scoring_key"]) if t["scoring_key"] else None
+        t["scoring_pass"] = sp.to_dict() if sp else None
+        t["lease_key"] = sp.key(base) if sp else t["scoring_key"]
     return errors

@@ -52,7 +52,7 @@ def run_trial(config: dict[str, Any], context: dict[str, str]) -> None:
         tune.report({**done, "from_previous_run": True})
         return
     pool = ray.get_actor(context["pool"], namespace=context["namespace"])
-    lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
+    lease = ray.get(pool.acquire.remote(trial["trial_id"], trial.get("lease_key", trial["scoring_key"])))
     worker = ray.get_actor(lease["worker"], namespace=context["namespace"])
     try:
         result = ray.get(worker.run_trial.remote(trial, lease, context))
