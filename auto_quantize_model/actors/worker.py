@@ -39,6 +39,9 @@ class ModelWorker:
         from auto_quantize_model.sweep.spec import SweepSpec
 
         setup_logging(False)
+        threads = int(spec_dict.get("worker", {}).get("num_threads") or 0)
+        if threads:  # the driver also set OMP_NUM_THREADS for this process; torch may have read it already
+            torch.set_num_threads(threads)
         self.spec = SweepSpec(**{k: v for k, v in spec_dict.items() if k != "schema_version"})
         self.name = name
         self.pool = ray.get_actor(pool_name, namespace=namespace)
@@ -54,11 +57,13 @@ class ModelWorker:
         # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
         # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
         self.session = None
+        self._leases: dict[int, list[bool]] = {}  # lease number -> [any trial ok, any trial scored]
         self.pristine_on = self._place_pristine()
         self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
         self.load_seconds = time.perf_counter() - t
         self._init_metrics()
-        log.info("worker %s ready on %s in %.2fs (pristine copy on %s)", name, device, self.load_seconds, self.pristine_on)
+        log.info("worker %s ready on %s in %.2fs (pristine copy on %s, %d host threads)", name, device,
+                 self.load_seconds, self.pristine_on, torch.get_num_threads())
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -150,16 +155,23 @@ class ModelWorker:
             return False
         return True
 
-    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
-        """Run one trial end to end; always hands the lease back, even on failure."""
-        ok, scored = False, None
+    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str],
+                  release: bool = True) -> dict[str, Any]:
+        """Run one trial end to end. With ``release`` (the last trial of its lease) the lease goes back to the pool
+        afterwards, even on failure, saying whether any trial under it succeeded and whether any scored."""
+        ok, scored = False, False
         try:
             result = self._run(trial, out)
             ok = result["status"] == "ok"
-            scored = result.get("scored")
+            scored = bool(result.get("scored"))
             return result
         finally:
-            self.pool.release.remote(lease, ok, scored)
+            held = self._leases.setdefault(lease["lease"], [False, False])
+            held[0] |= ok
+            held[1] |= scored
+            if release:
+                any_ok, any_scored = self._leases.pop(lease["lease"])
+                self.pool.release.remote(lease, any_ok, any_scored)
 
     def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
         import torch
@@ -234,6 +246,9 @@ class ModelWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (for the summary)."""
+        import torch
+
         return {"name": self.name, "device": str(self.loaded.device), "pid": os.getpid(),
+                "num_threads": torch.get_num_threads(),
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

@@ -32,6 +32,9 @@ class WorkerSettings:
     num_gpus: float = 1.0  # 0 runs workers on CPU (tests, CPU-only clusters)
     num_cpus: float = 1.0  # explicit: a GPU actor otherwise holds 1 CPU and trials can starve
     pristine: str = "auto"  # where the unquantized copy lives: gpu, cpu (pinned), auto
+    # Host threads of each worker (torch intra-op, OpenMP). 0: the cluster's CPUs shared out among the workers.
+    # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
+    num_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ SPEC_KINDS = {
     "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
     "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
 }
-WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str"}
+WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int"}
 
 
 def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
@@ -129,6 +132,8 @@ def _validate(spec: SweepSpec) -> None:
         raise UserError("the sweep has no schemes; list at least one")
     if spec.worker.pristine not in ("gpu", "cpu", "auto"):
         raise UserError(f"worker.pristine must be gpu, cpu or auto, got {spec.worker.pristine!r}")
+    if spec.worker.num_threads < 0:
+        raise UserError("worker.num_threads must be >= 0 (0: the cluster's CPUs shared out among the workers)")
     if spec.worker.num_cpus <= 0:
         raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
     if any(s <= 0 for s in spec.num_score_steps):
@@ -255,3 +260,28 @@ def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
         t["scoring_pass"] = sp.to_dict() if sp else None
         t["lease_key"] = sp.key(base) if sp else t["scoring_key"]
     return errors
+
+
+def group_units(trials: list[dict[str, Any]], num_workers: int) -> list[dict[str, Any]]:
+    """Tune trials ("units"): the sweep's trials grouped by lease key, each group run on one leased worker.
+
+    Trials of one lease key share a scoring pass, so they run one after another anyway (the first scores, the
+    rest re-solve, in memory where the scoring key repeats); one Tune trial per group pays Tune's per-trial
+    start, report and bookkeeping once per group instead of once per budget. Where there are fewer groups than
+    workers, the largest groups are split so every worker gets work (a split part waits for the pass, then
+    re-solves from the cache). Trials that did not resolve (no key) are units of their own.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault(t.get("lease_key") or f"trial:{t['trial_id']}", []).append(t)
+    # Same scoring key back to back: every trial after the first of a key re-solves in memory.
+    units = [sorted(g, key=lambda t: str(t.get("scoring_key"))) for g in groups.values()]
+    while len(units) < num_workers:
+        big = max(range(len(units)), key=lambda i: len(units[i]))
+        if len(units[big]) < 2:
+            break
+        u = units.pop(big)
+        half = (len(u) + 1) // 2
+        units[big:big] = [u[:half], u[half:]]
+    return [{"unit_id": f"u{i:03d}-{u[0]['trial_id']}", "lease_key": u[0].get("lease_key"), "trials": u}
+            for i, u in enumerate(units)]
