@@ -150,7 +150,10 @@ def test_sweep_runs_one_scoring_pass_for_two_format_sets(ray_cluster, tiny_model
     assert [r["status"] for r in rows] == ["ok"] * 4
     (pass_key,) = {r["lease_key"] for r in rows}
     assert res["stats"]["passes"] == {pass_key: 1}
-    assert sum(r["scored"] for r in rows) == 1
+    assert sum(r["scored"] for r in rows) == 1 and res["stats"]["reuses"] == 3
+    # One lease key on two workers: two Tune trials (the unit split so both workers get work), not four.
+    spec_json = json.loads((tmp_path / "sweeps" / "p" / "sweep_spec.json").read_text())
+    assert spec_json["num_trials"] == 4 and spec_json["num_tune_trials"] == 2
     for r in rows:
         m = json.loads(next((tmp_path / "sweeps" / "p" / "autoquant" / "trials" / r["trial_id"])
                             .glob("*_quant_manifest.json")).read_text())

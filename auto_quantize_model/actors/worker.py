@@ -57,7 +57,7 @@ class ModelWorker:
         # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
         # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
         self.session = None
-        self._leases: dict[int, list[bool]] = {}  # lease number -> [any trial ok, any trial scored]
+        self._leases: dict[int, list] = {}  # lease number -> [any trial ok, any trial scored, trials reusing scores]
         self.pristine_on = self._place_pristine()
         self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
         self.load_seconds = time.perf_counter() - t
@@ -166,12 +166,13 @@ class ModelWorker:
             scored = bool(result.get("scored"))
             return result
         finally:
-            held = self._leases.setdefault(lease["lease"], [False, False])
+            held = self._leases.setdefault(lease["lease"], [False, False, 0])
             held[0] |= ok
             held[1] |= scored
+            held[2] += ok and not scored
             if release:
-                any_ok, any_scored = self._leases.pop(lease["lease"])
-                self.pool.release.remote(lease, any_ok, any_scored)
+                any_ok, any_scored, reused = self._leases.pop(lease["lease"])
+                self.pool.release.remote(lease, any_ok, any_scored, reused)
 
     def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
         import torch
