@@ -151,6 +151,7 @@ def test_trials_table_columns_and_throughput_plot(measured, tmp_path):
     res = analyze([str(root / "runs")], tmp_path / "an")
     assert any(str(p).endswith("pareto_throughput.png") for p in res["plots"])
     assert (tmp_path / "an" / "pareto_throughput.png").is_file()
+    assert "### Measured cost (real FP8 layers)" in (tmp_path / "an" / "analysis.md").read_text()
     trials = load_trials(tmp_path / "an" / "tables").set_index("scheme")
     for label, (_, cost) in out.items():
         row = trials.loc[f"fp8_{label}"]
