@@ -171,3 +171,15 @@ def test_unreadable_measurement_is_ignored(tmp_path):
     c = ModelCost(1.0, 2.0, 3, 0)
     cost = TrialCost(c, c, c, "cpu", 1, 2, False, {})
     assert TrialCost.from_dict(cost.to_dict()) == cost
+
+
+def test_sweep_measure_refused_when_workers_have_no_cuda(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    """The test cluster's fake GPUs give workers no CUDA device: each worker refuses at start, before any trial,
+    and the sweep exits 2 with one line (needs the ModelWorker snippet that builds its CostMeter)."""
+    storage = tmp_path / "sweeps"
+    assert main(["sweep", "--name", "m", "--model-dir", str(tiny_model_dir), "--storage-path", str(storage),
+                 "--captions-path", "demo", "--max-calib-samples", "16", "--batch-size", "4", "--calib-seq-len", "32",
+                 "--schemes", "fp8_autoquant_top25", "--effective-bits", "12", "--num-workers", "1", "--measure"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0] and "drop --measure" in err[0], err
+    assert not list(storage.glob("m/autoquant/trials/*/*_quant_manifest.json"))
