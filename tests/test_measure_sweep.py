@@ -41,7 +41,7 @@ def test_measure_setting_round_trips_through_toml_and_dict(tiny_model_dir, tmp_p
 
 
 def test_measure_cli_flags_reach_the_spec(tiny_model_dir, tmp_path, monkeypatch):
-    import auto_quantize_model.sweep.driver as driver
+    from auto_quantize_model.sweep import driver
 
     seen = []
 
@@ -103,7 +103,7 @@ def measured(loaded, calib, tmp_path_factory):
 
 
 def test_meter_fills_every_figure(measured):
-    _, meter, out = measured
+    out = measured[2]
     costs = [cost for _, cost in out.values()]
     # Baselines are measured once per meter (worker) and shared by every run.
     assert all(c.bf16 is costs[0].bf16 and c.uniform_fp8 is costs[0].uniform_fp8 for c in costs)
@@ -125,20 +125,27 @@ def test_meter_fills_every_figure(measured):
 
 @pytest.mark.parametrize("label", [r[0] for r in RUNS])
 def test_in_memory_fp8_copy_has_the_exports_layers_and_bytes(measured, tiny_model_dir, tmp_path, label):
-    """What is timed is what ``autoquant export`` writes: the same FP8 layers and the same weight bytes."""
+    """What is timed is what ``autoquant export`` writes: the same FP8 layers and the same weight bytes; and
+    it computes the run's fake-quant model bit for bit (CPU, bf16), closer than the export (whose exporter
+    also unifies the scales of layers sharing an input)."""
     from auto_quantize_model.export.hf import export_run
     from auto_quantize_model.inference.fp8_linear import load_exported_lm
+    from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
     from auto_quantize_model.models.loading import load_language_model
 
     res, _ = measured[2][label]
     export_run(res.manifest_path.parent, tiny_model_dir, tmp_path / "export")
     ex = load_exported_lm(tmp_path / "export", device="cpu")
-    bf16 = load_language_model(tiny_model_dir, device="cpu", dtype="bfloat16").model
-    copy = to_fp8_model(bf16, res.model, fp8_layer_names(res.manifest))
+    bf16 = load_language_model(tiny_model_dir, device="cpu", dtype="bfloat16")
+    fake_quant = build_quantized_model(bf16, find_run(res.manifest_path.parent))
+    copy = to_fp8_model(bf16.model, fake_quant, fp8_layer_names(res.manifest))
     ours = sorted(n for n, m in copy.named_modules() if isinstance(m, Fp8Linear))
     assert ours == ex.fp8_layers
     assert all(copy.get_submodule(n).weight.dtype == torch.float8_e4m3fn for n in ours)
     assert weight_bytes(copy) == weight_bytes(ex.model)
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(ids), fake_quant(ids))
 
 
 def test_trials_table_columns_and_throughput_plot(measured, tmp_path):

@@ -5,7 +5,8 @@ scales ModelOpt's exporter computes for each layer (``get_weight_scaling_factor`
 ``get_activation_scaling_factor``, ``to_quantized_weight``), so no checkpoint is written per trial. It
 differs from ``autoquant export`` in one way that changes no dtype, shape or kernel: the exporter also
 unifies the scales of layers that share an input (q/k/v, gate/up). Speed and weight memory are therefore
-those of the export (a test checks the same FP8 layers and the same bytes on the tiny model).
+those of the export (a test checks the same FP8 layers and the same bytes on the tiny model), and its logits
+equal the run's fake-quant model's bit for bit on CPU in bf16 (tests/test_measure_sweep.py).
 
 The copy shares every BF16 tensor with the model it is built from (only FP8 weights are new memory) and
 is dropped after measuring. :class:`CostMeter` measures BF16 and uniform FP8 once per process, lazily, and
