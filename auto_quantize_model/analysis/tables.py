@@ -16,12 +16,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from auto_quantize_model.io_utils import set_default_mode, sha256_json
+
+if TYPE_CHECKING:
+    from auto_quantize_model.inference.cost import TrialCost
 
 TABLES_SCHEMA_VERSION = 1
 PARTITION = "scheme"
@@ -62,6 +65,18 @@ LAYERS_SCHEMA = pa.schema(
 # prefill_tokens_per_s: measured on a GPU from the run's FP8 export (inference/measure.py), when present.
 METRICS = ("perplexity", "reference_perplexity", "kl_mean", "kl_max", "top1_agreement", "prefill_tokens_per_s")
 TIMINGS = ("load", "calibrate", "score", "solve", "total")
+# Measured real-FP8 cost (sweep ``measure``, inference/cost.py); prefill_tokens_per_s is in METRICS above.
+MEASURED = [
+    pa.field("decode_tokens_per_s", pa.float64()),
+    pa.field("lm_weight_bytes", pa.int64()),
+    pa.field("prefill_vs_bf16", pa.float64()),
+    pa.field("decode_vs_bf16", pa.float64()),
+    pa.field("lm_weight_vs_bf16", pa.float64()),
+    pa.field("prefill_vs_uniform_fp8", pa.float64()),
+    pa.field("measure_batch_size", pa.int32()),
+    pa.field("measure_seq_len", pa.int32()),
+    pa.field("measure_device", pa.string()),
+]
 
 TRIALS_SCHEMA = pa.schema(
     _KEY
@@ -90,6 +105,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("reference_dtype", pa.string()),
         pa.field("calib_seed", pa.int64()),
         pa.field("calib_chat_template", pa.bool_()),
+        *MEASURED,
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
@@ -166,8 +182,10 @@ def trials_table(
     manifest_path: str | None = None,
     settings: dict[str, Any] | None = None,
     equivalent_schemes: str | None = None,
+    measurement: TrialCost | None = None,
 ) -> pa.Table:
-    """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known)."""
+    """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known);
+    ``measurement`` fills the measured-cost columns."""
     metrics = metrics or {}
     if m is None:
         s = settings or {}
@@ -204,6 +222,7 @@ def trials_table(
         "reference_dtype": m["model"].get("dtype"),
         "calib_seed": m["calibration"].get("seed"),
         "calib_chat_template": bool(m["calibration"].get("chat_template")),
+        **(measurement.columns() if measurement is not None else {}),
     }
     return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
 

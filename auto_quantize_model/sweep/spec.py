@@ -63,6 +63,11 @@ class SweepSpec:
     evaluate: bool = False
     eval_captions: str | None = None
     max_eval_samples: int = 32
+    # Opt-in: each trial's real FP8 prefill/decode tokens/s and weight memory vs BF16 and uniform FP8, on the
+    # worker's GPU (inference/measure_run.py); prefill at measure_batch_size x measure_seq_len tokens.
+    measure: bool = False
+    measure_batch_size: int = 4
+    measure_seq_len: int = 512
     address: str | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
@@ -77,6 +82,12 @@ class SweepSpec:
         """Tune's experiment directory; our trials, tables and score cache live under it too."""
         return Path(self.storage_path).resolve() / self.name
 
+    def measure_settings(self) -> Any:
+        """The :class:`MeasureSettings` of ``measure`` (decode shape, repeats and warm-up at their defaults)."""
+        from auto_quantize_model.inference.measure import MeasureSettings
+
+        return MeasureSettings(batch_size=self.measure_batch_size, seq_len=self.measure_seq_len)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, versioned."""
         return {"schema_version": SWEEP_SPEC_VERSION, **dataclasses.asdict(self)}
@@ -90,6 +101,7 @@ SPEC_KINDS = {
     "num_calib_steps": "int?", "schemes_file": "str?", "max_calib_samples": "int", "batch_size": "int",
     "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
     "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
+    "measure": "bool", "measure_batch_size": "int", "measure_seq_len": "int",
 }
 WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int"}
 
@@ -123,7 +135,8 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
 
 def _validate(spec: SweepSpec) -> None:
     check_sweep_name(spec.name)
-    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples"):
+    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples", "measure_batch_size",
+                "measure_seq_len"):
         if getattr(spec, key) <= 0:
             raise UserError(f"sweep setting {key} must be positive, got {getattr(spec, key)}")
     if spec.num_workers < 0 or spec.max_failures < 0:
@@ -138,6 +151,9 @@ def _validate(spec: SweepSpec) -> None:
         raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
     if any(s <= 0 for s in spec.num_score_steps):
         raise UserError("num_score_steps entries must be positive")
+    if spec.measure and spec.worker.num_gpus <= 0:
+        raise UserError("measure times FP8 kernels on the workers' GPUs, but worker.num_gpus is 0 (CPU workers): "
+                        "give workers a GPU or drop measure")
 
 
 def check_sweep_name(name: str) -> None:
