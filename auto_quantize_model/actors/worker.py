@@ -54,6 +54,11 @@ class ModelWorker:
             device=self.loaded.device, chat_template=self.spec.chat_template,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
+        self.meter = None  # opt-in measured cost; refuses a worker without an FP8-capable GPU, before any trial
+        if self.spec.measure:
+            from auto_quantize_model.inference.measure_run import CostMeter
+
+            self.meter = CostMeter(self.loaded, self.calib, self.spec.measure_settings())
         # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
         # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
         self.session = None
@@ -223,8 +228,13 @@ class ModelWorker:
             evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial["num_calib_steps"],
                              out["trials"], out["tables"], self.spec.name)
             eval_s = time.perf_counter() - t
+        cost = None
+        if self.meter is not None:  # real-FP8 prefill/decode tokens/s and weight bytes; writes measurement.json
+            on_device = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
+            cost = self.meter.measure(on_device, result.model, result.manifest, trial_dir)
+            del on_device
         m = result.manifest
-        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path),
+        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
                     equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
@@ -237,7 +247,8 @@ class ModelWorker:
             "status": "ok", "trial": tid, "worker": self.name, "scheme": trial["scheme"],
             "effective_bits_target": trial["effective_bits"], "effective_bits_achieved": m["effective_bits"]["achieved"],
             "budget_met": m["budget_met"], "num_fp8_layers": m["num_quantized_layers"], "num_layers": m["num_layers"],
-            "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
+            "scored": scored, "time_scoring_pass": pass_s,
+            "prefill_vs_bf16": cost.ratio("prefill_tokens_per_s") if cost else None, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_calibrate": timings.get("calibrate") or 0.0,
             "time_score": timings.get("score") or timings.get("calibrate_and_score") or 0.0,
             "time_solve": timings["solve"], "time_write": timings.get("write_restore", 0.0),

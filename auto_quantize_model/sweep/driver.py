@@ -75,6 +75,9 @@ def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if spec.worker.num_gpus > 0 and gpus == 0:
+        if spec.measure:
+            raise UserError("measure times FP8 kernels on GPUs, but the Ray cluster has none: run on a GPU cluster "
+                            "or drop --measure")
         log.warning("the Ray cluster has no GPUs: model workers run on CPU")
         spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_gpus=0))
     n = spec.num_workers or (max(1, int(gpus // spec.worker.num_gpus)) if spec.worker.num_gpus > 0 else 1)
@@ -118,7 +121,8 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
         infos = ray.get([w.info.remote() for w in workers])
     except ray.exceptions.RayActorError as exc:
         cause = getattr(exc, "cause", None) or exc
-        raise UserError(f"a model worker failed to start: {str(cause).strip().splitlines()[-1]}") from exc
+        last = str(cause).strip().splitlines()[-1].removeprefix("auto_quantize_model.errors.UserError: ")
+        raise UserError(f"a model worker failed to start: {last}") from exc
     identities = ray.get([w.identity.remote() for w in workers])
     if any(i != identities[0] for i in identities[1:]):
         raise UserError("model workers loaded different weights or data (their identities differ); give every node "
