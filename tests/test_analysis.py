@@ -12,7 +12,13 @@ import pytest
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.analysis.aggregate import aggregate
 from auto_quantize_model.analysis.report import analyze
-from auto_quantize_model.analysis.summaries import flip_budgets, inclusion_curve, pareto_front, rank_agreement, scoring_configs
+from auto_quantize_model.analysis.summaries import (
+    flip_budgets,
+    inclusion_curve,
+    pareto_front,
+    rank_agreement,
+    scoring_configs,
+)
 from auto_quantize_model.analysis.tables import LAYERS_SCHEMA, TRIALS_SCHEMA, write_trial
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main

@@ -191,8 +191,8 @@ def test_unreachable_budget_is_the_same_error_on_every_path(loaded, calib, tmp_p
 
 def test_sequential_quantizer_is_labelled_and_unlabellable_formats_fail_first(loaded, calib, tmp_path, monkeypatch):
     # Old code: SequentialQuantizer has no num_bits -> AttributeError after the whole search, no manifest.
-    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
     from auto_quantize_model.autoquant.layers import format_weight_label, quantizer_label
     from auto_quantize_model.modelopt_configs import CUSTOM_QUANT_CONFIGS, resolve_quant_config

@@ -170,7 +170,7 @@ def trials_table(
     metrics = metrics or {}
     if m is None:
         s = settings or {}
-        row = {f.name: None for f in TRIALS_SCHEMA}
+        row: dict[str, Any] = {f.name: None for f in TRIALS_SCHEMA}
         row.update({"sweep_id": sweep_id, "trial_id": trial_id, "effective_bits_target": s.get("effective_bits"),
                     "method": s.get("method"), "status": status, "error": error, "written_at": time.time(),
                     "equivalent_schemes": ",".join(s.get("equivalent_schemes") or []) or None})
@@ -210,7 +210,7 @@ def control_trials_table(record: dict[str, Any], manifest_path: str | None = Non
     """The trials row of a uniform-PTQ control record (``*_control.json``, see inference/controls.py):
     ``is_control`` true, no target bits, no scores; achieved bits are the control's measured bits."""
     c, metrics = record["control"], record.get("metrics") or {}
-    row = {f.name: None for f in TRIALS_SCHEMA}
+    row: dict[str, Any] = {f.name: None for f in TRIALS_SCHEMA}
     row.update({
         "sweep_id": record.get("sweep_id"), "trial_id": record["trial_id"],
         "effective_bits_achieved": c["effective_bits"], "effective_bits_all_layers": c["effective_bits"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+
 from auto_quantize_model.errors import check_output_dir
 
 __all__ = ["check_output_dir", "setup_logging"]
