@@ -48,3 +48,11 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="autoquant", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test on the shared local Ray is ``slow`` (Ray start plus a sweep is tens of seconds), so the
+    fast tier ``pytest -m "not slow"`` needs no list here; other slow tests carry ``@pytest.mark.slow``."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -19,11 +19,11 @@ from auto_quantize_model.analysis.summaries import (
     rank_agreement,
     scoring_configs,
 )
-from auto_quantize_model.analysis.tables import LAYERS_SCHEMA, TRIALS_SCHEMA, write_trial
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.records.tables import LAYERS_SCHEMA, TRIALS_SCHEMA, write_trial
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def test_report_only_on_corrupt_manifest(tmp_path, capsys):
     assert not (out / "layer-sensitivity-report.md").exists()
 
 
+@pytest.mark.slow
 def test_console_script_and_seed_script_fail_cleanly(tmp_path):
     """The real entry points: no traceback, exit 2, one line."""
     for cmd in (
@@ -116,6 +117,7 @@ def test_console_script_and_seed_script_fail_cleanly(tmp_path):
         assert proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_seed_script_runs_a_scheme(tiny_model_dir, tmp_path):
     out = tmp_path / "seed"
     proc = subprocess.run(
@@ -129,6 +131,7 @@ def test_seed_script_runs_a_scheme(tiny_model_dir, tmp_path):
     assert m["calibration"]["seed"] == 1 and m["scheme"]["name"] == "fp8_autoquant_top25"
 
 
+@pytest.mark.slow
 def test_schemes_and_make_tiny_model(tmp_path, capsys):
     assert main(["schemes"]) == 0
     listing = capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.analysis.report import analyze
 from auto_quantize_model.analysis.summaries import seed_variance
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.report import render_report
 from auto_quantize_model.autoquant.run import run_scheme, score_cache_key
 from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -18,7 +19,6 @@ from auto_quantize_model.datasets.calibration import build_calibration_set
 from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.inference.compare import EvalSettings, compare_runs, render_comparison
 from auto_quantize_model.inference.metrics import error_vs_sensitivity, layer_output_errors
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 @pytest.fixture(scope="module")

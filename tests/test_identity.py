@@ -18,12 +18,12 @@ import torch
 
 import auto_quantize_model.autoquant.run as run_mod
 from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import forward_step, run_scheme
 from auto_quantize_model.autoquant.session import SearchSession
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 def _scheme(name="fp8_autoquant_top50", **kw):
@@ -285,6 +285,7 @@ def test_full_disk_while_writing_the_cache_is_one_line_and_recoverable(loaded, c
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_two_processes_on_one_cache_score_once(tiny_model_dir, tmp_path):
     # Old code: both processes scored and wrote the same .pth in place at once.
     def cmd(out, bits):
@@ -370,6 +371,7 @@ def _run_cmd(model_dir, out, cache):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+@pytest.mark.slow
 def test_run_killed_or_interrupted_while_scoring_then_next_run_succeeds(tiny_model_dir, tmp_path, sig):
     # Old code: the checkpoint ModelOpt saved after calibration stayed as search_<key>.pth; later runs took it as
     # reusable scores and failed (KeyError ...quant_recipe) or mislabelled themselves reused.

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import forward_step, run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -15,7 +16,6 @@ from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.inference.compare import EvalSettings, compare_runs, held_out_source
 from auto_quantize_model.inference.generate import encode_prompts, first_divergence, greedy_generate
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 @pytest.fixture(scope="module")
