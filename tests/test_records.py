@@ -1,0 +1,79 @@
+"""records/: the manifest's TypedDicts against docs/manifest.md and real manifests of the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, get_args, get_origin, is_typeddict
+
+import pytest
+
+from auto_quantize_model.records.manifest import Manifest, declared_keys, manifest_problems
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "manifest.md"
+
+
+def _doc_rows() -> dict[str, str]:
+    """docs/manifest.md's field table: field -> the rest of its row."""
+    rows = {}
+    for line in DOCS.read_text().split("\n## ", 1)[0].splitlines():
+        m = re.match(r"\| `([a-z_]+)` \|(.*)\|\s*$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def _typeddicts_in(tp: Any) -> list[type]:
+    """TypedDicts reachable from ``tp`` through unions, lists and dict values."""
+    if is_typeddict(tp):
+        return [tp]
+    return [td for arg in get_args(tp) for td in _typeddicts_in(arg)] if get_origin(tp) else []
+
+
+def _nested_keys(tp: Any) -> set[str]:
+    keys: set[str] = set()
+    for td in _typeddicts_in(tp):
+        for k, sub in declared_keys(td).items():
+            keys |= {k} | _nested_keys(sub)
+    return keys
+
+
+def test_docs_field_list_is_the_typeddict():
+    rows = _doc_rows()
+    assert list(rows) == list(declared_keys(Manifest))  # same fields, same order
+    # A key counts as documented when it is a word inside a code span of its field's row (`name`,
+    # `{pattern, source}`, `kind: "image_caption"`).
+    words = {field: set(re.findall(r"[A-Za-z_][\w-]*", " ".join(re.findall(r"`([^`]+)`", row))))
+             for field, row in rows.items()}
+    undocumented = {field: sorted(_nested_keys(tp) - words[field]) for field, tp in declared_keys(Manifest).items()}
+    assert {f: ks for f, ks in undocumented.items() if ks} == {}
+
+
+def test_checker_names_missing_undeclared_and_mistyped_keys():
+    problems = manifest_problems({"schema_version": 2, "run_id": None, "extra": 1})
+    assert "manifest.extra: not declared in records.manifest.Manifest" in problems
+    assert "manifest.scheme: missing" in problems
+    assert any(p.startswith("manifest.schema_version: 2 is not one of") for p in problems)
+
+
+@pytest.fixture(scope="module")
+def runs(loaded, calib, tmp_path_factory):
+    """A fresh gradient search, its in-memory re-solve, and a fresh kl_div search (calibrate_and_score)."""
+    from auto_quantize_model.autoquant.session import SearchSession
+    from auto_quantize_model.configs import get_scheme, resolve_scheme
+
+    root = tmp_path_factory.mktemp("records")
+    session = SearchSession(loaded, calib, root / "cache")
+    scheme = resolve_scheme(get_scheme("fp8_autoquant_top50"), num_score_steps=2, num_calib_steps=2)
+    fresh = session.run(scheme, root / "fresh", run_id="t1", sweep_id="s")
+    resolved = session.run(dataclasses.replace(scheme, effective_bits=10.0), root / "resolved")
+    kl = session.run(dataclasses.replace(scheme, method="kl_div"), root / "kl")
+    return {"fresh": fresh, "resolved": resolved, "kl": kl}
+
+
+def test_real_manifests_match_the_typeddicts(runs):
+    assert runs["resolved"].manifest["score_cache"].get("in_memory") is True
+    assert "calibrate_and_score" in runs["kl"].manifest["timings"]
+    for name, result in runs.items():
+        assert manifest_problems(result.manifest) == [], name
