@@ -50,9 +50,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+# Fixtures that make a test ``slow``: the shared local Ray (Ray start plus a sweep is tens of seconds) and the
+# module fixtures that run several searches or exports. Other slow tests carry ``@pytest.mark.slow``.
+SLOW_FIXTURES = {"ray_cluster", "runs_root", "catalog_runs", "pair_runs", "exports", "run12", "comparison",
+                 "other", "other_calib", "vlm"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test on the shared local Ray is ``slow`` (Ray start plus a sweep is tens of seconds), so the
-    fast tier ``pytest -m "not slow"`` needs no list here; other slow tests carry ``@pytest.mark.slow``."""
+    """Marks every test that uses a fixture in ``SLOW_FIXTURES`` as ``slow`` (fast tier: ``-m "not slow"``)."""
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

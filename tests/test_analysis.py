@@ -55,7 +55,7 @@ def test_tables_round_trip_with_documented_schema(runs_root, tmp_path):
     # Table rows match their manifests.
     m = json.loads(next(runs_root.glob("fp8_autoquant_top50_11/*_quant_manifest.json")).read_text())
     row = trials[(trials["scheme"] == "fp8_autoquant_top50") & (trials["effective_bits_target"] == 11.0)].iloc[0]
-    assert row["num_fp8_layers"] == m["num_quantized_layers"]
+    assert row["num_quantized_layers"] == m["num_quantized_layers"]
     assert row["effective_bits_achieved"] == pytest.approx(m["effective_bits"]["achieved"])
     lay = layers[(layers["trial_id"] == row["trial_id"]) & (layers["layer"] == "model.layers.1.mlp.up_proj")].iloc[0]
     assert lay["dtype"] == m["layers"]["model.layers.1.mlp.up_proj"]["dtype"]

@@ -20,6 +20,7 @@ def _run_args(model_dir, out, *extra):
             "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_run_then_report_only(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_run_args(tiny_model_dir, out, "--num-score-steps", "2", "--num-calib-steps", "2")) == 0

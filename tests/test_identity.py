@@ -146,6 +146,7 @@ def test_sweep_keys_are_the_run_keys(loaded, calib, tiny_model_dir, tmp_path):
 # -- 2. formats that fold scales into the weights ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG"])
+@pytest.mark.slow
 def test_folding_formats_rebuild_and_resolve_exactly(loaded, calib, tmp_path, fmt):
     # Old code: the artifact stored no weights (rebuild lost the fold) and the in-memory re-solve re-activated
     # choices on already folded weights. NVFP4 AWQ needs CUDA/Triton fake quant; INT4_AWQ_CFG takes the same
@@ -234,6 +235,7 @@ def _cache_files(cache):
     return sorted(p.name for p in cache.iterdir())
 
 
+@pytest.mark.slow
 def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, monkeypatch):
     # Old code: ModelOpt's checkpoint written after calibration was taken as "scores reusable"; the next run
     # labelled itself reused and crashed or loaded half a search.
@@ -257,6 +259,7 @@ def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, mo
     assert third.manifest["score_cache"]["reused"] is True
 
 
+@pytest.mark.slow
 def test_torn_or_unmarked_checkpoint_is_moved_aside_and_recomputed(loaded, calib, tmp_path, caplog):
     first = run_scheme(loaded, calib, _scheme(), tmp_path / "a", cache_dir=tmp_path / "cache")
     ckpt = tmp_path / "cache" / f"search_{first.manifest['score_cache']['key']}.pth"

@@ -124,6 +124,7 @@ def test_mismatched_checkpoint_refused(runs, tmp_path, tiny_model_dir):
         build_quantized_model(other, runs["some"])
 
 
+@pytest.mark.slow
 def test_cli_infer_and_compare(runs, tiny_model_dir, tmp_path, capsys):
     run_dir = str(runs["some"].run_dir)
     args = ["--model-dir", str(tiny_model_dir), "--prompt", "Describe the image.", "--max-new-tokens", "5",

@@ -77,3 +77,25 @@ def test_real_manifests_match_the_typeddicts(runs):
     assert "calibrate_and_score" in runs["kl"].manifest["timings"]
     for name, result in runs.items():
         assert manifest_problems(result.manifest) == [], name
+
+
+def test_trial_outcome_is_the_trials_table_row(runs):
+    import pyarrow as pa
+
+    from auto_quantize_model.records.outcome import TrialOutcome
+    from auto_quantize_model.records.tables import TRIALS_SCHEMA
+
+    assert [f.name for f in dataclasses.fields(TrialOutcome)] == TRIALS_SCHEMA.names  # one name per column
+    m = runs["fresh"].manifest
+    out = TrialOutcome.from_run(m, sweep_id="s", metrics={"kl_mean": 0.5})
+    assert out.trial_id == "t1" and out.num_quantized_layers == m["num_quantized_layers"] > 0
+    assert out.time_calibrate == m["timings"]["calibrate"] and out.scored is True and out.kl_mean == 0.5
+    assert isinstance(out.effective_bits_target, float) and out.effective_bits_target == m["scheme"]["effective_bits"]
+    reused = TrialOutcome.from_run(runs["resolved"].manifest)
+    assert reused.scored is False and reused.effective_bits_target == 10.0
+    assert pa.Table.from_pylist([out.to_row()], schema=TRIALS_SCHEMA).to_pylist() == [out.to_row()]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.status = "error"  # type: ignore[misc]
+    failed = TrialOutcome.failed(trial_id="t2", settings={"effective_bits": 12, "method": "gradient"}, error="x")
+    assert (failed.status, failed.effective_bits_target, failed.num_quantized_layers) == ("error", 12.0, None)
+    assert isinstance(failed.effective_bits_target, float)

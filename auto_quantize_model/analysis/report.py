@@ -50,7 +50,7 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
     written = [p for p in made if p is not None]
     flips = summaries.flip_budgets(layers)
     trial_cols = [c for c in ("scheme", "effective_bits_target", "effective_bits_achieved", "budget_met", "method",
-                              "num_fp8_layers", "total_score", "perplexity", "kl_mean", "top1_agreement", "status")
+                              "num_quantized_layers", "total_score", "perplexity", "kl_mean", "top1_agreement", "status")
                   if c in trials]
     lines = [
         "# AutoQuant analysis",
@@ -66,7 +66,7 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
     lines += ["## Trials", "", f"Evaluation metrics are against the unquantized checkpoint as loaded ({ref}).", "",
               _md(searched[trial_cols].sort_values(["scheme", "effective_bits_target"]))]
     if not controls.empty:
-        ctl_cols = [c for c in ("trial_id", "quantization_formats", "effective_bits_achieved", "num_fp8_layers",
+        ctl_cols = [c for c in ("trial_id", "quantization_formats", "effective_bits_achieved", "num_quantized_layers",
                                 "num_layers", "num_calib_steps", "perplexity", "kl_mean", "top1_agreement")
                     if c in controls]
         lines += ["### Control: uniform FP8 PTQ", "",
