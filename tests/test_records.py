@@ -99,3 +99,50 @@ def test_trial_outcome_is_the_trials_table_row(runs):
     failed = TrialOutcome.failed(trial_id="t2", settings={"effective_bits": 12, "method": "gradient"}, error="x")
     assert (failed.status, failed.effective_bits_target, failed.num_quantized_layers) == ("error", 12.0, None)
     assert isinstance(failed.effective_bits_target, float)
+
+
+def _sweep_spec_from_cli(argv: list[str], monkeypatch) -> Any:
+    """The SweepSpec ``autoquant sweep`` builds from ``argv`` (the sweep itself is not run)."""
+    import auto_quantize_model.sweep.driver as driver
+    from auto_quantize_model.cli import main
+
+    seen = {}
+
+    def fake_run_sweep(spec, resume=False):
+        seen["spec"] = spec
+        return {"summary": "", "sweep_dir": "", "tables": "", "rows": []}
+
+    monkeypatch.setattr(driver, "run_sweep", fake_run_sweep)
+    assert main(["sweep", *argv]) == 0
+    return seen["spec"]
+
+
+def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch, tiny_model_dir, tmp_path, runs):
+    from auto_quantize_model.configs import load_schemes_file
+    from auto_quantize_model.configs.schemes import resolve_trial_scheme
+    from auto_quantize_model.records.outcome import TrialOutcome
+    from auto_quantize_model.sweep.spec import expand_grid
+
+    spec = _sweep_spec_from_cli(["--name", "bits", "--model-dir", str(tiny_model_dir), "--schemes",
+                                 "fp8_autoquant_top25", "--effective-bits", "14,12", "--storage-path",
+                                 str(tmp_path)], monkeypatch)
+    assert spec.effective_bits == (14.0, 12.0) and all(type(b) is float for b in spec.effective_bits)
+    for trial in expand_grid(spec):
+        assert type(trial["effective_bits"]) is float
+        assert type(resolve_trial_scheme(trial, None).effective_bits) is float
+    # Old code: a schemes file's `effective_bits = 14` stayed an int into the manifest's scheme section.
+    (tmp_path / "s.toml").write_text('[schemes.mine]\ncandidate_formats = ["FP8_DEFAULT_CFG"]\neffective_bits = 14\n')
+    assert type(load_schemes_file(tmp_path / "s.toml")["mine"].effective_bits) is float
+    m = runs["fresh"].manifest
+    assert type(m["scheme"]["effective_bits"]) is float and type(m["effective_bits"]["target"]) is float
+    assert type(TrialOutcome.from_run(m).effective_bits_target) is float
+
+
+@pytest.mark.xfail(strict=True, reason="sweep/spec.py keeps TOML ints in SweepSpec.effective_bits; the lead's "
+                   "file: coerce in SweepSpec.__post_init__, then drop this marker")
+def test_sweep_toml_effective_bits_are_floats(monkeypatch, tiny_model_dir, tmp_path):
+    (tmp_path / "sweep.toml").write_text(f'name = "bits"\nmodel_dir = "{tiny_model_dir}"\n'
+                                         'effective_bits = [14, 12]\nschemes = ["fp8_autoquant_top25"]\n')
+    spec = _sweep_spec_from_cli(["--config", str(tmp_path / "sweep.toml"), "--storage-path", str(tmp_path)],
+                                monkeypatch)
+    assert all(type(b) is float for b in spec.effective_bits)
