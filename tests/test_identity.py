@@ -272,6 +272,7 @@ def test_torn_or_unmarked_checkpoint_is_moved_aside_and_recomputed(loaded, calib
     assert third.scored and third.manifest["layer_sensitivity"] == second.manifest["layer_sensitivity"]
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_the_cache_is_one_line_and_recoverable(loaded, calib, tmp_path, monkeypatch):
     import modelopt.torch.opt.searcher as searcher
 
@@ -311,6 +312,7 @@ def test_two_processes_on_one_cache_score_once(tiny_model_dir, tmp_path):
 
 # -- the restore artifact runs no code and belongs to its run (issue 14, item 2) -----------------------------------
 
+@pytest.mark.slow
 def test_restore_artifact_loads_safely_and_belongs_to_its_run(loaded, calib, tmp_path):
     import pickle
 

@@ -39,6 +39,7 @@ def test_zero_fp8_run_reproduces_bf16_logits_exactly(runs, loaded, calib):
             assert torch.equal(forward_step(model, batch), forward_step(loaded.model, batch))
 
 
+@pytest.mark.slow
 def test_more_fp8_layers_more_kl(runs, loaded):
     source = read_captions("demo")
     comp = compare_runs(loaded, [runs["none"], runs["some"], runs["all"]], source,
@@ -83,6 +84,7 @@ def test_eval_set_entirely_calibration_is_refused(runs, tmp_path):
         held_out_source(src, [man])
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic_and_batch_independent(runs, loaded):
     model = build_quantized_model(loaded, runs["all"])
     tok = loaded.tokenizer
