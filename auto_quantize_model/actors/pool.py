@@ -77,8 +77,9 @@ class WorkerPool:
                     self.scored.add(key)
         w.update(busy=False, trial=None)
 
-    async def release(self, lease: dict[str, Any], ok: bool, scored: bool | None = None) -> None:
-        """Give a worker back. ``scored`` says whether the run computed scores (True) or reused them."""
+    async def release(self, lease: dict[str, Any], ok: bool, scored: bool | None = None, reused: int = 0) -> None:
+        """Give a worker back. ``scored``: whether a trial under the lease computed scores; ``reused``: how many
+        of its trials re-solved from scores computed before."""
         async with self.cond:
             w = self.workers.get(lease["worker"])
             if w is None or w["lease"] != lease["lease"] or not w["busy"]:
@@ -89,8 +90,7 @@ class WorkerPool:
                 self.scored.add(key)
                 if scored:
                     self.passes[key] = self.passes.get(key, 0) + 1
-                else:
-                    self.reuses += 1
+                self.reuses += reused
             self._free(lease["worker"], key_ok=ok)
             self.cond.notify_all()
 

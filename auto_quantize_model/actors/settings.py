@@ -19,11 +19,15 @@ class WorkerSettings:
     num_gpus: float = 1.0  # 0 runs workers on CPU (tests, CPU-only clusters)
     num_cpus: float = 1.0  # explicit: a GPU actor otherwise holds 1 CPU and trials can starve
     pristine: str = "auto"  # where the unquantized copy lives: gpu, cpu (pinned), auto
+    # Host threads of each worker (torch intra-op, OpenMP). 0: the cluster's CPUs shared out among the workers.
+    # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
+    num_threads: int = 0
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """The sweep settings a worker reads: model, calibration and evaluation data, schemes file, memory policy.
+    """The sweep settings a worker reads: model, calibration and evaluation data, schemes file, cost measurement,
+    resources and memory policy.
     Field names, types and defaults are those of ``sweep.spec.SweepSpec`` (checked by a test)."""
 
     name: str
@@ -39,7 +43,16 @@ class WorkerSpec:
     evaluate: bool = False
     eval_captions: str | None = None
     max_eval_samples: int = 32
+    measure: bool = False
+    measure_batch_size: int = 4
+    measure_seq_len: int = 512
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def measure_settings(self) -> Any:
+        """The :class:`MeasureSettings` of ``measure`` (as ``SweepSpec.measure_settings``)."""
+        from auto_quantize_model.inference.measure import MeasureSettings
+
+        return MeasureSettings(batch_size=self.measure_batch_size, seq_len=self.measure_seq_len)
 
     @classmethod
     def from_sweep_dict(cls, spec_dict: dict[str, Any]) -> WorkerSpec:

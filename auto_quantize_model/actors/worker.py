@@ -39,6 +39,9 @@ class ModelWorker:
         from auto_quantize_model.models.loading import load_language_model
 
         setup_logging(False)
+        threads = int(spec_dict.get("worker", {}).get("num_threads") or 0)
+        if threads:  # the driver also set OMP_NUM_THREADS for this process; torch may have read it already
+            torch.set_num_threads(threads)
         self.spec = WorkerSpec.from_sweep_dict(spec_dict)
         self.name = name
         self.pool = ray.get_actor(pool_name, namespace=namespace)
@@ -51,14 +54,21 @@ class ModelWorker:
             device=self.loaded.device, chat_template=self.spec.chat_template,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
+        self.meter = None  # opt-in measured cost; refuses a worker without an FP8-capable GPU, before any trial
+        if self.spec.measure:
+            from auto_quantize_model.inference.measure_run import CostMeter
+
+            self.meter = CostMeter(self.loaded, self.calib, self.spec.measure_settings())
         # Keeps the last search: a trial with the same scoring key re-solves on that searched model in memory
         # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
         self.session = None
+        self._leases: dict[int, list] = {}  # lease number -> [any trial ok, any trial scored, trials reusing scores]
         self.pristine_on = self._place_pristine()
         self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
         self.load_seconds = time.perf_counter() - t
         self._init_metrics()
-        log.info("worker %s ready on %s in %.2fs (pristine copy on %s)", name, device, self.load_seconds, self.pristine_on)
+        log.info("worker %s ready on %s in %.2fs (pristine copy on %s, %d host threads)", name, device,
+                 self.load_seconds, self.pristine_on, torch.get_num_threads())
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -150,20 +160,29 @@ class ModelWorker:
             return False
         return True
 
-    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
-        """Run one trial end to end; always hands the lease back, even on failure."""
-        ok, scored = False, None
+    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str],
+                  release: bool = True) -> dict[str, Any]:
+        """Run one trial end to end. With ``release`` (the last trial of its lease) the lease goes back to the pool
+        afterwards, even on failure, saying whether any trial under it succeeded and whether any scored."""
+        ok, scored = False, False
         try:
             result = self._run(trial, out)
             ok = result["status"] == "ok"
-            scored = result.get("scored")
+            scored = bool(result.get("scored"))
             return result
         finally:
-            self.pool.release.remote(lease, ok, scored)
+            held = self._leases.setdefault(lease["lease"], [False, False, 0])
+            held[0] |= ok
+            held[1] |= scored
+            held[2] += ok and not scored
+            if release:
+                any_ok, any_scored, reused = self._leases.pop(lease["lease"])
+                self.pool.release.remote(lease, any_ok, any_scored, reused)
 
     def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
         import torch
 
+        from auto_quantize_model.autoquant.passes import ScoringPass
         from auto_quantize_model.autoquant.session import SearchSession
         from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
@@ -183,6 +202,11 @@ class ModelWorker:
                 self.session = SearchSession(self.loaded, self.calib, out["cache"], fresh_model=self._checked_fresh_model)
             if trial.get("scoring_key") not in (None, self.session.key(scheme)):
                 raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
+            pass_ran, pass_s = False, 0.0
+            if trial.get("scoring_pass") and not self.session.can_resolve_in_memory(scheme):
+                # One shared scoring pass serves every trial whose search differs only in its formats.
+                outcome = self.session.run_pass(ScoringPass.from_dict(trial["scoring_pass"]))
+                pass_ran, pass_s = outcome.ran, outcome.seconds
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=self.spec.name)
             restore_s = self.session.last_copy_seconds
         except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
@@ -204,12 +228,18 @@ class ModelWorker:
             evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial["num_calib_steps"],
                              out["trials"], out["tables"], self.spec.name)
             eval_s = time.perf_counter() - t
+        cost = None
+        if self.meter is not None:  # real-FP8 prefill/decode tokens/s and weight bytes; writes measurement.json
+            on_device = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
+            cost = self.meter.measure(on_device, result.model, result.manifest, trial_dir)
+            del on_device
         m = result.manifest
-        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path),
+        write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
                     equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
-        (self.m_passes if result.scored else self.m_reuses).inc(1, tags)
+        scored = result.scored or pass_ran
+        (self.m_passes if scored else self.m_reuses).inc(1, tags)
         self.m_trials.inc(1, {"worker": self.name, "status": "ok"})
         self.m_gpu.set(peak, tags)
         timings = m["timings"]
@@ -217,7 +247,8 @@ class ModelWorker:
             "status": "ok", "trial": tid, "worker": self.name, "scheme": trial["scheme"],
             "effective_bits_target": trial["effective_bits"], "effective_bits_achieved": m["effective_bits"]["achieved"],
             "budget_met": m["budget_met"], "num_fp8_layers": m["num_quantized_layers"], "num_layers": m["num_layers"],
-            "scored": result.scored, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
+            "scored": scored, "time_scoring_pass": pass_s,
+            "prefill_vs_bf16": cost.ratio("prefill_tokens_per_s") if cost else None, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_calibrate": timings.get("calibrate") or 0.0,
             "time_score": timings.get("score") or timings.get("calibrate_and_score") or 0.0,
             "time_solve": timings["solve"], "time_write": timings.get("write_restore", 0.0),
@@ -227,6 +258,9 @@ class ModelWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (for the summary)."""
+        import torch
+
         return {"name": self.name, "device": str(self.loaded.device), "pid": os.getpid(),
+                "num_threads": torch.get_num_threads(),
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

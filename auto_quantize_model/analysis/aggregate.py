@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from auto_quantize_model.autoquant.manifest import EVALUATION_FILE, MANIFEST_SUFFIX, validate_manifest
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.records.cost import read_measurement
 from auto_quantize_model.records.tables import write_trial
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]
         if manifest is None:
             return src, None, error
         trial_id = write_trial(tables_root, manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
-                               manifest_path=src)
+                               manifest_path=src, measurement=read_measurement(path.parent))
     except MALFORMED as exc:
         return str(path), None, f"malformed manifest ({exc.__class__.__name__}: {str(exc)[:120]})"
     return src, trial_id, None

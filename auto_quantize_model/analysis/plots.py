@@ -91,7 +91,12 @@ def plot_pareto_throughput(trials: pd.DataFrame, out: Path) -> Path | None:
         ax.scatter(sub["prefill_tokens_per_s"], sub["kl_mean"], label=scheme, s=25)
     front = summaries.pareto_front(ok, x="neg_prefill", y="kl_mean")
     ax.plot(front["prefill_tokens_per_s"], front["kl_mean"], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("measured prefill tokens/s (FP8 export, GPU)")
+    # The baselines each row was measured beside (sweep ``measure``), recovered from its ratios.
+    for ratio, label, style in (("prefill_vs_bf16", "BF16", "g:"), ("prefill_vs_uniform_fp8", "uniform FP8", "r:")):
+        if ratio in ok and ok[ratio].notna().any():
+            x = (ok["prefill_tokens_per_s"] / ok[ratio]).median()
+            ax.axvline(x, color=style[0], ls=style[1:], lw=1, label=f"{label} (measured, median {x:.4g})")
+    ax.set_xlabel("measured prefill tokens/s (real FP8 layers, GPU)")
     ax.set_ylabel("mean KL vs BF16")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -28,6 +28,20 @@ def _md(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _measured_cost_section(searched: pd.DataFrame) -> list[str]:
+    """Trials measured as real FP8 (sweep ``measure``): speed and weight memory against their worker's baselines."""
+    if "prefill_tokens_per_s" not in searched or searched["prefill_tokens_per_s"].isna().all():
+        return []
+    cols = [c for c in ("scheme", "effective_bits_achieved", "kl_mean", "prefill_tokens_per_s", "prefill_vs_bf16",
+                        "prefill_vs_uniform_fp8", "decode_tokens_per_s", "decode_vs_bf16", "lm_weight_vs_bf16",
+                        "measure_batch_size", "measure_seq_len", "measure_device") if c in searched]
+    rows = searched.dropna(subset=["prefill_tokens_per_s"])[cols].sort_values(["scheme", "effective_bits_achieved"])
+    return ["### Measured cost (real FP8 layers)", "",
+            "Prefill (compiled, `measure_batch_size` x `measure_seq_len` tokens) and decode tokens/s and LM weight "
+            "memory of each trial's scheme as real FP8 layers, as ratios to BF16 and uniform FP8 measured the same "
+            "way on the same worker (> 1: faster; for memory, larger). See docs/tables.md.", "", _md(rows)]
+
+
 def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dict[str, Any]:
     """Refresh ``output_dir/tables`` from ``sources``, then write plots and analysis.md."""
     out = Path(output_dir)
@@ -74,6 +88,7 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
                   "`*lm_head*`, stay unquantized), calibrated on the same calibration batches. An AutoQuant trial "
                   "beats it when it has lower KL at no more effective bits (red star in the Pareto plot).", "",
                   _md(controls[ctl_cols])]
+    lines += _measured_cost_section(searched)
     lines += ["## Most sensitive groups per scheme", ""]
     for scheme, sub in layers.groupby("scheme", observed=True):
         top = (sub.groupby("search_group", observed=True)["sensitivity"].mean().nlargest(8).reset_index())

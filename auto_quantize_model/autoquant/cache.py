@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from auto_quantize_model.io_utils import atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "auto_quantize_model.search-cache/v1"
+_MARKER_CHECKS = frozenset({"format", "key", "identity", "sha256"})
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class CacheEntry:
     final: Path
     checkpoint: Path  # the path handed to ModelOpt: ``final`` when reusable, else the partial file
     reusable: bool
+    # Marker fields of a reusable entry beyond the checks (``derived_from``: the shared scoring pass it came from).
+    marker: dict[str, Any] = field(default_factory=dict)
+    # What the block adds to the marker it commits (a scoring pass's ``raw_scores``).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SearchCache:
@@ -58,6 +63,29 @@ class SearchCache:
         """(checkpoint, marker, partial, lock) for ``key``."""
         d = self.directory
         return d / f"search_{key}.pth", d / f"search_{key}.json", d / f".search_{key}.partial.pth", d / f".search_{key}.lock"
+
+    def ready(self, key: str, identity: dict[str, Any]) -> bool:
+        """Whether ``key`` holds a verified checkpoint now (no lock: a hint; :meth:`entry` decides)."""
+        return self._verified(key, identity) is None
+
+    def marker(self, key: str) -> dict[str, Any]:
+        """The marker of ``key`` (empty if absent or unreadable); read after :meth:`ready` or inside an entry."""
+        try:
+            meta = json.loads(self.paths(key)[1].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def store(self, key: str, identity: dict[str, Any], state: dict[str, Any], **extra: Any) -> bool:
+        """Commit a search checkpoint computed elsewhere (a derived one) under ``key``; False if one is there."""
+        from modelopt.torch.utils.serialization import safe_save
+
+        with self.entry(key, identity) as e:
+            if e.reusable:
+                return False
+            safe_save(state, str(e.checkpoint))
+            e.extra.update(extra)
+        return True
 
     def _verified(self, key: str, identity: dict[str, Any]) -> str | None:
         """None if the checkpoint can be reused, else why not."""
@@ -113,7 +141,9 @@ class SearchCache:
             if why is not None and why != "absent":
                 self._move_aside(key, why)
             reusable = why is None
-            entry = CacheEntry(key, final, final if reusable else partial, reusable)
+            meta = self.marker(key) if reusable else {}
+            entry = CacheEntry(key, final, final if reusable else partial, reusable,
+                               {k: v for k, v in meta.items() if k not in _MARKER_CHECKS})
             try:
                 yield entry
             except BaseException:
@@ -121,11 +151,11 @@ class SearchCache:
                     partial.unlink()
                 raise
             if not reusable:
-                self._commit(key, identity, partial)
+                self._commit(key, identity, partial, entry.extra)
         finally:
             lock.close()  # closing releases the flock
 
-    def _commit(self, key: str, identity: dict[str, Any], partial: Path) -> None:
+    def _commit(self, key: str, identity: dict[str, Any], partial: Path, extra: dict[str, Any]) -> None:
         final, marker, _, _ = self.paths(key)
         if not partial.exists():  # ModelOpt saves only when it computed something; nothing to commit
             return
@@ -133,7 +163,7 @@ class SearchCache:
             digest = sha256_file(partial)
             os.replace(partial, final)
             atomic_write_json(marker, {"format": CACHE_FORMAT, "key": key, "identity": identity, "sha256": digest,
-                                       "written_at": time.time()})
+                                       "written_at": time.time(), **extra})
         except OSError as exc:
             for p in (partial, marker):
                 with contextlib.suppress(FileNotFoundError):

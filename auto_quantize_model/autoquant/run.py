@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auto_quantize_model.autoquant.cache import SearchCache
+from auto_quantize_model.autoquant.cache import CacheEntry, SearchCache
 from auto_quantize_model.autoquant.identity import DataIdentity, effective_steps, scoring_key
 from auto_quantize_model.autoquant.layers import check_formats_labelled
 from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path, write_manifest
+from auto_quantize_model.autoquant.passes import ScoringPass, derive_state, raw_scores
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.configs.schemes import Scheme
@@ -148,8 +150,6 @@ def run_scheme(
     ``scheme`` must already be resolved (:func:`resolve_scheme`). Unless ``inplace``, the search runs
     on a deep copy, so ``loaded.model`` stays pristine for the next scheme.
     """
-    import modelopt.torch.quantization as mtq
-
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
     check_formats_labelled(scheme.quantization_formats)  # fail in the first second, not after the search
@@ -157,7 +157,6 @@ def run_scheme(
     identity = DataIdentity.of(loaded, calib)
     key = scoring_key(identity, scheme)
     steps = effective_steps(scheme, identity.num_batches, identity.batch_size)
-    formats = [resolve_quant_config(f) for f in scheme.quantization_formats]
     t_start = time.perf_counter()
     model = loaded.model if inplace else copy.deepcopy(loaded.model)
     copy_seconds = time.perf_counter() - t_start
@@ -165,44 +164,116 @@ def run_scheme(
     with SearchCache(cache_dir).entry(key, identity.to_dict()) as entry:
         log.info("scheme %s: target %.3g bits, formats %s, method %s, %s, cache %s (%s)", scheme.name,
                  scheme.effective_bits, list(scheme.quantization_formats), scheme.method, steps, key,
-                 "reuse" if entry.reusable else "new")
+                 "reuse" + (f" of shared pass {entry.marker['derived_from']}" if entry.marker.get("derived_from")
+                            else "") if entry.reusable else "new")
         clock = _PhaseClock()
-        try:
-            with warnings.catch_warnings():
-                # ModelOpt warns whenever the checkpoint is new; the log line above already says so.
-                warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
-                model, search_state = mtq.auto_quantize(
-                    model,
-                    constraints=scheme.search_constraints(),
-                    quantization_formats=formats,
-                    data_loader=calib.batches,
-                    forward_step=clock.wrap_forward(forward_step),
-                    # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
-                    loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
-                    disabled_layers=list(scheme.search_setup().disabled_layers) or None,
-                    method=scheme.method,
-                    checkpoint=str(entry.checkpoint),
-                    verbose=False,
-                    **steps,
-                )
-        except ValueError as exc:
-            if "infeasible" in str(exc):
-                raise unreachable_budget(scheme, _lowest_from_message(str(exc))) from exc
-            raise
-        except OSError as exc:
-            raise UserError(f"could not write the search cache in {cache_dir} ({exc.strerror or exc}); free space "
-                            "or pass another --cache-dir") from exc
-    # ModelOpt turns on gradient checkpointing for Hugging Face models it scores; inference wants it off.
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        model, search_state = _auto_quantize(model, calib, scheme, entry, clock, steps, cache_dir)
     t_search_end = time.perf_counter()
     phases = clock.split(t_search_end, scheme.method)
     log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if entry.reusable else "calibrate+score+solve",
              t_search_end - clock.start, {k: round(v, 3) for k, v in phases.items() if v is not None})
     return _finish(loaded, calib, scheme, output_dir, model, search_state,
                    {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases},
-                   {"key": key, "path": str(entry.final.resolve()), "reused": entry.reusable},
+                   {"key": key, "path": str(entry.final.resolve()), "reused": entry.reusable,
+                    "derived_from": entry.marker.get("derived_from")},
                    t_start, write=write, run_id=run_id, sweep_id=sweep_id)
+
+
+def _auto_quantize(model: nn.Module, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme, entry: CacheEntry,
+                   clock: _PhaseClock, steps: dict[str, int], cache_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """``mtq.auto_quantize`` for ``scheme`` with ``entry``'s checkpoint; one refusal per failure kind."""
+    import modelopt.torch.quantization as mtq
+
+    try:
+        with warnings.catch_warnings():
+            # ModelOpt warns whenever the checkpoint is new; the caller's log line already says so.
+            warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
+            model, search_state = mtq.auto_quantize(
+                model,
+                constraints=scheme.search_constraints(),
+                quantization_formats=[resolve_quant_config(f) for f in scheme.quantization_formats],
+                data_loader=calib.batches,
+                forward_step=clock.wrap_forward(forward_step),
+                # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
+                loss_func=clock.wrap_loss(next_token_loss) if scheme.method == "gradient" else None,
+                disabled_layers=list(scheme.search_setup().disabled_layers) or None,
+                method=scheme.method,
+                checkpoint=str(entry.checkpoint),
+                verbose=False,
+                **steps,
+            )
+    except ValueError as exc:
+        if "infeasible" in str(exc):
+            raise unreachable_budget(scheme, _lowest_from_message(str(exc))) from exc
+        raise
+    except OSError as exc:
+        raise UserError(f"could not write the search cache in {cache_dir} ({exc.strerror or exc}); free space "
+                        "or pass another --cache-dir") from exc
+    # ModelOpt turns on gradient checkpointing for Hugging Face models it scores; inference wants it off.
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    return model, search_state
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """What :func:`run_scoring_pass` did."""
+
+    key: str  # the pass's own scoring key
+    ran: bool  # calibrated and scored now (False: its checkpoint was in the cache, or nothing was missing)
+    derived: tuple[str, ...]  # member scoring keys whose checkpoints were written now
+    seconds: float
+
+
+def run_scoring_pass(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scoring_pass: ScoringPass,
+                     cache_dir: str | Path, fresh_model: Callable[[], nn.Module]) -> PassOutcome:
+    """Make sure every member of ``scoring_pass`` has a verified checkpoint in ``cache_dir``.
+
+    Searches the union of formats once (on ``fresh_model()``, discarded after) unless the pass's own checkpoint is
+    cached, then derives each missing member's checkpoint from it (:func:`passes.derive_state`). A member whose
+    checkpoint cannot be derived (a pass checkpoint without raw scores) is left to search on its own.
+    """
+    from modelopt.torch.utils.serialization import safe_load
+
+    from auto_quantize_model.modelopt_configs import format_signature
+
+    t0 = time.perf_counter()
+    identity = DataIdentity.of(loaded, calib)
+    ident = identity.to_dict()
+    cache = SearchCache(cache_dir)
+    key = scoring_pass.key(identity)
+    members = {scoring_key(identity, m): m for m in scoring_pass.members}
+    todo = {k: m for k, m in members.items() if k != key and not cache.ready(k, ident)}
+    if not todo and (key not in members or cache.ready(key, ident)):
+        return PassOutcome(key, False, (), time.perf_counter() - t0)
+    ran = False
+    with cache.entry(key, ident) as entry:
+        if entry.reusable:
+            raw = entry.marker.get("raw_scores")
+        else:
+            scheme = scoring_pass.scheme
+            steps = effective_steps(scheme, identity.num_batches, identity.batch_size)
+            log.info("shared scoring pass %s: formats %s for %d schemes, %s", key, list(scheme.quantization_formats),
+                     len(members), steps)
+            model, _ = _auto_quantize(fresh_model(), calib, scheme, entry, _PhaseClock(), steps, Path(cache_dir))
+            raw = raw_scores(model)
+            entry.extra["raw_scores"] = raw
+            del model
+            ran = True
+    derived = []
+    if raw is None:
+        log.warning("shared scoring pass %s: its cached checkpoint has no raw scores (a plain search wrote it); "
+                    "%d member(s) search on their own", key, len(todo))
+    elif todo:
+        state = safe_load(str(cache.paths(key)[0]))
+        for k, m in todo.items():
+            sigs = {format_signature(f) for f in m.quantization_formats}
+            if cache.store(k, ident, derive_state(state, raw, sigs), derived_from=key):
+                derived.append(k)
+    seconds = time.perf_counter() - t0
+    log.info("phase scoring pass %s: %s, derived %d member checkpoint(s) in %.2fs", key,
+             "calibrated and scored" if ran else "from the cache", len(derived), seconds)
+    return PassOutcome(key, ran, tuple(derived), seconds)
 
 
 def _lowest_from_message(text: str) -> float:

@@ -6,6 +6,9 @@ and searches, reusing ModelOpt's checkpoint from the cache when the identity mat
 fold scales into the weights (SmoothQuant, AWQ) never re-solve in memory: their searched weights hold the
 previous choice's fold, so they search again from pristine weights (calibration and scores still come from the
 cache). The CLI, the Python API and the sweep's model workers all go through here.
+
+Before a batch of schemes, :meth:`SearchSession.prepare` runs one shared scoring pass per group of schemes that
+differ only in their candidate formats (``autoquant/passes.py``), so each of them then re-solves from the cache.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pathlib import Path
 from torch import nn
 
 from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
-from auto_quantize_model.autoquant.run import RunResult, folds_weights, resolve_budget, run_scheme
+from auto_quantize_model.autoquant.passes import ScoringPass, plan_passes
+from auto_quantize_model.autoquant.run import (
+    PassOutcome,
+    RunResult,
+    folds_weights,
+    resolve_budget,
+    run_scheme,
+    run_scoring_pass,
+)
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.models.loading import LoadedModel
 
@@ -43,6 +54,22 @@ class SearchSession:
     def key(self, scheme: Scheme) -> str:
         """The scheme's scoring identity on this model and data."""
         return scoring_key(self.identity, scheme)
+
+    def prepare(self, schemes: list[Scheme]) -> list[PassOutcome]:
+        """Run the shared scoring passes ``schemes`` need (none if no two differ only in their formats)."""
+        passes = {id(p): p for p in plan_passes(self.identity, schemes).values()}
+        return [self.run_pass(p) for p in passes.values()]
+
+    def run_pass(self, scoring_pass: ScoringPass) -> PassOutcome:
+        """Make sure every member of ``scoring_pass`` finds its checkpoint in the cache (searching once if not)."""
+        if not scoring_pass.members:
+            raise ValueError("a scoring pass needs members")
+
+        def fresh() -> nn.Module:  # only when the pass must search: free the last searched model first
+            self.last = None
+            return self._fresh_model()
+
+        return run_scoring_pass(self.loaded, self.calib, scoring_pass, self.cache_dir, fresh)
 
     def can_resolve_in_memory(self, scheme: Scheme) -> bool:
         """Same identity as the last search, and no format that folds scales into the weights."""

@@ -57,6 +57,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "evaluate": True if args.evaluate else None, "eval_captions": args.eval_captions,
         "schemes_file": args.schemes_file, "max_failures": args.max_failures,
         "chat_template": True if args.chat_template else None,
+        "measure": True if args.measure else None, "measure_batch_size": args.measure_batch_size,
+        "measure_seq_len": args.measure_seq_len,
     }
     spec = load_sweep_spec(args.config, overrides)
     res = run_sweep(spec, resume=args.resume)
@@ -104,6 +106,11 @@ def register(sub) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="perplexity/KL vs the unquantized model for every trial, and the uniform FP8 control")
     p.add_argument("--eval-captions", help="held-out captions for --evaluate (default: the calibration source)")
+    p.add_argument("--measure", action="store_true",
+                   help="GPU only: each trial's real FP8 prefill/decode tokens/s and LM weight memory vs BF16 "
+                        "and uniform FP8 (measurement.json, trials table)")
+    p.add_argument("--measure-batch-size", type=int, help="prefill batch for --measure (default 4)")
+    p.add_argument("--measure-seq-len", type=int, help="prefill tokens per sequence for --measure (default 512)")
     p.add_argument("--schemes-file")
     p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (default 2)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")

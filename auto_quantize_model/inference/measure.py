@@ -3,7 +3,8 @@
 Timings mean something only on a CUDA GPU: each figure is taken after warm-up (which also triggers
 ``torch.compile``), with ``torch.cuda.synchronize`` before the clock starts and before it stops, and
 is the median of several repeats. On a CPU :func:`check_measurable` refuses (exit 2): CPU FP8 runs
-the dequantize fallback, so its speed says nothing about FP8 serving.
+the dequantize fallback, so its speed says nothing about FP8 serving. ``MeasureSettings.allow_cpu``
+lifts the refusal for tests only (the code paths and columns are exercised, the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class MeasureSettings:
     warmup: int = 3
     compile: bool = True
     seed: int = 0
+    allow_cpu: bool = False  # tests only: time on CPU too (meaningless numbers, real code paths)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "decode_batch_size", "decode_prompt_len", "decode_tokens", "repeats",
@@ -47,23 +49,29 @@ class MeasureSettings:
         return asdict(self)
 
 
-def check_measurable(device: torch.device) -> None:
-    """Refuse to time anything off a CUDA GPU."""
-    if device.type != "cuda":
+def check_measurable(device: torch.device, allow_cpu: bool = False) -> None:
+    """Refuse to time anything off a CUDA GPU (unless ``allow_cpu``, for tests)."""
+    if device.type != "cuda" and not allow_cpu:
         raise UserError("--measure times FP8 kernels and needs a CUDA GPU (compute capability >= 8.9 for FP8); "
                         "on CPU the numbers would mean nothing: run it on a GPU or drop --measure")
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock covers the kernels, not their launch (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, repeats: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -76,7 +84,7 @@ def prefill_tokens_per_second(model: nn.Module, vocab_size: int, batch: int, seq
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=g).to(device)
     fwd = model if forward is None else forward
-    seconds = _median_seconds(lambda: fwd(ids), settings.repeats, settings.warmup)
+    seconds = _median_seconds(lambda: fwd(ids), settings.repeats, settings.warmup, device)
     return batch * seq_len / seconds
 
 
@@ -94,12 +102,12 @@ def decode_tokens_per_second(model: nn.Module, vocab_size: int, settings: Measur
         cache = DynamicCache()
         hidden = model.model(input_ids=prompt, past_key_values=cache, use_cache=True).last_hidden_state
         nxt = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        _sync(device)
         t = time.perf_counter()
         for _ in range(n):
             hidden = model.model(input_ids=nxt, past_key_values=cache, use_cache=True).last_hidden_state
             nxt = model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        _sync(device)
         run.seconds.append(time.perf_counter() - t)
 
     run.seconds = []
@@ -116,7 +124,8 @@ def measure_model(model: nn.Module, vocab_size: int, settings: MeasureSettings,
     """Prefill tokens/s at each (batch, length), decode tokens/s and weight bytes of one LM on its GPU."""
     from auto_quantize_model.inference.fp8_linear import weight_bytes
 
-    check_measurable(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    check_measurable(device, settings.allow_cpu)
     shapes = shapes or ((settings.batch_size, settings.seq_len),)
     forward = torch.compile(model) if settings.compile else model
     out: dict[str, Any] = {"weight_bytes": weight_bytes(model), "compiled_prefill": settings.compile}
@@ -124,7 +133,7 @@ def measure_model(model: nn.Module, vocab_size: int, settings: MeasureSettings,
         out[f"prefill_tokens_per_s_{b}x{s}"] = prefill_tokens_per_second(model, vocab_size, b, s, settings, forward)
     out["prefill_tokens_per_s"] = out[f"prefill_tokens_per_s_{shapes[0][0]}x{shapes[0][1]}"]
     out["decode_tokens_per_s"] = decode_tokens_per_second(model, vocab_size, settings)
-    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     log.info("measured: %s", {k: round(v, 1) if isinstance(v, float) else v for k, v in out.items()})
     return out
 

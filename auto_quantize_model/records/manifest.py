@@ -224,6 +224,7 @@ class ScoreCache(TypedDict):
     path: str  # ModelOpt's search checkpoint
     reused: bool  # true: statistics and scores read from the cache, only the solve ran
     in_memory: NotRequired[bool]  # re-solved on the previous search's model in memory (sweeps, SearchSession)
+    derived_from: NotRequired[str | None]  # the shared scoring pass whose checkpoint this key's was derived from
 
 
 class Timings(TypedDict):

@@ -59,6 +59,7 @@ class TrialOutcome:
     num_layers: int | None = None
     score_cache_key: str | None = None
     scored: bool | None = None  # this trial ran calibration and scoring (false: reused a pass)
+    score_pass_key: str | None = None  # the shared scoring pass its checkpoint was derived from (score_cache)
     perplexity: float | None = None
     reference_perplexity: float | None = None
     kl_mean: float | None = None
@@ -79,16 +80,29 @@ class TrialOutcome:
     reference_dtype: str | None = None
     calib_seed: int | None = None
     calib_chat_template: bool | None = None
+    # Measured real-FP8 cost (sweep ``measure``, records/cost.py: TrialCost.columns()).
+    decode_tokens_per_s: float | None = None
+    lm_weight_bytes: int | None = None
+    prefill_vs_bf16: float | None = None
+    decode_vs_bf16: float | None = None
+    lm_weight_vs_bf16: float | None = None
+    prefill_vs_uniform_fp8: float | None = None
+    measure_batch_size: int | None = None
+    measure_seq_len: int | None = None
+    measure_device: str | None = None
 
     @classmethod
     def from_run(cls, manifest: dict[str, Any], *, sweep_id: str | None = None, trial_id: str | None = None,
                  metrics: dict[str, Any] | None = None, status: str = "ok", error: str | None = None,
-                 manifest_path: str | None = None, equivalent_schemes: str | None = None) -> TrialOutcome:
-        """From a run's manifest and its evaluation metrics (``evaluation.json``'s ``metrics``)."""
+                 manifest_path: str | None = None, equivalent_schemes: str | None = None,
+                 measurement: Any = None) -> TrialOutcome:
+        """From a run's manifest, its evaluation metrics (``evaluation.json``'s ``metrics``) and its measured cost
+        (a ``records.cost.TrialCost``, when measured)."""
         m, metrics = manifest, metrics or {}
         bits, timings, cache = m["effective_bits"], m.get("timings", {}), m.get("score_cache")
         measured: dict[str, Any] = {**{k: metrics.get(k) for k in METRICS},
-                                    **{f"time_{k}": timings.get(k) for k in TIMINGS}}
+                                    **{f"time_{k}": timings.get(k) for k in TIMINGS},
+                                    **(measurement.columns() if measurement is not None else {})}
         return cls(
             sweep_id=sweep_id,
             trial_id=trial_id or trial_id_for(m),
@@ -110,6 +124,7 @@ class TrialOutcome:
             num_layers=m.get("num_layers", len(m["layers"])),
             score_cache_key=cache.get("key") if cache else None,
             scored=None if cache is None else not cache["reused"],
+            score_pass_key=cache.get("derived_from") if cache else None,
             **measured,
             status=status,
             error=error,

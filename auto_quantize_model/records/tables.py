@@ -15,13 +15,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from auto_quantize_model.io_utils import set_default_mode
 from auto_quantize_model.records.outcome import METRICS, TIMINGS, TrialOutcome, trial_id_for
+
+if TYPE_CHECKING:
+    from auto_quantize_model.records.cost import TrialCost
 
 # 2: trials column num_fp8_layers renamed num_quantized_layers (it counts every quantized format).
 TABLES_SCHEMA_VERSION = 2
@@ -60,6 +63,18 @@ LAYERS_SCHEMA = pa.schema(
     metadata={"auto_quantize_model.table": "layers", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
 
+# Measured real-FP8 cost (sweep ``measure``, records/cost.py); prefill_tokens_per_s is in METRICS.
+MEASURED = [
+    pa.field("decode_tokens_per_s", pa.float64()),
+    pa.field("lm_weight_bytes", pa.int64()),
+    pa.field("prefill_vs_bf16", pa.float64()),
+    pa.field("decode_vs_bf16", pa.float64()),
+    pa.field("lm_weight_vs_bf16", pa.float64()),
+    pa.field("prefill_vs_uniform_fp8", pa.float64()),
+    pa.field("measure_batch_size", pa.int32()),
+    pa.field("measure_seq_len", pa.int32()),
+    pa.field("measure_device", pa.string()),
+]
 
 TRIALS_SCHEMA = pa.schema(
     _KEY
@@ -75,6 +90,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("num_layers", pa.int32()),
         pa.field("score_cache_key", pa.string()),
         pa.field("scored", pa.bool_()),
+        pa.field("score_pass_key", pa.string()),
         *[pa.field(m, pa.float64()) for m in METRICS],
         *[pa.field(f"time_{t}", pa.float64()) for t in TIMINGS],
         pa.field("status", pa.string()),
@@ -87,6 +103,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("reference_dtype", pa.string()),
         pa.field("calib_seed", pa.int64()),
         pa.field("calib_chat_template", pa.bool_()),
+        *MEASURED,
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
@@ -149,8 +166,10 @@ def trials_table(
     manifest_path: str | None = None,
     settings: dict[str, Any] | None = None,
     equivalent_schemes: str | None = None,
+    measurement: TrialCost | None = None,
 ) -> pa.Table:
-    """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known)."""
+    """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known);
+    ``measurement`` fills the measured-cost columns."""
     if m is None:
         if trial_id is None:
             raise ValueError("a failed trial needs an explicit trial_id")
@@ -159,7 +178,7 @@ def trials_table(
     else:
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=trial_id, metrics=metrics, status=status,
                                         error=error, manifest_path=manifest_path,
-                                        equivalent_schemes=equivalent_schemes)
+                                        equivalent_schemes=equivalent_schemes, measurement=measurement)
     return pa.Table.from_pylist([outcome.to_row()], schema=TRIALS_SCHEMA)
 
 

@@ -24,8 +24,8 @@ from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.sweep.lock import sweep_lock
 from auto_quantize_model.sweep.signals import SweepInterrupted, stop_on_signals
-from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid
-from auto_quantize_model.sweep.trial import finished_result, run_trial
+from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid, group_units
+from auto_quantize_model.sweep.trial import finished_result, run_unit
 
 log = logging.getLogger(__name__)
 NAMESPACE = "autoquant"
@@ -43,7 +43,8 @@ class ProgressLine(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
         self.done += 1
-        self.results[trial.config["trial"]["trial_id"]] = dict(result)
+        if result.get("trial"):  # our trial id (Tune's own "trial_id" names the unit)
+            self.results[result["trial"]] = dict(result)
         if result.get("status") != "ok":
             log.info("[%d/%d] %s FAILED: %s", self.done, self.total, result.get("trial"), result.get("error"))
             return
@@ -74,6 +75,9 @@ def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if spec.worker.num_gpus > 0 and gpus == 0:
+        if spec.measure:
+            raise UserError("measure times FP8 kernels on GPUs, but the Ray cluster has none: run on a GPU cluster "
+                            "or drop --measure")
         log.warning("the Ray cluster has no GPUs: model workers run on CPU")
         spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_gpus=0))
     n = spec.num_workers or (max(1, int(gpus // spec.worker.num_gpus)) if spec.worker.num_gpus > 0 else 1)
@@ -86,6 +90,11 @@ def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
         log.warning("worker num_cpus %.2f -> %.2f so that %d trials can run beside %d workers on %g CPUs",
                     spec.worker.num_cpus, room, n, n, cpus)
         spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_cpus=room))
+    if spec.worker.num_threads == 0:
+        # Ray sets OMP_NUM_THREADS to an actor's num_cpus (1 by default): the worker's host-side work (ModelOpt's
+        # per-module hooks, score sums, checkpoint pickling) then runs on one thread. Share the CPUs out instead.
+        threads = max(1, int(cpus // n))
+        spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_threads=threads))
     return spec, n
 
 
@@ -99,9 +108,12 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     # The pool holds the only lease state: pin it to the driver's node, so losing any other node never loses it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE, scheduling_strategy=here).remote()
+    # Set before the worker process imports torch (Ray leaves an explicit OMP_NUM_THREADS alone).
+    threads = str(spec.worker.num_threads or 1)
+    threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
     workers = [
         ModelWorker.options(name=f"autoquant-worker-{tag}-{i}", namespace=NAMESPACE, num_gpus=spec.worker.num_gpus,
-                            num_cpus=spec.worker.num_cpus).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
+                            num_cpus=spec.worker.num_cpus, runtime_env=threads_env).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
                                                                   pool_name, NAMESPACE)
         for i in range(n)
     ]
@@ -109,15 +121,16 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
         infos = ray.get([w.info.remote() for w in workers])
     except ray.exceptions.RayActorError as exc:
         cause = getattr(exc, "cause", None) or exc
-        raise UserError(f"a model worker failed to start: {str(cause).strip().splitlines()[-1]}") from exc
+        last = str(cause).strip().splitlines()[-1].removeprefix("auto_quantize_model.errors.UserError: ")
+        raise UserError(f"a model worker failed to start: {last}") from exc
     identities = ray.get([w.identity.remote() for w in workers])
     if any(i != identities[0] for i in identities[1:]):
         raise UserError("model workers loaded different weights or data (their identities differ); give every node "
                         "the same --model-dir and captions")
     ray.get([pool.register.remote(i["name"]) for i in infos])
     for i in infos:
-        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), load %.1fs, pristine on %s", i["name"], i["device"],
-                 i["cuda_visible_devices"], i["load_seconds"], i["pristine_on"])
+        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), load %.1fs, pristine on %s, %d host threads", i["name"],
+                 i["device"], i["cuda_visible_devices"], i["load_seconds"], i["pristine_on"], i["num_threads"])
     return pool, workers, pool_name, identities[0]
 
 
@@ -192,20 +205,24 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
                     # One scoring identity for the lease pool, the cache file names and the tables
                     # (autoquant/identity.py), from the model and data the workers loaded.
                     assign_scoring_keys(trials, identity, spec.schemes_file)
+                    units = group_units(trials, n)
                     atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
-                                                                      "num_trials": len(trials)})
-                    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_RESOURCES)
+                                                                      "num_trials": len(trials),
+                                                                      "num_tune_trials": len(units)})
+                    log.info("%d trials in %d Tune trials (one per lease key, split to feed %d workers)",
+                             len(trials), len(units), n)
+                    trainable = tune.with_resources(tune.with_parameters(run_unit, context=context), TRIAL_RESOURCES)
                     run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
                                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                                 callbacks=[progress])
                     if resume:
                         log.info("resuming %s: finished trials report their result.json; the rest run", sweep_dir)
                     tuner = tune.Tuner(
-                        trainable, param_space={"trial": tune.grid_search(trials)}, run_config=run_config,
+                        trainable, param_space={"unit": tune.grid_search(units)}, run_config=run_config,
                         # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
                         tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
-                                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-                                                    trial_name_creator=lambda t: t.config["trial"]["trial_id"]),
+                                                    trial_dirname_creator=lambda t: t.config["unit"]["unit_id"],
+                                                    trial_name_creator=lambda t: t.config["unit"]["unit_id"]),
                     )
                     stop.in_fit = True
                     grid = tuner.fit()
@@ -225,7 +242,7 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
     if interrupted:
         rows = _rows_after_interrupt(trials, progress.results, context["trials"])
     else:
-        rows = _rows(grid, trials)
+        rows = _rows(grid, trials, progress.results)
         _record_trial_errors(rows, spec, context["tables"])
     summary = render_summary(spec, rows, stats, wall, n, interrupted=interrupted)
     atomic_write_text(sweep_dir / "summary.md", summary)
@@ -255,16 +272,19 @@ def _record_trial_errors(rows: list[dict[str, Any]], spec: SweepSpec, tables: st
                         error=str(r.get("error")), settings=settings)
 
 
-def _rows(grid: Any, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_id = {}
+def _rows(grid: Any, trials: list[dict[str, Any]], seen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial: what it reported (``seen``, by our trial id), else its unit's Tune error, else missing."""
+    unit_error = {}
     for res in grid:
-        # Keyed by our trial id from the config: Tune overwrites a reported "trial_id" with its own.
-        m = {k: v for k, v in (res.metrics or {}).items() if k != "trial_id"}
-        tid = (res.config or {}).get("trial", {}).get("trial_id")
-        if res.error is not None and not m.get("status"):
-            m = {"status": "error", "error": str(res.error).strip().splitlines()[-1][:300], "tune_error": True}
-        by_id[tid] = m
-    return [{**t, **by_id.get(t["trial_id"], {"status": "missing"})} for t in trials]
+        if res.error is not None:
+            msg = str(res.error).strip().splitlines()[-1][:300]
+            for t in (res.config or {}).get("unit", {}).get("trials", []):
+                unit_error[t["trial_id"]] = {"status": "error", "error": msg, "tune_error": True}
+    rows = []
+    for t in trials:
+        got = {k: v for k, v in seen.get(t["trial_id"], {}).items() if k != "trial_id"}
+        rows.append({**t, **(got if got.get("status") else unit_error.get(t["trial_id"], {"status": "missing"}))})
+    return rows
 
 
 def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str, Any], wall: float, n: int,

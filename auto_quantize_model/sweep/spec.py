@@ -52,6 +52,11 @@ class SweepSpec:
     evaluate: bool = False
     eval_captions: str | None = None
     max_eval_samples: int = 32
+    # Opt-in: each trial's real FP8 prefill/decode tokens/s and weight memory vs BF16 and uniform FP8, on the
+    # worker's GPU (inference/measure_run.py); prefill at measure_batch_size x measure_seq_len tokens.
+    measure: bool = False
+    measure_batch_size: int = 4
+    measure_seq_len: int = 512
     address: str | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
@@ -66,6 +71,12 @@ class SweepSpec:
         """Tune's experiment directory; our trials, tables and score cache live under it too."""
         return Path(self.storage_path).resolve() / self.name
 
+    def measure_settings(self) -> Any:
+        """The :class:`MeasureSettings` of ``measure`` (decode shape, repeats and warm-up at their defaults)."""
+        from auto_quantize_model.inference.measure import MeasureSettings
+
+        return MeasureSettings(batch_size=self.measure_batch_size, seq_len=self.measure_seq_len)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, versioned."""
         return {"schema_version": SWEEP_SPEC_VERSION, **dataclasses.asdict(self)}
@@ -79,8 +90,9 @@ SPEC_KINDS = {
     "num_calib_steps": "int?", "schemes_file": "str?", "max_calib_samples": "int", "batch_size": "int",
     "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
     "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
+    "measure": "bool", "measure_batch_size": "int", "measure_seq_len": "int",
 }
-WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str"}
+WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int"}
 
 
 def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
@@ -112,7 +124,8 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
 
 def _validate(spec: SweepSpec) -> None:
     check_sweep_name(spec.name)
-    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples"):
+    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples", "measure_batch_size",
+                "measure_seq_len"):
         if getattr(spec, key) <= 0:
             raise UserError(f"sweep setting {key} must be positive, got {getattr(spec, key)}")
     if spec.num_workers < 0 or spec.max_failures < 0:
@@ -121,10 +134,15 @@ def _validate(spec: SweepSpec) -> None:
         raise UserError("the sweep has no schemes; list at least one")
     if spec.worker.pristine not in ("gpu", "cpu", "auto"):
         raise UserError(f"worker.pristine must be gpu, cpu or auto, got {spec.worker.pristine!r}")
+    if spec.worker.num_threads < 0:
+        raise UserError("worker.num_threads must be >= 0 (0: the cluster's CPUs shared out among the workers)")
     if spec.worker.num_cpus <= 0:
         raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
     if any(s <= 0 for s in spec.num_score_steps):
         raise UserError("num_score_steps entries must be positive")
+    if spec.measure and spec.worker.num_gpus <= 0:
+        raise UserError("measure times FP8 kernels on the workers' GPUs, but worker.num_gpus is 0 (CPU workers): "
+                        "give workers a GPU or drop measure")
 
 
 def check_sweep_name(name: str) -> None:
@@ -221,16 +239,54 @@ def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
                         schemes_file: str | None) -> dict[str, str]:
-    """Set each trial's ``scoring_key`` with the run's own identity function; returns errors by trial id for
-    trials whose scheme does not resolve (they keep ``None`` and fail alone, recorded)."""
+    """Set each trial's ``scoring_key``, ``lease_key`` and ``scoring_pass`` with the run's own identity function;
+    returns errors by trial id for trials whose scheme does not resolve (they keep ``None`` and fail alone).
+
+    Trials whose searches differ only in their candidate formats share one scoring pass (``autoquant/passes.py``):
+    they carry the pass (union scheme and members) and lease under the pass's key, so the pool lets one worker
+    run it while the others wait, then serves them all from the cache.
+    """
     from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
+    from auto_quantize_model.autoquant.passes import plan_passes
     from auto_quantize_model.configs.schemes import resolve_trial_scheme
 
     base = DataIdentity(**identity)
     errors = {}
+    schemes = {}
     for t in trials:
         try:
-            t["scoring_key"] = scoring_key(base, resolve_trial_scheme(t, schemes_file))
+            schemes[t["trial_id"]] = resolve_trial_scheme(t, schemes_file)
+            t["scoring_key"] = scoring_key(base, schemes[t["trial_id"]])
         except UserError as exc:
             errors[t["trial_id"]] = str(exc)
+    plan = plan_passes(base, schemes.values())
+    for t in trials:
+        sp = plan.get(t["scoring_key"]) if t["scoring_key"] else None
+        t["scoring_pass"] = sp.to_dict() if sp else None
+        t["lease_key"] = sp.key(base) if sp else t["scoring_key"]
     return errors
+
+
+def group_units(trials: list[dict[str, Any]], num_workers: int) -> list[dict[str, Any]]:
+    """Tune trials ("units"): the sweep's trials grouped by lease key, each group run on one leased worker.
+
+    Trials of one lease key share a scoring pass, so they run one after another anyway (the first scores, the
+    rest re-solve, in memory where the scoring key repeats); one Tune trial per group pays Tune's per-trial
+    start, report and bookkeeping once per group instead of once per budget. Where there are fewer groups than
+    workers, the largest groups are split so every worker gets work (a split part waits for the pass, then
+    re-solves from the cache). Trials that did not resolve (no key) are units of their own.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault(t.get("lease_key") or f"trial:{t['trial_id']}", []).append(t)
+    # Same scoring key back to back: every trial after the first of a key re-solves in memory.
+    units = [sorted(g, key=lambda t: str(t.get("scoring_key"))) for g in groups.values()]
+    while len(units) < num_workers:
+        big = max(range(len(units)), key=lambda i: len(units[i]))
+        if len(units[big]) < 2:
+            break
+        u = units.pop(big)
+        half = (len(u) + 1) // 2
+        units[big:big] = [u[:half], u[half:]]
+    return [{"unit_id": f"u{i:03d}-{u[0]['trial_id']}", "lease_key": u[0].get("lease_key"), "trials": u}
+            for i, u in enumerate(units)]

@@ -1,4 +1,4 @@
-"""The Ray Tune trial: lease a worker, run the trial there, report. No model, no CUDA in this process.
+"""The Ray Tune trial: lease a worker, run a unit of trials there, report each. No model, no CUDA in this process.
 
 A finished trial leaves ``result.json`` in its directory (written last, atomically); a trial that finds
 one for the same settings reports it and does no work, so a resumed sweep reruns only what is
@@ -44,23 +44,34 @@ def _wait_until_back(worker: Any, timeout: float = 900.0) -> None:
             time.sleep(1.0)
 
 
-def run_trial(config: dict[str, Any], context: dict[str, str]) -> None:
-    """Tune function trainable: ``config["trial"]`` is one grid entry, ``context`` names actors and dirs."""
-    trial = config["trial"]
-    done = finished_result(context["trials"], trial)
-    if done is not None:
-        tune.report({**done, "from_previous_run": True})
+def run_unit(config: dict[str, Any], context: dict[str, str]) -> None:
+    """Tune function trainable: ``config["unit"]`` is one lease key's trials (``spec.group_units``), run in order
+    on one leased worker, each reported as it finishes; ``context`` names actors and dirs."""
+    unit = config["unit"]
+    pending = []
+    for trial in unit["trials"]:
+        done = finished_result(context["trials"], trial)
+        if done is not None:
+            tune.report({**done, "from_previous_run": True})
+        else:
+            pending.append(trial)
+    if not pending:
         return
     pool = ray.get_actor(context["pool"], namespace=context["namespace"])
-    lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
+    # The unit's id is the lease's owner: a retry of this unit (its process died) frees what the dead one held.
+    lease = ray.get(pool.acquire.remote(unit["unit_id"], unit["lease_key"]))
     worker = ray.get_actor(lease["worker"], namespace=context["namespace"])
-    try:
-        result = ray.get(worker.run_trial.remote(trial, lease, context))
-    except ray.exceptions.RayActorError:
-        # The worker died mid-trial (Ray restarts it and it reloads); free the lease and let Tune retry.
-        ray.get(pool.worker_died.remote(lease))
-        _wait_until_back(worker)
-        raise
-    if result["status"] == "ok":
-        atomic_write_json(Path(context["trials"]) / trial["trial_id"] / RESULT_FILE, {"trial": trial, "result": result})
-    tune.report({**result, "from_previous_run": False})
+    for i, trial in enumerate(pending):
+        try:
+            # The worker hands the lease back itself after the last trial, even if this process dies meanwhile.
+            result = ray.get(worker.run_trial.remote(trial, lease, context, release=i == len(pending) - 1))
+        except ray.exceptions.RayActorError:
+            # The worker died mid-trial (Ray restarts it and it reloads); free the lease and let Tune retry the unit
+            # (its finished trials report their result.json).
+            ray.get(pool.worker_died.remote(lease))
+            _wait_until_back(worker)
+            raise
+        if result["status"] == "ok":
+            atomic_write_json(Path(context["trials"]) / trial["trial_id"] / RESULT_FILE,
+                              {"trial": trial, "result": result})
+        tune.report({**result, "from_previous_run": False})

@@ -1,13 +1,23 @@
 #!/usr/bin/env python3
-"""Sweep versus the single-run driver once per trial, on the same grid and machine.
+"""The sweep against what a user would otherwise run, on the same grid and machine.
 
-    # naive loop: a fresh `autoquant run` process per trial (load + calibrate + score + solve + write)
-    python scripts/bench/bench_sweep.py loop  --model-dir DIR --captions-path C --schemes A,B --bits 14,12 [--limit N]
-    # the sweep: one worker per GPU, shared scoring, Ray Tune
-    python scripts/bench/bench_sweep.py sweep --model-dir DIR --captions-path C --schemes A,B --bits 14,12 --num-workers 1
+Modes (each prints one ``RESULT {json}`` line; ``compare`` runs several as fresh processes, one after another, and
+times each end to end from process start, imports included):
 
-Both print one JSON line with wall time and the per-phase split; `--limit` times only the first N loop
-trials (the JSON says how many, and the per-trial mean).
+    loop      one `autoquant run` process per trial (``--shared-cache``: one --cache-dir for all of them, so a
+              trial with a key seen before re-solves from ModelOpt's checkpoint). ``--limit-per-key N`` times only
+              the first N trials of each scoring group and projects the rest from the mean re-solve time.
+    api-loop  one Python process over the project's API: load_language_model + build_calibration_set once,
+              run_scheme per trial with one cache_dir (what the issue calls the one-process loop).
+    session   one Python process over SearchSession: prepare() runs the shared scoring passes, run() per trial
+              (re-solves in memory where the key repeats). The strongest single-process baseline.
+    sweep     `run_sweep`: local Ray (or --address), one worker per GPU, Tune.
+    compare   runs ``--modes`` (default session,api-loop,sweep) as subprocesses on the same grid.
+
+The grid is the sweep's own (``expand_grid``: schemes x bits x score steps, equivalent experiments merged), so
+every mode runs exactly the same trials.
+
+    python scripts/bench/bench_sweep.py compare --model-dir DIR --captions-path C [--schemes A,B --bits 14,12]
 """
 
 from __future__ import annotations
@@ -20,81 +30,198 @@ import sys
 import time
 from pathlib import Path
 
+T_PROCESS = time.perf_counter()  # as early as this script can take it (imports below count)
+
+DEFAULT_SCHEMES = "fp8_autoquant_full,fp8_autoquant_all_layers_fp8,int4w_fp8_autoquant_mix,int8_fp8"
+FORMAT_SETS = str(Path(__file__).with_name("format_sets.toml"))
+
+
+def _spec(args: argparse.Namespace, name: str):
+    from auto_quantize_model.sweep.spec import load_sweep_spec
+
+    steps = tuple(int(s) for s in args.score_steps.split(",")) if args.score_steps else (args.steps,)
+    return load_sweep_spec(None, {
+        "name": name, "model_dir": args.model_dir, "storage_path": str(Path(args.work) / "sweeps"),
+        "captions_path": args.captions_path, "schemes": tuple(args.schemes.split(",")),
+        "schemes_file": args.schemes_file, "effective_bits": tuple(float(b) for b in args.bits.split(",")),
+        "num_score_steps": steps, "num_calib_steps": args.steps, "max_calib_samples": args.samples,
+        "batch_size": 4, "calib_seq_len": 256, "num_workers": args.num_workers, "address": args.address,
+        "worker": {"num_gpus": args.worker_gpus, "num_cpus": 2, "pristine": args.pristine,
+                   "num_threads": args.worker_threads},
+    })
+
+
+def _grid(args: argparse.Namespace):
+    """(trial dict, resolved scheme) for every trial of the sweep's grid."""
+    from auto_quantize_model.configs.schemes import resolve_trial_scheme
+    from auto_quantize_model.sweep.spec import expand_grid
+
+    return [(t, resolve_trial_scheme(t, args.schemes_file)) for t in expand_grid(_spec(args, "grid"))]
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from auto_quantize_model.datasets.calibration import build_calibration_set
+    from auto_quantize_model.datasets.captions import read_captions
+    from auto_quantize_model.models.loading import load_language_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_language_model(args.model_dir, device=device)
+    calib = build_calibration_set(loaded.tokenizer, read_captions(args.captions_path), max_samples=args.samples,
+                                  batch_size=4, seq_len=256, seed=0, device=loaded.device)
+    return loaded, calib
+
 
 def loop(args: argparse.Namespace) -> dict:
-    grid = [(s, b) for s in args.schemes.split(",") for b in args.bits.split(",")]
-    timed = grid[: args.limit] if args.limit else grid
-    per = []
-    for scheme, bits in timed:
-        out = Path(args.work) / "loop" / f"{scheme}-{bits}"
-        cmd = [sys.executable, "-m", "auto_quantize_model.cli", "run", "--scheme-name", scheme, "--model-dir",
-               args.model_dir, "--output-dir", str(out), "--captions-path", args.captions_path, "--effective-bits", bits,
-               "--max-calib-samples", str(args.samples), "--batch-size", "4", "--calib-seq-len", "256",
-               "--num-score-steps", str(args.steps), "--num-calib-steps", str(args.steps)]
-        t = time.perf_counter()
+    grid = _grid(args)
+    cache = Path(args.work) / "loop-cache"
+    groups: dict[tuple, list] = {}
+    for t, s in grid:  # a scoring group: same scheme setup except the budget (the data are the same for all)
+        groups.setdefault((tuple(sorted(s.quantization_formats)), s.method, t["num_score_steps"], s.disabled_layers),
+                          []).append(t)
+    timed = [t for g in groups.values() for t in g[: args.limit_per_key or len(g)]]
+    first = {g[0]["trial_id"] for g in groups.values()}
+    per: dict[str, float] = {}
+    for t in timed:
+        out = Path(args.work) / "loop" / t["trial_id"]
+        cmd = [sys.executable, "-m", "auto_quantize_model.cli", "run", "--scheme-name", t["scheme"], "--model-dir",
+               args.model_dir, "--output-dir", str(out), "--captions-path", args.captions_path, "--effective-bits",
+               str(t["effective_bits"]), "--max-calib-samples", str(args.samples), "--batch-size", "4",
+               "--calib-seq-len", "256", "--num-calib-steps", str(t["num_calib_steps"]),
+               "--auto-quantize-method", t["method"]]
+        if t["num_score_steps"]:
+            cmd += ["--num-score-steps", str(t["num_score_steps"])]
+        if args.schemes_file:
+            cmd += ["--schemes-file", args.schemes_file]
+        if args.shared_cache:
+            cmd += ["--cache-dir", str(cache)]
+        start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
-        per.append(time.perf_counter() - t)
-        m = json.loads(next(out.glob("*_quant_manifest.json")).read_text())
-        print(f"loop {scheme} {bits}: {per[-1]:.1f}s (load {m['timings']['load']:.1f}, calibrate "
-              f"{m['timings']['calibrate']:.1f}, score {m['timings']['score']:.1f}, solve {m['timings']['solve']:.2f})",
-              flush=True)
-    mean = statistics.mean(per)
-    return {"mode": "loop", "grid_trials": len(grid), "timed_trials": len(per), "per_trial_mean_s": mean,
-            "per_trial_s": per, "timed_wall_s": sum(per), "projected_wall_s": mean * len(grid)}
+        per[t["trial_id"]] = time.perf_counter() - start
+        print(f"loop {t['trial_id']}: {per[t['trial_id']]:.1f}s", flush=True)
+    computed = [v for k, v in per.items() if k in first]
+    resolved = [v for k, v in per.items() if k not in first]
+    # Without a shared cache every trial computes; with one, a group's later trials re-solve.
+    later = statistics.mean(resolved) if resolved and args.shared_cache else statistics.mean(per.values())
+    projected = sum(computed) + later * (len(grid) - len(computed))
+    return {"mode": "loop", "shared_cache": args.shared_cache, "grid_trials": len(grid), "timed_trials": len(per),
+            "first_of_key_s": computed, "later_s": resolved, "timed_wall_s": sum(per.values()),
+            "projected_wall_s": projected, "per_trial_s": per}
+
+
+def api_loop(args: argparse.Namespace) -> dict:
+    from auto_quantize_model.autoquant.run import run_scheme
+
+    grid = _grid(args)
+    t = time.perf_counter()
+    loaded, calib = _load(args)
+    load_s = time.perf_counter() - t
+    scored = 0
+    for trial, scheme in grid:
+        r = run_scheme(loaded, calib, scheme, Path(args.work) / "api-loop" / trial["trial_id"],
+                       cache_dir=Path(args.work) / "api-loop-cache")
+        scored += r.scored
+    return {"mode": "api-loop", "trials": len(grid), "scoring_passes": scored, "load_s": load_s,
+            "wall_s": time.perf_counter() - T_PROCESS}
+
+
+def session(args: argparse.Namespace) -> dict:
+    from auto_quantize_model.autoquant.session import SearchSession
+
+    grid = _grid(args)
+    t = time.perf_counter()
+    loaded, calib = _load(args)
+    load_s = time.perf_counter() - t
+    s = SearchSession(loaded, calib, Path(args.work) / "session-cache")
+    t = time.perf_counter()
+    passes = s.prepare([scheme for _, scheme in grid])
+    prepare_s = time.perf_counter() - t
+    scored = sum(p.ran for p in passes)
+    for trial, scheme in grid:
+        scored += s.run(scheme, Path(args.work) / "session" / trial["trial_id"]).scored
+    return {"mode": "session", "trials": len(grid), "scoring_passes": scored, "shared_passes": len(passes),
+            "load_s": load_s, "prepare_s": prepare_s, "wall_s": time.perf_counter() - T_PROCESS}
 
 
 def sweep(args: argparse.Namespace) -> dict:
     from auto_quantize_model.sweep.driver import run_sweep
-    from auto_quantize_model.sweep.spec import load_sweep_spec
 
-    steps = tuple(int(s) for s in args.score_steps.split(",")) if args.score_steps else (args.steps,)
-    spec = load_sweep_spec(None, {
-        "name": args.name, "model_dir": args.model_dir, "storage_path": str(Path(args.work) / "sweeps"),
-        "captions_path": args.captions_path, "schemes": tuple(args.schemes.split(",")),
-        "effective_bits": tuple(float(b) for b in args.bits.split(",")), "num_score_steps": steps,
-        "num_calib_steps": args.steps, "max_calib_samples": args.samples, "batch_size": 4, "calib_seq_len": 256,
-        "num_workers": args.num_workers, "worker": {"num_gpus": args.worker_gpus, "num_cpus": 2, "pristine": args.pristine},
-    })
+    spec = _spec(args, args.name)
     t = time.perf_counter()
     res = run_sweep(spec)
     wall = time.perf_counter() - t
     ok = [r for r in res["rows"] if r.get("status") == "ok"]
     split = {k: sum(r.get(k) or 0.0 for r in ok) for k in
-             ("time_restore", "time_calibrate", "time_score", "time_solve", "time_write", "time_trial")}
+             ("time_restore", "time_scoring_pass", "time_calibrate", "time_score", "time_solve", "time_write",
+              "time_trial")}
     loads = sorted({(r["worker"], r["worker_load_seconds"]) for r in ok})
     return {"mode": "sweep", "trials": len(res["rows"]), "ok": len(ok), "num_workers": res["num_workers"],
-            "wall_s": wall, "sweep_wall_s": res["wall_seconds"], "scoring_passes": res["stats"]["passes"],
-            "reuses": res["stats"]["reuses"], "worker_load_s": [x[1] for x in loads], "sum_over_trials_s": split,
+            "run_sweep_s": wall, "after_ray_start_s": res["wall_seconds"], "wall_s": time.perf_counter() - T_PROCESS,
+            "scoring_passes": res["stats"]["passes"], "reuses": res["stats"]["reuses"],
+            "worker_load_s": [x[1] for x in loads], "sum_over_trials_s": split,
             "gpu_peak_gib": max((r.get("gpu_peak_bytes") or 0) for r in ok) / 2**30 if ok else None}
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> dict:
+    rows = {}
+    passed = []
+    skip = False
+    for a in argv[1:]:  # the children get every setting but --json-out (the comparison's own file)
+        if skip or a == "--json-out":
+            skip = not skip
+            continue
+        passed.append(a)
+    for mode in args.modes.split(","):
+        sub = [sys.executable, __file__, mode, *passed, "--work", str(Path(args.work) / mode), "--name", mode]
+        start = time.perf_counter()
+        done = subprocess.run(sub, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if done.returncode or line is None:
+            rows[mode] = {"error": (done.stderr or done.stdout)[-2000:], "process_wall_s": wall}
+            print(f"{mode}: FAILED\n{rows[mode]['error']}", flush=True)
+            continue
+        rows[mode] = {**json.loads(line[len("RESULT "):]), "process_wall_s": wall}
+        print(f"{mode}: {wall:.1f}s end to end", flush=True)
+    return {"mode": "compare", "rows": rows}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("loop", "sweep"))
+    p.add_argument("mode", choices=("loop", "api-loop", "session", "sweep", "compare"))
     p.add_argument("--model-dir", required=True)
     p.add_argument("--captions-path", required=True)
-    p.add_argument("--schemes", default="fp8_autoquant_top25,fp8_autoquant_top50,fp8_autoquant_full,"
-                                        "fp8_autoquant_all_layers_fp8")
+    p.add_argument("--schemes", default=DEFAULT_SCHEMES)
+    p.add_argument("--schemes-file", default=FORMAT_SETS, help="extra schemes (default: format_sets.toml here)")
     p.add_argument("--bits", default="15,14,12,10,8")
-    p.add_argument("--score-steps", default=None, help="sweep only: comma list, one scoring key each")
+    p.add_argument("--score-steps", default=None, help="comma list, one scoring key each")
     p.add_argument("--steps", type=int, default=16, help="calibration (and default scoring) steps")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--address", default=None, help="sweep: a running Ray cluster")
     p.add_argument("--pristine", default="auto")
-    p.add_argument("--worker-gpus", type=float, default=1.0, help="GPU share per worker (0.5 = two per GPU)")
-    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--worker-gpus", type=float, default=1.0, help="GPU share per worker (0 = CPU workers)")
+    p.add_argument("--worker-threads", type=int, default=0, help="sweep: worker host threads (0 = CPUs / workers)")
+    p.add_argument("--shared-cache", action="store_true", help="loop: one --cache-dir for every trial")
+    p.add_argument("--limit-per-key", type=int, default=0, help="loop: time only the first N trials per key")
+    p.add_argument("--modes", default="session,api-loop,sweep", help="compare: which modes, in order")
     p.add_argument("--name", default="bench")
     p.add_argument("--work", default="/tmp/bench_sweep")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
-    res = loop(args) if args.mode == "loop" else sweep(args)
+    modes = {"loop": loop, "api-loop": api_loop, "session": session, "sweep": sweep}
+    res = compare(args, sys.argv[1:]) if args.mode == "compare" else modes[args.mode](args)
     import torch
 
     res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     res["gpus"] = torch.cuda.device_count()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    res["command"] = " ".join(sys.argv)
     line = json.dumps(res)
     print("RESULT " + line, flush=True)
     if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(line + "\n")
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Before timing on a fresh GPU machine: build ModelOpt's FP8 extension, warm NVFP4 fake quantization, and write the
+full-size random-weight 3B checkpoint (``make_full_size_checkpoint.py``) unless it is there. Prints what each took.
+
+    python scripts/bench/gpu_setup.py --model-dir /tmp/qwen3b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", required=True)
+    args = p.parse_args()
+    import modelopt.torch.quantization as mtq
+    import torch
+    from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
+
+    out = {"device": torch.cuda.get_device_name()}
+    t = time.perf_counter()
+    get_cuda_ext_fp8()
+    out["fp8_extension_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lin = torch.nn.Sequential(torch.nn.Linear(256, 256)).cuda().to(torch.bfloat16)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    mtq.quantize(lin, mtq.NVFP4_DEFAULT_CFG, forward_loop=lambda m: m(x))
+    lin(x)
+    torch.cuda.synchronize()
+    out["nvfp4_warmup_s"] = time.perf_counter() - t
+    if not (Path(args.model_dir) / "config.json").exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_full_size_checkpoint.py")), "--output-dir",
+                        args.model_dir], check=True)
+        out["checkpoint_s"] = time.perf_counter() - t
+    print("SETUP " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
