@@ -32,7 +32,7 @@ def main() -> None:
         t = time.perf_counter()
         lin = torch.nn.Sequential(torch.nn.Linear(256, 256)).cuda().to(torch.bfloat16)
         x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        mtq.quantize(lin, getattr(mtq, name), forward_loop=lambda m: m(x))
+        mtq.quantize(lin, getattr(mtq, name), forward_loop=lambda m, x=x: m(x))
         lin(x).float().sum().backward()
         torch.cuda.synchronize()
         out[f"warmup_{name}_s"] = time.perf_counter() - t
