@@ -48,3 +48,16 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, namespace="autoquant", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+# Fixtures that make a test ``slow``: the shared local Ray (Ray start plus a sweep is tens of seconds) and the
+# module fixtures that run several searches or exports. Other slow tests carry ``@pytest.mark.slow``.
+SLOW_FIXTURES = {"ray_cluster", "runs_root", "catalog_runs", "pair_runs", "exports", "run12", "comparison",
+                 "other", "other_calib", "vlm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that uses a fixture in ``SLOW_FIXTURES`` as ``slow`` (fast tier: ``-m "not slow"``)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

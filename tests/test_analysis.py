@@ -12,12 +12,18 @@ import pytest
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.analysis.aggregate import aggregate
 from auto_quantize_model.analysis.report import analyze
-from auto_quantize_model.analysis.summaries import flip_budgets, inclusion_curve, pareto_front, rank_agreement, scoring_configs
-from auto_quantize_model.analysis.tables import LAYERS_SCHEMA, TRIALS_SCHEMA, write_trial
+from auto_quantize_model.analysis.summaries import (
+    flip_budgets,
+    inclusion_curve,
+    pareto_front,
+    rank_agreement,
+    scoring_configs,
+)
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.records.tables import LAYERS_SCHEMA, TRIALS_SCHEMA, write_trial
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_tables_round_trip_with_documented_schema(runs_root, tmp_path):
     # Table rows match their manifests.
     m = json.loads(next(runs_root.glob("fp8_autoquant_top50_11/*_quant_manifest.json")).read_text())
     row = trials[(trials["scheme"] == "fp8_autoquant_top50") & (trials["effective_bits_target"] == 11.0)].iloc[0]
-    assert row["num_fp8_layers"] == m["num_quantized_layers"]
+    assert row["num_quantized_layers"] == m["num_quantized_layers"]
     assert row["effective_bits_achieved"] == pytest.approx(m["effective_bits"]["achieved"])
     lay = layers[(layers["trial_id"] == row["trial_id"]) & (layers["layer"] == "model.layers.1.mlp.up_proj")].iloc[0]
     assert lay["dtype"] == m["layers"]["model.layers.1.mlp.up_proj"]["dtype"]

@@ -102,6 +102,7 @@ def test_search_leaves_loaded_model_pristine(catalog_runs, loaded, calib):
     assert not any(isinstance(m, TensorQuantizer) for m in loaded.model.modules())
 
 
+@pytest.mark.slow
 def test_second_run_with_other_bits_skips_calibration_and_scoring(loaded, calib, tmp_path, monkeypatch):
     calls = {"forward": 0}
 
@@ -158,6 +159,7 @@ def test_infeasible_budget_is_a_user_error(loaded, calib, tmp_path):
     assert not list((tmp_path / "out").glob("*_quant_manifest.json"))
 
 
+@pytest.mark.slow
 def test_in_memory_resolve_equals_fresh_resolve_and_leaves_no_trace(loaded, calib, tmp_path):
     import copy
 

@@ -20,6 +20,7 @@ def _run_args(model_dir, out, *extra):
             "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_run_then_report_only(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_run_args(tiny_model_dir, out, "--num-score-steps", "2", "--num-calib-steps", "2")) == 0
@@ -102,6 +103,7 @@ def test_report_only_on_corrupt_manifest(tmp_path, capsys):
     assert not (out / "layer-sensitivity-report.md").exists()
 
 
+@pytest.mark.slow
 def test_console_script_and_seed_script_fail_cleanly(tmp_path):
     """The real entry points: no traceback, exit 2, one line."""
     for cmd in (
@@ -116,6 +118,7 @@ def test_console_script_and_seed_script_fail_cleanly(tmp_path):
         assert proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_seed_script_runs_a_scheme(tiny_model_dir, tmp_path):
     out = tmp_path / "seed"
     proc = subprocess.run(
@@ -129,6 +132,7 @@ def test_seed_script_runs_a_scheme(tiny_model_dir, tmp_path):
     assert m["calibration"]["seed"] == 1 and m["scheme"]["name"] == "fp8_autoquant_top25"
 
 
+@pytest.mark.slow
 def test_schemes_and_make_tiny_model(tmp_path, capsys):
     assert main(["schemes"]) == 0
     listing = capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.analysis.report import analyze
 from auto_quantize_model.analysis.summaries import seed_variance
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.report import render_report
 from auto_quantize_model.autoquant.run import run_scheme, score_cache_key
 from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -18,7 +19,6 @@ from auto_quantize_model.datasets.calibration import build_calibration_set
 from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.inference.compare import EvalSettings, compare_runs, render_comparison
 from auto_quantize_model.inference.metrics import error_vs_sensitivity, layer_output_errors
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,7 @@ def test_error_vs_sensitivity_pairs_each_group_with_its_chosen_format_score(load
         assert row["score"] == fp8_scores[row["group"]]
 
 
+@pytest.mark.slow
 def test_chat_template_changes_tokens_and_is_recorded(loaded, calib, tmp_path):
     source = read_captions("demo")
     raw = build_calibration_set(loaded.tokenizer, source, max_samples=24, batch_size=4, seq_len=48, seed=0)
@@ -106,6 +107,7 @@ def test_chat_template_changes_tokens_and_is_recorded(loaded, calib, tmp_path):
     assert "chat template" in report and "scored on 12 samples" in report
 
 
+@pytest.mark.slow
 def test_seed_variance_table_when_seeds_repeat(loaded, tmp_path):
     source = read_captions("demo")
     scheme = resolve_scheme(get_scheme("fp8_autoquant_top50"), effective_bits=12.0, num_calib_steps=2,

@@ -150,6 +150,7 @@ def test_grid_merges_identical_experiments(tiny_model_dir, tmp_path):
     assert len(own) == 2 and not any(t["equivalent_schemes"] for t in own)
 
 
+@pytest.mark.slow
 def test_recipe_runs_through_autoquant_run(tiny_model_dir, tmp_path, capsys):
     from auto_quantize_model.cli import main
 

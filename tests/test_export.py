@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.export.hf import export_run
 from auto_quantize_model.inference.fp8_linear import Fp8Linear, load_exported_lm
 from auto_quantize_model.inference.measure import MeasureSettings, measure_model
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 from auto_quantize_model.models.loading import load_language_model
 
 

@@ -18,12 +18,12 @@ import torch
 
 import auto_quantize_model.autoquant.run as run_mod
 from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import forward_step, run_scheme
 from auto_quantize_model.autoquant.session import SearchSession
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 def _scheme(name="fp8_autoquant_top50", **kw):
@@ -146,6 +146,7 @@ def test_sweep_keys_are_the_run_keys(loaded, calib, tiny_model_dir, tmp_path):
 # -- 2. formats that fold scales into the weights ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["INT8_SMOOTHQUANT_CFG", "INT4_AWQ_CFG"])
+@pytest.mark.slow
 def test_folding_formats_rebuild_and_resolve_exactly(loaded, calib, tmp_path, fmt):
     # Old code: the artifact stored no weights (rebuild lost the fold) and the in-memory re-solve re-activated
     # choices on already folded weights. NVFP4 AWQ needs CUDA/Triton fake quant; INT4_AWQ_CFG takes the same
@@ -191,8 +192,8 @@ def test_unreachable_budget_is_the_same_error_on_every_path(loaded, calib, tmp_p
 
 def test_sequential_quantizer_is_labelled_and_unlabellable_formats_fail_first(loaded, calib, tmp_path, monkeypatch):
     # Old code: SequentialQuantizer has no num_bits -> AttributeError after the whole search, no manifest.
-    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
     from auto_quantize_model.autoquant.layers import format_weight_label, quantizer_label
     from auto_quantize_model.modelopt_configs import CUSTOM_QUANT_CONFIGS, resolve_quant_config
@@ -234,6 +235,7 @@ def _cache_files(cache):
     return sorted(p.name for p in cache.iterdir())
 
 
+@pytest.mark.slow
 def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, monkeypatch):
     # Old code: ModelOpt's checkpoint written after calibration was taken as "scores reusable"; the next run
     # labelled itself reused and crashed or loaded half a search.
@@ -257,6 +259,7 @@ def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, mo
     assert third.manifest["score_cache"]["reused"] is True
 
 
+@pytest.mark.slow
 def test_torn_or_unmarked_checkpoint_is_moved_aside_and_recomputed(loaded, calib, tmp_path, caplog):
     first = run_scheme(loaded, calib, _scheme(), tmp_path / "a", cache_dir=tmp_path / "cache")
     ckpt = tmp_path / "cache" / f"search_{first.manifest['score_cache']['key']}.pth"
@@ -269,6 +272,7 @@ def test_torn_or_unmarked_checkpoint_is_moved_aside_and_recomputed(loaded, calib
     assert third.scored and third.manifest["layer_sensitivity"] == second.manifest["layer_sensitivity"]
 
 
+@pytest.mark.slow
 def test_full_disk_while_writing_the_cache_is_one_line_and_recoverable(loaded, calib, tmp_path, monkeypatch):
     import modelopt.torch.opt.searcher as searcher
 
@@ -285,6 +289,7 @@ def test_full_disk_while_writing_the_cache_is_one_line_and_recoverable(loaded, c
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_two_processes_on_one_cache_score_once(tiny_model_dir, tmp_path):
     # Old code: both processes scored and wrote the same .pth in place at once.
     def cmd(out, bits):
@@ -307,6 +312,7 @@ def test_two_processes_on_one_cache_score_once(tiny_model_dir, tmp_path):
 
 # -- the restore artifact runs no code and belongs to its run (issue 14, item 2) -----------------------------------
 
+@pytest.mark.slow
 def test_restore_artifact_loads_safely_and_belongs_to_its_run(loaded, calib, tmp_path):
     import pickle
 
@@ -370,6 +376,7 @@ def _run_cmd(model_dir, out, cache):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+@pytest.mark.slow
 def test_run_killed_or_interrupted_while_scoring_then_next_run_succeeds(tiny_model_dir, tmp_path, sig):
     # Old code: the checkpoint ModelOpt saved after calibration stayed as search_<key>.pth; later runs took it as
     # reusable scores and failed (KeyError ...quant_recipe) or mislabelled themselves reused.

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import forward_step, run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -15,7 +16,6 @@ from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.inference.compare import EvalSettings, compare_runs, held_out_source
 from auto_quantize_model.inference.generate import encode_prompts, first_divergence, greedy_generate
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_zero_fp8_run_reproduces_bf16_logits_exactly(runs, loaded, calib):
             assert torch.equal(forward_step(model, batch), forward_step(loaded.model, batch))
 
 
+@pytest.mark.slow
 def test_more_fp8_layers_more_kl(runs, loaded):
     source = read_captions("demo")
     comp = compare_runs(loaded, [runs["none"], runs["some"], runs["all"]], source,
@@ -83,6 +84,7 @@ def test_eval_set_entirely_calibration_is_refused(runs, tmp_path):
         held_out_source(src, [man])
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic_and_batch_independent(runs, loaded):
     model = build_quantized_model(loaded, runs["all"])
     tok = loaded.tokenizer
@@ -124,6 +126,7 @@ def test_mismatched_checkpoint_refused(runs, tmp_path, tiny_model_dir):
         build_quantized_model(other, runs["some"])
 
 
+@pytest.mark.slow
 def test_cli_infer_and_compare(runs, tiny_model_dir, tmp_path, capsys):
     run_dir = str(runs["some"].run_dir)
     args = ["--model-dir", str(tiny_model_dir), "--prompt", "Describe the image.", "--max-new-tokens", "5",

@@ -12,10 +12,10 @@ from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.cost import MEASUREMENT_FILE, ModelCost, TrialCost, read_measurement
 from auto_quantize_model.inference.fp8_linear import Fp8Linear, weight_bytes
 from auto_quantize_model.inference.measure import MeasureSettings
 from auto_quantize_model.inference.measure_run import CostMeter, fp8_layer_names, to_fp8_model
+from auto_quantize_model.records.cost import MEASUREMENT_FILE, ModelCost, TrialCost, read_measurement
 from auto_quantize_model.sweep.spec import SweepSpec, load_sweep_spec
 
 # Small shapes, one repeat, eager: CPU timing only exercises the path.
@@ -128,9 +128,9 @@ def test_in_memory_fp8_copy_has_the_exports_layers_and_bytes(measured, tiny_mode
     """What is timed is what ``autoquant export`` writes: the same FP8 layers and the same weight bytes; and
     it computes the run's fake-quant model bit for bit (CPU, bf16), closer than the export (whose exporter
     also unifies the scales of layers sharing an input)."""
+    from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
     from auto_quantize_model.export.hf import export_run
     from auto_quantize_model.inference.fp8_linear import load_exported_lm
-    from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
     from auto_quantize_model.models.loading import load_language_model
 
     res, _ = measured[2][label]

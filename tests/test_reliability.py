@@ -387,8 +387,8 @@ def test_job_example_config_has_absolute_paths_and_loads(monkeypatch):
 def test_result_files_get_the_process_umask_not_0600(tmp_path):
     import pyarrow as pa
 
-    from auto_quantize_model.analysis.tables import write_table_file
     from auto_quantize_model.io_utils import atomic_directory, atomic_write_json
+    from auto_quantize_model.records.tables import write_table_file
 
     old = os.umask(0o022)
     try:
@@ -456,6 +456,7 @@ cluster.shutdown()
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_two_node_cluster_survives_losing_the_worker_node(tiny_model_dir, tmp_path):
     """A 3-node local Ray (head + 2 nodes); the node holding the model worker is removed mid-trial."""
     from auto_quantize_model.analysis import load_layers, load_trials

@@ -92,7 +92,7 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     assert len(trials) == 12 and trials["trial_id"].is_unique
     control = trials[trials["is_control"].fillna(False).astype(bool)]
     assert len(control) == 1 and control["scheme"].iloc[0] == "uniform_fp8_ptq"
-    assert control["kl_mean"].iloc[0] > 0 and control["num_fp8_layers"].iloc[0] == 28
+    assert control["kl_mean"].iloc[0] > 0 and control["num_quantized_layers"].iloc[0] == 28
     assert control["reference_dtype"].iloc[0] == "float32"
     assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
     assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()

@@ -67,6 +67,7 @@ def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
     assert "## Per tower" in (tmp_path / "vlm" / "layer-sensitivity-report.md").read_text()
 
 
+@pytest.mark.slow
 def test_text_only_schemes_unchanged(loaded, calib, tmp_path):
     m = run_scheme(loaded, calib, resolve_scheme(get_scheme("fp8_autoquant_all_layers_fp8")), tmp_path / "t").manifest
     assert m["model"]["scope"] == "language_model" and set(m["towers"]) == {"language"}
@@ -107,6 +108,7 @@ def test_no_usable_pairs_is_a_clear_error(vlm, tmp_path, tiny_model_dir, capsys)
     assert "--coco-annotations FILE --coco-root DIR" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_image_caption_run(pairs, tiny_model_dir, tmp_path):
     out = tmp_path / "cli"
     assert main(["run", "--scheme-name", "fp8_autoquant_all_layers_fp8", "--model-dir", str(tiny_model_dir),

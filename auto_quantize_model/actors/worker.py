@@ -32,17 +32,17 @@ class ModelWorker:
     def __init__(self, spec_dict: dict[str, Any], name: str, pool_name: str, namespace: str) -> None:
         import torch
 
-        from auto_quantize_model.cli import setup_logging
+        from auto_quantize_model.actors.settings import WorkerSpec
         from auto_quantize_model.datasets.calibration import build_calibration_set
         from auto_quantize_model.datasets.captions import read_captions
+        from auto_quantize_model.logs import setup_logging
         from auto_quantize_model.models.loading import load_language_model
-        from auto_quantize_model.sweep.spec import SweepSpec
 
         setup_logging(False)
         threads = int(spec_dict.get("worker", {}).get("num_threads") or 0)
         if threads:  # the driver also set OMP_NUM_THREADS for this process; torch may have read it already
             torch.set_num_threads(threads)
-        self.spec = SweepSpec(**{k: v for k, v in spec_dict.items() if k != "schema_version"})
+        self.spec = WorkerSpec.from_sweep_dict(spec_dict)
         self.name = name
         self.pool = ray.get_actor(pool_name, namespace=namespace)
         t = time.perf_counter()
@@ -182,13 +182,13 @@ class ModelWorker:
     def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
         import torch
 
-        from auto_quantize_model.analysis.tables import write_trial
         from auto_quantize_model.autoquant.passes import ScoringPass
         from auto_quantize_model.autoquant.session import SearchSession
         from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
         from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
         from auto_quantize_model.inference.controls import evaluate_control
+        from auto_quantize_model.records.tables import write_trial
 
         t0 = time.perf_counter()
         tid = trial["trial_id"]

@@ -16,10 +16,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from auto_quantize_model.analysis.tables import write_trial
 from auto_quantize_model.autoquant.manifest import EVALUATION_FILE, MANIFEST_SUFFIX, validate_manifest
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.cost import read_measurement
+from auto_quantize_model.records.cost import read_measurement
+from auto_quantize_model.records.tables import write_trial
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]
 def _controls(sources: list[str], tables_root: str) -> dict[str, str]:
     """Control records (``*_control.json``, the sweep's uniform-PTQ control) under source directories:
     each becomes a trials row with ``is_control`` true."""
-    from auto_quantize_model.analysis.tables import control_trials_table, write_table_file
     from auto_quantize_model.inference.controls import CONTROL_NAME, CONTROL_SUFFIX
+    from auto_quantize_model.records.tables import control_trials_table, write_table_file
 
     out: dict[str, str] = {}
     for src in sources:

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from auto_quantize_model.analysis.tables import PARTITION
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.records.tables import PARTITION
 
 Filters = list[tuple[str, str, Any]] | dict[str, Any] | None
 

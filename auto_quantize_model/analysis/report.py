@@ -61,10 +61,10 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
         plots.plot_pareto_throughput(trials, out),
         plots.plot_rank_agreement(configs, out),
     ]
-    made = [p for p in made if p is not None]
+    written = [p for p in made if p is not None]
     flips = summaries.flip_budgets(layers)
     trial_cols = [c for c in ("scheme", "effective_bits_target", "effective_bits_achieved", "budget_met", "method",
-                              "num_fp8_layers", "total_score", "perplexity", "kl_mean", "top1_agreement", "status")
+                              "num_quantized_layers", "total_score", "perplexity", "kl_mean", "top1_agreement", "status")
                   if c in trials]
     lines = [
         "# AutoQuant analysis",
@@ -80,7 +80,7 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
     lines += ["## Trials", "", f"Evaluation metrics are against the unquantized checkpoint as loaded ({ref}).", "",
               _md(searched[trial_cols].sort_values(["scheme", "effective_bits_target"]))]
     if not controls.empty:
-        ctl_cols = [c for c in ("trial_id", "quantization_formats", "effective_bits_achieved", "num_fp8_layers",
+        ctl_cols = [c for c in ("trial_id", "quantization_formats", "effective_bits_achieved", "num_quantized_layers",
                                 "num_layers", "num_calib_steps", "perplexity", "kl_mean", "top1_agreement")
                     if c in controls]
         lines += ["### Control: uniform FP8 PTQ", "",
@@ -112,8 +112,8 @@ def analyze(sources: list[str], output_dir: str | Path, workers: int = 1) -> dic
                   "the median coefficient of variation of a group's score across all seeds of the setting. "
                   "Rank differences between scoring configurations smaller than these are within seed noise.", "",
                   _md(seeds)]
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in made] + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written] + [""]
     report = atomic_write_text(out / "analysis.md", "\n".join(lines))
     log.info("analysis of %d trials: tables %.2fs, total %.2fs", agg["num_trials"], t_tables, time.perf_counter() - t0)
-    return {**agg, "report": report, "plots": made, "tables_seconds": t_tables,
+    return {**agg, "report": report, "plots": written, "tables_seconds": t_tables,
             "total_seconds": time.perf_counter() - t0}

@@ -120,7 +120,7 @@ def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits
             "kind": layer_kind(lname),
             "tower": layer_tower(lname),
             "num_params": int(layers[lname].weight.numel()),
-            "bits": 16.0 if fmt["weight"] == UNQUANTIZED else format_bits.get(chosen, 16.0),
+            "bits": 16.0 if fmt["weight"] == UNQUANTIZED else (format_bits.get(chosen, 16.0) if chosen else 16.0),
         }
     return out
 
@@ -137,10 +137,10 @@ def tower_summary(layers: dict[str, dict[str, Any]], groups: dict[str, dict[str,
             t["quantized_layers"] += 1
             t["quantized_params"] += lay["num_params"]
     for info in groups.values():
-        t = out.get(info["tower"])
-        if t is not None:
-            t["groups"] += 1
-            t["summed_score"] += max((s for s in info["scores"] if s is not None), default=0.0)
+        tower = out.get(info["tower"])
+        if tower is not None:
+            tower["groups"] += 1
+            tower["summed_score"] += max((s for s in info["scores"] if s is not None), default=0.0)
     return out
 
 
@@ -233,7 +233,7 @@ def build_manifest(
             "achieved": _finite(achieved) if achieved is not None else None,
             "measured": measured_effective_bits(layers),
             "measured_all_layers": measured_effective_bits(layers, budget_only=False),
-            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model"))
+            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model"), "")
             + (f"; without {sum(not lay['in_budget'] for lay in layers.values())} cost-excluded layer(s), "
                "see exclusions" if not all(lay["in_budget"] for lay in layers.values()) else ""),
         },

@@ -24,13 +24,13 @@ from torch import nn
 from auto_quantize_model.autoquant.cache import CacheEntry, SearchCache
 from auto_quantize_model.autoquant.identity import DataIdentity, effective_steps, scoring_key
 from auto_quantize_model.autoquant.layers import check_formats_labelled
-from auto_quantize_model.autoquant.passes import ScoringPass, derive_state, raw_scores
 from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path, write_manifest
+from auto_quantize_model.autoquant.passes import ScoringPass, derive_state, raw_scores
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.configs.schemes import Scheme
-from auto_quantize_model.datasets.calibration import IGNORE_INDEX, CalibrationSet, usage
-from auto_quantize_model.datasets.image_captions import ImageCalibrationSet
+from auto_quantize_model.datasets.calibration import IGNORE_INDEX, usage
+from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.errors import UserError, check_output_dir
 from auto_quantize_model.io_utils import atomic_write_text
 from auto_quantize_model.modelopt_configs import (
@@ -75,7 +75,7 @@ class RunResult:
     scored: bool
 
 
-def score_cache_key(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme) -> str:
+def score_cache_key(loaded: LoadedModel, calib: CalibrationData, scheme: Scheme) -> str:
     """The scoring identity of ``scheme`` on this model and data (:func:`identity.scoring_key`)."""
     return scoring_key(DataIdentity.of(loaded, calib), scheme)
 
@@ -135,7 +135,7 @@ class _PhaseClock:
 
 def run_scheme(
     loaded: LoadedModel,
-    calib: CalibrationSet | ImageCalibrationSet,
+    calib: CalibrationData,
     scheme: Scheme,
     output_dir: str | Path,
     *,
@@ -179,7 +179,7 @@ def run_scheme(
                    t_start, write=write, run_id=run_id, sweep_id=sweep_id)
 
 
-def _auto_quantize(model: nn.Module, calib: CalibrationSet | ImageCalibrationSet, scheme: Scheme, entry: CacheEntry,
+def _auto_quantize(model: nn.Module, calib: CalibrationData, scheme: Scheme, entry: CacheEntry,
                    clock: _PhaseClock, steps: dict[str, int], cache_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """``mtq.auto_quantize`` for ``scheme`` with ``entry``'s checkpoint; one refusal per failure kind."""
     import modelopt.torch.quantization as mtq
@@ -225,7 +225,7 @@ class PassOutcome:
     seconds: float
 
 
-def run_scoring_pass(loaded: LoadedModel, calib: CalibrationSet | ImageCalibrationSet, scoring_pass: ScoringPass,
+def run_scoring_pass(loaded: LoadedModel, calib: CalibrationData, scoring_pass: ScoringPass,
                      cache_dir: str | Path, fresh_model: Callable[[], nn.Module]) -> PassOutcome:
     """Make sure every member of ``scoring_pass`` has a verified checkpoint in ``cache_dir``.
 
@@ -286,7 +286,7 @@ def _lowest_from_message(text: str) -> float:
 
 def _finish(
     loaded: LoadedModel,
-    calib: CalibrationSet | ImageCalibrationSet,
+    calib: CalibrationData,
     scheme: Scheme,
     output_dir: Path,
     model: nn.Module,
@@ -358,7 +358,7 @@ def lowest_effective_bits(state: dict[str, Any]) -> float:
 def resolve_budget(
     previous: RunResult,
     loaded: LoadedModel,
-    calib: CalibrationSet | ImageCalibrationSet,
+    calib: CalibrationData,
     scheme: Scheme,
     output_dir: str | Path,
     *,

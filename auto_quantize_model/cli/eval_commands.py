@@ -33,8 +33,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Greedy generation with a run's quantized model (or --bf16 for the reference)."""
+    from auto_quantize_model.autoquant.rebuild import build_quantized_model, check_matches_model_dir, find_run
     from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
-    from auto_quantize_model.inference.rebuild import build_quantized_model, check_matches_model_dir, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
 
     prompts = _read_prompts(args)
@@ -80,9 +80,9 @@ def _infer_exported(args: argparse.Namespace, prompts: list[str]) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """BF16 reference and every run on the same held-out captions: comparison.json and .md."""
+    from auto_quantize_model.autoquant.rebuild import check_matches_checkpoint, check_matches_model_dir, find_run
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
-    from auto_quantize_model.inference.rebuild import check_matches_checkpoint, check_matches_model_dir, find_run
     from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
     from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 

@@ -83,7 +83,7 @@ def _format_names(stem: str, formats: list[Any]) -> list[str]:
 
     from auto_quantize_model.modelopt_configs import format_signature, register_quant_config
 
-    presets = {}
+    presets: dict[str, Any] = {}
     for name in mtq.config.choices:
         with contextlib.suppress(AssertionError, TypeError, ValueError):
             presets.setdefault(format_signature(name), name)

@@ -59,6 +59,9 @@ class Scheme:
         # Lists from TOML/JSON become tuples so the dataclass stays hashable and immutable.
         for key in ("quantization_formats", "disabled_layers", "cost_excluded_layers"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        # The budget is one float from TOML/CLI to the manifest and tables (TOML `effective_bits = 14` is an int).
+        if isinstance(self.effective_bits, int) and not isinstance(self.effective_bits, bool):
+            object.__setattr__(self, "effective_bits", float(self.effective_bits))
 
     def to_dict(self) -> dict[str, Any]:
         """Versioned, JSON-ready form."""

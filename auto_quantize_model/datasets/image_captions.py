@@ -158,7 +158,7 @@ def build_image_calibration_set(
         check_positive(name, v)
     order = list(range(len(source.pairs)))
     random.Random(seed).shuffle(order)
-    encoded = []
+    encoded: list[Any] = []
     for i in order:
         if len(encoded) >= max_samples:
             break

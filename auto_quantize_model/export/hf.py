@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from auto_quantize_model.autoquant.manifest import NO_QUANT
+from auto_quantize_model.autoquant.rebuild import RunArtifacts, check_same_checkpoint, find_run
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.rebuild import RunArtifacts, check_same_checkpoint, find_run
 from auto_quantize_model.io_utils import atomic_directory, atomic_write_json
 from auto_quantize_model.provenance import git_revision, versions
 

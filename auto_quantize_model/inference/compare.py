@@ -18,12 +18,12 @@ from typing import Any
 from torch import nn
 
 from auto_quantize_model.autoquant.manifest import EVALUATION_FILE
+from auto_quantize_model.autoquant.rebuild import RunArtifacts, build_quantized_model
 from auto_quantize_model.datasets.calibration import CalibrationSet, build_calibration_set, caption_hash
 from auto_quantize_model.datasets.captions import CaptionSource
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.inference.generate import encode_prompts, first_divergence, greedy_generate
 from auto_quantize_model.inference.metrics import error_vs_sensitivity, evaluate_against_reference, layer_output_errors
-from auto_quantize_model.inference.rebuild import RunArtifacts, build_quantized_model
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.models.loading import LoadedModel
 from auto_quantize_model.provenance import git_revision, versions

@@ -24,6 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,7 @@ class ExportedModel:
     """An exported checkpoint's language model with FP8 layers as :class:`Fp8Linear`."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: Any
     export_dir: Path
     device: torch.device
     fp8_layers: list[str]

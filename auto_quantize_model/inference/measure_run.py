@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.inference.cost import ModelCost, TrialCost, write_measurement
 from auto_quantize_model.inference.fp8_linear import Fp8Linear, scaled_mm_supported, weight_bytes
 from auto_quantize_model.inference.measure import MeasureSettings, check_measurable, measure_model
+from auto_quantize_model.records.cost import ModelCost, TrialCost, write_measurement
 
 log = logging.getLogger(__name__)
 

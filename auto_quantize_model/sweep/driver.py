@@ -263,7 +263,7 @@ def _rows_after_interrupt(trials: list[dict[str, Any]], seen: dict[str, dict[str
 
 def _record_trial_errors(rows: list[dict[str, Any]], spec: SweepSpec, tables: str) -> None:
     """A trial that failed in Tune (its worker died past max_failures) still gets its row in the tables."""
-    from auto_quantize_model.analysis.tables import write_trial
+    from auto_quantize_model.records.tables import write_trial
 
     for r in rows:
         if r.get("status") == "error" and r.get("tune_error"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.actors.settings import WorkerSettings
 from auto_quantize_model.config_types import check_table
 from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
@@ -23,18 +24,6 @@ from auto_quantize_model.io_utils import read_toml, sha256_json
 log = logging.getLogger(__name__)
 SWEEP_SPEC_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Resources and memory policy of each model worker actor."""
-
-    num_gpus: float = 1.0  # 0 runs workers on CPU (tests, CPU-only clusters)
-    num_cpus: float = 1.0  # explicit: a GPU actor otherwise holds 1 CPU and trials can starve
-    pristine: str = "auto"  # where the unquantized copy lives: gpu, cpu (pinned), auto
-    # Host threads of each worker (torch intra-op, OpenMP). 0: the cluster's CPUs shared out among the workers.
-    # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
-    num_threads: int = 0
 
 
 @dataclass(frozen=True)

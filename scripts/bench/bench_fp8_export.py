@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.datasets.calibration import build_calibration_set
@@ -30,7 +31,6 @@ from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.export.hf import export_run
 from auto_quantize_model.inference.fp8_linear import load_exported_lm
 from auto_quantize_model.inference.measure import MeasureSettings, measure_model
-from auto_quantize_model.inference.rebuild import build_quantized_model, find_run
 from auto_quantize_model.models.loading import load_language_model
 from auto_quantize_model.provenance import git_revision, versions
 

@@ -21,9 +21,8 @@ def main() -> None:
     p.add_argument("--formats", default="NVFP4_DEFAULT_CFG,INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG",
                    help="formats whose kernels to warm (INT8's extension build takes ~55 s on a fresh H100)")
     args = p.parse_args()
-    import torch
-
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
 
     out = {"device": torch.cuda.get_device_name()}
@@ -35,7 +34,7 @@ def main() -> None:
         t = time.perf_counter()
         lin = torch.nn.Sequential(torch.nn.Linear(256, 256)).cuda().to(torch.bfloat16)
         x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        mtq.quantize(lin, getattr(mtq, name), forward_loop=lambda m: m(x))
+        mtq.quantize(lin, getattr(mtq, name), forward_loop=lambda m, x=x: m(x))
         lin(x).float().sum().backward()
         torch.cuda.synchronize()
         out[f"warmup_{name}_s"] = time.perf_counter() - t

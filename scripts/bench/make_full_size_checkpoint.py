@@ -40,8 +40,7 @@ def main() -> None:
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_checkpoint(Path(tmp) / "tiny", train_steps=0)
-        from transformers import AutoTokenizer
-        from transformers import Qwen2VLImageProcessorPil
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
         tok = AutoTokenizer.from_pretrained(tiny)
         # Qwen2.5-VL's published preprocessor limits (the tiny model's are shrunk).

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from auto_quantize_model.io_utils import set_default_mode, sha256_json
+from auto_quantize_model.io_utils import set_default_mode
+from auto_quantize_model.records.outcome import METRICS, TIMINGS, TrialOutcome, trial_id_for
 
 if TYPE_CHECKING:
-    from auto_quantize_model.inference.cost import TrialCost
+    from auto_quantize_model.records.cost import TrialCost
 
-TABLES_SCHEMA_VERSION = 1
+# 2: trials column num_fp8_layers renamed num_quantized_layers (it counts every quantized format).
+TABLES_SCHEMA_VERSION = 2
 PARTITION = "scheme"
 
 _KEY = [
@@ -62,10 +63,7 @@ LAYERS_SCHEMA = pa.schema(
     metadata={"auto_quantize_model.table": "layers", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
 
-# prefill_tokens_per_s: measured on a GPU from the run's FP8 export (inference/measure.py), when present.
-METRICS = ("perplexity", "reference_perplexity", "kl_mean", "kl_max", "top1_agreement", "prefill_tokens_per_s")
-TIMINGS = ("load", "calibrate", "score", "solve", "total")
-# Measured real-FP8 cost (sweep ``measure``, inference/cost.py); prefill_tokens_per_s is in METRICS above.
+# Measured real-FP8 cost (sweep ``measure``, records/cost.py); prefill_tokens_per_s is in METRICS.
 MEASURED = [
     pa.field("decode_tokens_per_s", pa.float64()),
     pa.field("lm_weight_bytes", pa.int64()),
@@ -88,7 +86,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("model_path", pa.string()),
         pa.field("budget_met", pa.bool_()),
         pa.field("total_score", pa.float64()),
-        pa.field("num_fp8_layers", pa.int32()),
+        pa.field("num_quantized_layers", pa.int32()),
         pa.field("num_layers", pa.int32()),
         pa.field("score_cache_key", pa.string()),
         pa.field("scored", pa.bool_()),
@@ -109,20 +107,6 @@ TRIALS_SCHEMA = pa.schema(
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
-
-
-def trial_id_for(manifest: dict[str, Any]) -> str:
-    """The sweep's run id, else a content id: the same search result aggregated twice is one trial."""
-    if manifest.get("run_id"):
-        return str(manifest["run_id"])
-    return sha256_json({
-        "scheme": manifest["scheme"],
-        "bits": manifest["effective_bits"]["target"],
-        "calibration": manifest["calibration"].get("token_hash"),
-        "model": manifest["model"]["config_hash"],
-        "weights": manifest["model"].get("weights_fingerprint"),
-        "recipe": manifest["autoquant_state"]["best"]["recipe"],
-    })[:16]
 
 
 def _key_values(m: dict[str, Any], sweep_id: str | None, trial_id: str) -> dict[str, Any]:
@@ -186,63 +170,22 @@ def trials_table(
 ) -> pa.Table:
     """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known);
     ``measurement`` fills the measured-cost columns."""
-    metrics = metrics or {}
     if m is None:
-        s = settings or {}
-        row = {f.name: None for f in TRIALS_SCHEMA}
-        row.update({"sweep_id": sweep_id, "trial_id": trial_id, "effective_bits_target": s.get("effective_bits"),
-                    "method": s.get("method"), "status": status, "error": error, "written_at": time.time(),
-                    "equivalent_schemes": ",".join(s.get("equivalent_schemes") or []) or None})
-        return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
-    trial_id = trial_id or trial_id_for(m)
-    t = m.get("timings", {})
-    row = {
-        **_key_values(m, sweep_id, trial_id),
-        "quantization_formats": ",".join(m["scheme"]["quantization_formats"]),
-        "num_score_steps": m["scheme"]["num_score_steps"],
-        "num_calib_steps": m["scheme"]["num_calib_steps"],
-        "calib_num_samples": m["calibration"]["num_samples"],
-        "model_path": m["model"]["path"],
-        "budget_met": m["budget_met"],
-        "total_score": m["autoquant_state"]["best"]["score"],
-        "num_fp8_layers": m["num_quantized_layers"],
-        "num_layers": m.get("num_layers", len(m["layers"])),
-        "score_cache_key": m.get("score_cache", {}).get("key"),
-        "scored": None if "score_cache" not in m else not m["score_cache"]["reused"],
-        "score_pass_key": m.get("score_cache", {}).get("derived_from"),
-        **{k: metrics.get(k) for k in METRICS},
-        **{f"time_{k}": t.get(k) for k in TIMINGS},
-        "status": status,
-        "error": error,
-        "manifest_path": manifest_path,
-        # Other scheme names whose resolved search and budget are this trial's (run once, see sweep/spec.py).
-        "equivalent_schemes": equivalent_schemes or None,
-        "written_at": time.time(),
-        "is_control": False,
-        "reference_dtype": m["model"].get("dtype"),
-        "calib_seed": m["calibration"].get("seed"),
-        "calib_chat_template": bool(m["calibration"].get("chat_template")),
-        **(measurement.columns() if measurement is not None else {}),
-    }
-    return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
+        if trial_id is None:
+            raise ValueError("a failed trial needs an explicit trial_id")
+        outcome = TrialOutcome.failed(trial_id=trial_id, sweep_id=sweep_id, settings=settings, status=status,
+                                      error=error)
+    else:
+        outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=trial_id, metrics=metrics, status=status,
+                                        error=error, manifest_path=manifest_path,
+                                        equivalent_schemes=equivalent_schemes, measurement=measurement)
+    return pa.Table.from_pylist([outcome.to_row()], schema=TRIALS_SCHEMA)
 
 
 def control_trials_table(record: dict[str, Any], manifest_path: str | None = None) -> pa.Table:
     """The trials row of a uniform-PTQ control record (``*_control.json``, see inference/controls.py):
     ``is_control`` true, no target bits, no scores; achieved bits are the control's measured bits."""
-    c, metrics = record["control"], record.get("metrics") or {}
-    row = {f.name: None for f in TRIALS_SCHEMA}
-    row.update({
-        "sweep_id": record.get("sweep_id"), "trial_id": record["trial_id"],
-        "effective_bits_achieved": c["effective_bits"], "effective_bits_all_layers": c["effective_bits"],
-        "calibration_hash": c["calibration_hash"],
-        "model_id": record["model"]["config_hash"], "quantization_formats": c["quant_format"],
-        "num_calib_steps": c["num_calib_steps"], "model_path": record["model"]["path"],
-        "num_fp8_layers": c["num_quantized_layers"], "num_layers": c["num_layers"],
-        **{k: metrics.get(k) for k in METRICS}, "status": "ok", "manifest_path": manifest_path,
-        "written_at": time.time(), "is_control": True, "reference_dtype": record["model"].get("dtype"),
-    })
-    return pa.Table.from_pylist([row], schema=TRIALS_SCHEMA)
+    return pa.Table.from_pylist([TrialOutcome.from_control(record, manifest_path).to_row()], schema=TRIALS_SCHEMA)
 
 
 def _safe_part(value: str) -> str:
