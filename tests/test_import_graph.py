@@ -75,8 +75,6 @@ def import_graph(pkg: Path = PKG, eager_only: bool = False) -> dict[str, set[str
 KNOWN_LAZY_CYCLES = [
     # schemes.get_scheme falls back to a recipe; recipes.scheme_from_recipe builds a Scheme.
     ["auto_quantize_model.configs.recipes", "auto_quantize_model.configs.schemes"],
-    # compare builds the uniform-PTQ control; the control is evaluated with compare.evaluate_run.
-    ["auto_quantize_model.inference.compare", "auto_quantize_model.inference.controls"],
 ]
 
 

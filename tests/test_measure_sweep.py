@@ -78,7 +78,7 @@ def test_meter_refuses_cpu_and_non_fp8_runs(loaded, calib):
 def measured(loaded, calib, tmp_path_factory):
     """Two searched runs (lm_head BF16 and tied; every layer FP8), each evaluated and measured on CPU by one
     meter, as a sweep worker does after evaluation."""
-    from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
+    from auto_quantize_model.inference.evaluate import evaluate_run, write_evaluation
 
     root = tmp_path_factory.mktemp("measured")
     meter = CostMeter(loaded, calib, CPU_SETTINGS)

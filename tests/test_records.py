@@ -138,8 +138,6 @@ def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch,
     assert type(TrialOutcome.from_run(m).effective_bits_target) is float
 
 
-@pytest.mark.xfail(strict=True, reason="sweep/spec.py keeps TOML ints in SweepSpec.effective_bits; the lead's "
-                   "file: coerce in SweepSpec.__post_init__, then drop this marker")
 def test_sweep_toml_effective_bits_are_floats(monkeypatch, tiny_model_dir, tmp_path):
     (tmp_path / "sweep.toml").write_text(f'name = "bits"\nmodel_dir = "{tiny_model_dir}"\n'
                                          'effective_bits = [14, 12]\nschemes = ["fp8_autoquant_top25"]\n')

@@ -130,7 +130,7 @@ def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
         for _ in range(2):
             lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
             res = ray.get(workers[0].run_trial.remote(trial, lease, out))
-            assert res["status"] == "ok" and res["num_fp8_layers"] == 28  # all but the excluded lm_head
+            assert res["status"] == "ok" and res["num_quantized_layers"] == 28  # all but the excluded lm_head
             # After an all-FP8 trial, a fresh copy is bit-identical to the freshly loaded model.
             assert ray.get(workers[0].probe_matches.remote())
             path = tmp_path / "trials" / trial["trial_id"] / "fp8_autoquant_top25_quant_manifest.json"

@@ -186,8 +186,9 @@ class ModelWorker:
         from auto_quantize_model.autoquant.session import SearchSession
         from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
-        from auto_quantize_model.inference.compare import evaluate_run, write_evaluation
         from auto_quantize_model.inference.controls import evaluate_control
+        from auto_quantize_model.inference.evaluate import evaluate_run, write_evaluation
+        from auto_quantize_model.records.outcome import TrialOutcome
         from auto_quantize_model.records.tables import write_trial
 
         t0 = time.perf_counter()
@@ -234,6 +235,10 @@ class ModelWorker:
             cost = self.meter.measure(on_device, result.model, result.manifest, trial_dir)
             del on_device
         m = result.manifest
+        # One row, built once: the trials table, Tune's report and the summary read the same fields.
+        outcome = TrialOutcome.from_run(m, sweep_id=self.spec.name, trial_id=tid, metrics=metrics,
+                                        manifest_path=str(result.manifest_path), measurement=cost,
+                                        equivalent_schemes=",".join(trial.get("equivalent_schemes") or []))
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
                     equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
@@ -242,18 +247,14 @@ class ModelWorker:
         (self.m_passes if scored else self.m_reuses).inc(1, tags)
         self.m_trials.inc(1, {"worker": self.name, "status": "ok"})
         self.m_gpu.set(peak, tags)
-        timings = m["timings"]
+        row = outcome.to_row()
+        row.pop("trial_id")  # Tune overwrites a reported trial_id with its own; ours travels as "trial"
         return {
-            "status": "ok", "trial": tid, "worker": self.name, "scheme": trial["scheme"],
-            "effective_bits_target": trial["effective_bits"], "effective_bits_achieved": m["effective_bits"]["achieved"],
-            "budget_met": m["budget_met"], "num_fp8_layers": m["num_quantized_layers"], "num_layers": m["num_layers"],
-            "scored": scored, "time_scoring_pass": pass_s,
-            "prefill_vs_bf16": cost.ratio("prefill_tokens_per_s") if cost else None, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
-            "time_restore": restore_s, "time_calibrate": timings.get("calibrate") or 0.0,
-            "time_score": timings.get("score") or timings.get("calibrate_and_score") or 0.0,
-            "time_solve": timings["solve"], "time_write": timings.get("write_restore", 0.0),
+            **row, "trial": tid, "worker": self.name, "scheme": trial["scheme"],
+            # This trial paid a scoring pass: its own search's, or the shared pass it ran for its lease key.
+            "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
+            "time_restore": restore_s, "time_write": m["timings"].get("write_restore", 0.0),
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
-            **{k: metrics.get(k) for k in ("perplexity", "kl_mean", "kl_max", "top1_agreement")},
         }
 
     def info(self) -> dict[str, Any]:

@@ -3,27 +3,26 @@
 The reference is the checkpoint in the dtype it was loaded in (BF16 on GPU, float32 on CPU; the
 tables say which). Beside it, every comparison carries the uniform FP8 PTQ control (controls.py).
 
-``evaluate_run`` is what a sweep worker calls with a model already in memory; ``compare_runs`` is the
+``evaluate_run`` (inference/evaluate.py) is what a sweep worker calls with a model already in memory; ``compare_runs`` is the
 ``autoquant compare`` job: one reference, many runs, one table.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from auto_quantize_model.autoquant.manifest import EVALUATION_FILE
 from auto_quantize_model.autoquant.rebuild import RunArtifacts, build_quantized_model
 from auto_quantize_model.datasets.calibration import CalibrationSet, build_calibration_set, caption_hash
 from auto_quantize_model.datasets.captions import CaptionSource
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.inference.evaluate import evaluate_run
 from auto_quantize_model.inference.generate import encode_prompts, first_divergence, greedy_generate
-from auto_quantize_model.inference.metrics import error_vs_sensitivity, evaluate_against_reference, layer_output_errors
+from auto_quantize_model.inference.metrics import evaluate_against_reference
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.models.loading import LoadedModel
 from auto_quantize_model.provenance import git_revision, versions
@@ -69,30 +68,6 @@ def held_out_source(source: CaptionSource, manifests: list[dict[str, Any]]) -> t
     return held, per_run
 
 
-def evaluate_run(
-    model: nn.Module, reference: nn.Module, data: CalibrationSet, manifest: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Output metrics of ``model`` against ``reference``, plus per-layer error (and its correlation
-    with the run's sensitivity scores when the manifest is given)."""
-    t = time.perf_counter()
-    metrics = evaluate_against_reference(model, reference, data.batches)
-    errors = layer_output_errors(model, data.batches)
-    out: dict[str, Any] = {"metrics": metrics, "layer_errors": errors}
-    if manifest is not None:
-        out["error_vs_sensitivity"] = error_vs_sensitivity(manifest, errors)
-    out["metrics"]["eval_seconds"] = time.perf_counter() - t
-    return out
-
-
-def write_evaluation(run_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Attach an :func:`evaluate_run` result to its run (``evaluation.json`` beside the manifest)."""
-    return atomic_write_json(Path(run_dir) / EVALUATION_FILE, {
-        "metrics": {k: v for k, v in result["metrics"].items()},
-        "error_vs_sensitivity": {k: v for k, v in result.get("error_vs_sensitivity", {}).items() if k != "groups"},
-        "layer_errors": result["layer_errors"],
-    })
-
-
 def _generations(model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]], settings: EvalSettings) -> list[list[int]]:
     return greedy_generate(model, prompt_ids, max_new_tokens=settings.max_new_tokens,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -130,7 +105,7 @@ def compare_runs(
             "effective_bits_target": m["effective_bits"]["target"],
             "effective_bits_achieved": m["effective_bits"]["achieved"],
             "effective_bits_all_layers": m["effective_bits"].get("measured_all_layers", m["effective_bits"]["measured"]),
-            "num_fp8_layers": m["num_quantized_layers"],
+            "num_quantized_layers": m["num_quantized_layers"],
             "num_layers": m.get("num_layers", len(m["layers"])),
             **result,
             "generations": [
@@ -194,7 +169,7 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
         f"calibrated on them. KL is KL({ref} || run) of next-token distributions, per token. The reference is the "
         f"unquantized checkpoint as loaded ({ref}).",
         "",
-        "| run | scheme | bits (target/achieved) | bits, all LM Linears | FP8 layers | perplexity | KL mean | KL max | top-1 agree | error~score Spearman |",
+        "| run | scheme | bits (target/achieved) | bits, all LM Linears | quantized layers | perplexity | KL mean | KL max | top-1 agree | error~score Spearman |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {ref} reference | - | 16 | 16 | 0 | {comp['reference']['metrics']['perplexity']:.4f} | 0 | 0 | 1.000 | - |",
     ]
@@ -210,7 +185,7 @@ def render_comparison(comp: dict[str, Any], tokenizer: Any) -> str:
         lines.append(
             f"| {r['name']} | {r['scheme']} | {r['effective_bits_target']:g}/{r['effective_bits_achieved']:.3f} | "
             f"{r.get('effective_bits_all_layers') or r['effective_bits_achieved']:.3f} | "
-            f"{r['num_fp8_layers']}/{r['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
+            f"{r['num_quantized_layers']}/{r['num_layers']} | {mt['perplexity']:.4f} | {mt['kl_mean']:.4g} | "
             f"{mt['kl_max']:.4g} | {mt['top1_agreement']:.3f} | {'n/a' if rho is None else f'{rho:.3f}'} |"
         )
     if ctl:

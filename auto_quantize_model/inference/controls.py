@@ -129,7 +129,7 @@ def evaluate_control(
 ) -> Path:
     """A sweep's control: build, evaluate on the sweep's held-out data, write its record and its
     trials-table row. One per calibration-step count; a record already on disk is reused (resume)."""
-    from auto_quantize_model.inference.compare import evaluate_run
+    from auto_quantize_model.inference.evaluate import evaluate_run
     from auto_quantize_model.records.tables import control_trials_table, write_table_file
 
     steps = min(num_calib_steps, len(calib.batches))

@@ -49,8 +49,8 @@ class ProgressLine(tune.Callback):
             log.info("[%d/%d] %s FAILED: %s", self.done, self.total, result.get("trial"), result.get("error"))
             return
         extra = f", ppl {result['perplexity']:.4g}, KL {result['kl_mean']:.3g}" if result.get("perplexity") else ""
-        log.info("[%d/%d] %s on %s: %d/%d FP8, %.3f bits (met %s), scores %s%s, %.1fs (%.0fs elapsed)",
-                 self.done, self.total, result["trial"], result["worker"], result["num_fp8_layers"],
+        log.info("[%d/%d] %s on %s: %d/%d quantized, %.3f bits (met %s), scores %s%s, %.1fs (%.0fs elapsed)",
+                 self.done, self.total, result["trial"], result["worker"], result["num_quantized_layers"],
                  result["num_layers"], result["effective_bits_achieved"], result["budget_met"],
                  "reused" if result.get("from_previous_run") else ("computed" if result["scored"] else "reused"),
                  extra, result["time_trial"], time.perf_counter() - self.start)
@@ -297,7 +297,7 @@ def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str,
         lines += [f"**Interrupted by {interrupted}**: {left} trial(s) did not finish; continue with `--resume`.", ""]
     lines += [f"{len(rows)} trials ({ok} ok) on {n} worker(s) in {wall:.1f} s; scoring passes per key: "
               f"{stats.get('passes')}; reuses: {stats.get('reuses')}", "",
-             "| trial | scheme | bits target | achieved | FP8 layers | met | scores | ppl | KL mean | status |",
+             "| trial | scheme | bits target | achieved | quantized layers | met | scores | ppl | KL mean | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # A trial that stands for several scheme names (same resolved experiment) is reported under all.
@@ -314,5 +314,5 @@ def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str,
         kl = f"{r['kl_mean']:.3g}" if r.get("kl_mean") is not None else "-"
         scores = "previous run" if r.get("from_previous_run") else ("computed" if r["scored"] else "reused")
         lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | {r['effective_bits_achieved']:.3f} | "
-                     f"{r['num_fp8_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
+                     f"{r['num_quantized_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
     return "\n".join(lines) + "\n"

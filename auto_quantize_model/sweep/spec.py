@@ -63,6 +63,8 @@ class SweepSpec:
     def __post_init__(self) -> None:
         for key in ("schemes", "effective_bits", "methods", "num_score_steps"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        # One type for the budget from TOML or flags to the summary: a float (TOML [14, 12] are integers).
+        object.__setattr__(self, "effective_bits", tuple(float(b) for b in self.effective_bits))
         if isinstance(self.worker, dict):
             object.__setattr__(self, "worker", WorkerSettings(**self.worker))
 

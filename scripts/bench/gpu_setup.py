@@ -18,7 +18,8 @@ from pathlib import Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--formats", default="NVFP4_DEFAULT_CFG,INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG",
+    p.add_argument("--formats",
+                   default="NVFP4_DEFAULT_CFG,INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG",
                    help="formats whose kernels to warm (INT8's extension build takes ~55 s on a fresh H100)")
     args = p.parse_args()
     import modelopt.torch.quantization as mtq
