@@ -39,10 +39,9 @@ class ModelWorker:
         from auto_quantize_model.models.loading import load_language_model
 
         setup_logging(False)
-        threads = int(spec_dict.get("worker", {}).get("num_threads") or 0)
-        if threads:  # the driver also set OMP_NUM_THREADS for this process; torch may have read it already
-            torch.set_num_threads(threads)
         self.spec = WorkerSpec.from_sweep_dict(spec_dict)
+        if self.spec.worker.num_threads:  # the driver also set OMP_NUM_THREADS for this process
+            torch.set_num_threads(self.spec.worker.num_threads)
         self.name = name
         self.pool = ray.get_actor(pool_name, namespace=namespace)
         t = time.perf_counter()
