@@ -248,6 +248,7 @@ class ModelWorker:
         self.m_gpu.set(peak, tags)
         row = outcome.to_row()
         row.pop("trial_id")  # Tune overwrites a reported trial_id with its own; ours travels as "trial"
+        row.pop("equivalent_schemes")  # the grid's trial holds it as a list (the table's comma-joined form is above)
         return {
             **row, "trial": tid, "worker": self.name, "scheme": trial["scheme"],
             # This trial paid a scoring pass: its own search's, or the shared pass it ran for its lease key.
