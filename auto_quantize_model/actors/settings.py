@@ -22,6 +22,9 @@ class WorkerSettings:
     # Host threads of each worker (torch intra-op, OpenMP). 0: the cluster's CPUs shared out among the workers.
     # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
     num_threads: int = 0
+    # Keep the workers alive on a running cluster (--address) after the sweep: the next sweep with the same model,
+    # data and worker settings finds them loaded and skips the load (``autoquant release-workers`` frees them).
+    keep: bool = False
 
 
 @dataclass(frozen=True)

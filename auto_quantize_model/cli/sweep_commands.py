@@ -58,9 +58,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "schemes_file": args.schemes_file, "max_failures": args.max_failures,
         "chat_template": True if args.chat_template else None,
         "measure": True if args.measure else None, "measure_batch_size": args.measure_batch_size,
-        "measure_seq_len": args.measure_seq_len,
+        "measure_seq_len": args.measure_seq_len, "cache_dir": args.cache_dir,
     }
     spec = load_sweep_spec(args.config, overrides)
+    if args.keep_workers:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, keep=True))
     res = run_sweep(spec, resume=args.resume)
     print(res["summary"])
     print(f"results: {res['sweep_dir']} (tables: {res['tables']})")
@@ -114,6 +118,9 @@ def register(sub) -> None:
     p.add_argument("--schemes-file")
     p.add_argument("--max-failures", type=int, help="retries of a trial whose worker died (default 2)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--cache-dir", help="search checkpoints shared across sweeps (default: <sweep>/autoquant/cache)")
+    p.add_argument("--keep-workers", action="store_true",
+                   help="leave the loaded model workers on the running cluster (--address) for the next sweep")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("analyze", help="Parquet tables, plots and analysis.md from manifests")

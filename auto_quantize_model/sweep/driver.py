@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -186,7 +187,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
 def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> dict[str, Any]:
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
-    context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(ours / "cache"),
+    context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(Path(spec.cache_dir).resolve() if spec.cache_dir else ours / "cache"),
                "namespace": NAMESPACE}
     progress = ProgressLine(len(trials))
     started = _connect(spec)

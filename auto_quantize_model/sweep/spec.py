@@ -58,6 +58,9 @@ class SweepSpec:
     measure_batch_size: int = 4
     measure_seq_len: int = 512
     address: str | None = None
+    # ModelOpt search checkpoints (one per scoring key). Default: <sweep>/autoquant/cache. Sweeps that point at
+    # one cache reuse each other's calibration and scores (keyed by weights, data and formats, so never wrongly).
+    cache_dir: str | None = None
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def __post_init__(self) -> None:
@@ -92,9 +95,9 @@ SPEC_KINDS = {
     "num_calib_steps": "int?", "schemes_file": "str?", "max_calib_samples": "int", "batch_size": "int",
     "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
     "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
-    "measure": "bool", "measure_batch_size": "int", "measure_seq_len": "int",
+    "measure": "bool", "measure_batch_size": "int", "measure_seq_len": "int", "cache_dir": "str?",
 }
-WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int"}
+WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int", "keep": "bool"}
 
 
 def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
