@@ -34,10 +34,11 @@ class WorkerPool:
         self.reuses = 0
         self.cond = asyncio.Condition()
 
-    async def register(self, name: str) -> None:
-        """Add a worker (once it has loaded its model)."""
+    async def register(self, name: str, warm_keys: list[str] | tuple[str, ...] = ()) -> None:
+        """Add a worker (once it has loaded its model). ``warm_keys``: scoring keys whose searched model it still
+        holds from an earlier sweep (a kept worker), so trials of those keys go to it first."""
         async with self.cond:
-            self.workers[name] = {"busy": False, "trial": None, "keys": set(), "lease": 0}
+            self.workers[name] = {"busy": False, "trial": None, "keys": set(warm_keys), "lease": 0}
             self.cond.notify_all()
 
     def _pick(self, key: str | None) -> tuple[str | None, bool]:
@@ -49,7 +50,8 @@ class WorkerPool:
             return (warm or free)[0], False
         if key in self.scoring:  # someone is scoring it: wait for the checkpoint
             return None, False
-        return free[0], True
+        warm = [n for n in free if key in self.workers[n]["keys"]]  # a kept worker may hold it from a past sweep
+        return (warm or free)[0], True
 
     async def acquire(self, trial_id: str, key: str | None) -> dict[str, Any]:
         """Block until a worker may take this trial; returns the lease."""

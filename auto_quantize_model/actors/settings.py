@@ -27,6 +27,11 @@ class WorkerSettings:
     keep: bool = False
 
 
+# Settings a kept worker takes from each sweep it serves (the sweep's name and its schemes file); everything
+# else in WorkerSpec was used to load it.
+PER_SWEEP = ("name", "schemes_file")
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """The sweep settings a worker reads: model, calibration and evaluation data, schemes file, cost measurement,
@@ -50,6 +55,17 @@ class WorkerSpec:
     measure_batch_size: int = 4
     measure_seq_len: int = 512
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def load_signature(self) -> str:
+        """Hash of every setting that shapes what a worker loads and holds (model, data, evaluation and measuring
+        sets, resources, threads): a kept worker serves a later sweep only if this matches."""
+        from auto_quantize_model.io_utils import sha256_json
+
+        data = dataclasses.asdict(self)
+        for per_sweep in PER_SWEEP:
+            data.pop(per_sweep)
+        data["worker"].pop("keep")
+        return sha256_json(data)[:12]
 
     def measure_settings(self) -> Any:
         """The :class:`MeasureSettings` of ``measure`` (as ``SweepSpec.measure_settings``)."""

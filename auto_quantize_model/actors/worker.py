@@ -1,10 +1,14 @@
 """The model worker: one actor per GPU that loads the LM and its data once and runs trials on it.
 
-A trial with a new scoring key starts from a fresh copy of the pristine model (kept on the GPU when
-memory allows, else in pinned CPU memory), checked before use: no quantizer modules, and logits on a
-probe batch bit-identical to those at load time. A trial with the same scoring key as the worker's
+A trial with a new scoring key starts from a fresh copy of the pristine model (kept in pinned CPU memory
+by default, so a worker holds one copy of the weights on its GPU; uploaded straight from the pinned pages),
+checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time. A trial with the same scoring key as the worker's
 last search re-solves on that searched model (``resolve_budget``): every group's quantizer choice is
 set from the new solution, which a test shows equals a fresh search from the checkpoint bit for bit.
+
+Kept workers (``[worker] keep`` on a running cluster) outlive their sweep as detached actors; the next sweep with
+the same model, data and worker settings attaches them to its pool (:meth:`ModelWorker.attach`) instead of
+loading again.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class ModelWorker:
         if self.spec.worker.num_threads:  # the driver also set OMP_NUM_THREADS for this process
             torch.set_num_threads(self.spec.worker.num_threads)
         self.name = name
-        self.pool = ray.get_actor(pool_name, namespace=namespace)
+        self.pool, self.pool_name = self._find_pool(pool_name, namespace), pool_name
+        self.sweeps_served = 1
         t = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_language_model(self.spec.model_dir, device=device, dtype=self.spec.dtype)
@@ -82,22 +87,26 @@ class ModelWorker:
                                      batch_size=self.spec.batch_size, seq_len=self.spec.calib_seq_len,
                                      seed=self.spec.seed + 1, device=self.loaded.device)
 
+    def _find_pool(self, pool_name: str, namespace: str):
+        """The sweep's lease pool; None when it is gone (a kept worker restarted after its sweep ended)."""
+        try:
+            return ray.get_actor(pool_name, namespace=namespace)
+        except ValueError:
+            if not self.spec.worker.keep:
+                raise
+            log.warning("worker %s: pool %s is gone; waiting for the next sweep to attach", self.name, pool_name)
+            return None
+
     def _place_pristine(self) -> str:
         """Where the pristine copy lives: ``device`` (beside the working copy) or ``host`` (pinned CPU).
 
-        ``auto`` keeps it on the GPU if a second copy fits in free memory with room to spare.
+        ``auto`` is ``host`` on a GPU: one copy of the weights on the GPU instead of two (6.2 GiB less for the 3B),
+        and a new search's working copy is uploaded straight from the pinned pages (``models/copies.py``).
         """
-        import torch
-
         want = self.spec.worker.pristine
         if self.loaded.device.type != "cuda":
             return "device"  # a CPU worker: the working copy is on the host anyway
-        if want == "auto":
-            size = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
-            free, _ = torch.cuda.mem_get_info()
-            # Room for the working copy, plus headroom for AutoQuant's activations and gradients.
-            want = "gpu" if free > 3 * size else "cpu"
-        if want == "cpu":
+        if want in ("cpu", "auto"):
             self.loaded.model.to("cpu")
             for p in self.loaded.model.parameters():
                 p.data = p.data.pin_memory()
@@ -118,9 +127,11 @@ class ModelWorker:
 
     def _fresh_model(self):
         """A working copy of the pristine model on the compute device."""
+        from auto_quantize_model.models.copies import copy_to_device
+
         if self.pristine_on == "device":
             return copy.deepcopy(self.loaded.model)
-        return copy.deepcopy(self.loaded.model).to(self.loaded.device, non_blocking=True)
+        return copy_to_device(self.loaded.model, self.loaded.device)
 
     def _checked_fresh_model(self):
         """A fresh working copy, refused unless it is bit-identical to the model as loaded."""
@@ -164,6 +175,9 @@ class ModelWorker:
         """Run one trial end to end. With ``release`` (the last trial of its lease) the lease goes back to the pool
         afterwards, even on failure, saying whether any trial under it succeeded and whether any scored."""
         ok, scored = False, False
+        if self.pool_name != out.get("pool", self.pool_name):
+            # A kept worker that Ray restarted mid-sweep came back with its first sweep's pool: follow the trial's.
+            self.pool, self.pool_name = ray.get_actor(out["pool"], namespace=out["namespace"]), out["pool"]
         try:
             result = self._run(trial, out)
             ok = result["status"] == "ok"
@@ -193,12 +207,15 @@ class ModelWorker:
         t0 = time.perf_counter()
         tid = trial["trial_id"]
         trial_dir = Path(out["trials"]) / tid
-        common = {"scheme": trial["scheme"], "sweep_id": self.spec.name, "trial_id": tid}
+        sweep_id = out.get("sweep", self.spec.name)  # the context's (a restarted kept worker holds an old spec)
+        common = {"scheme": trial["scheme"], "sweep_id": sweep_id, "trial_id": tid}
         try:
             scheme = resolve_trial_scheme(trial, self.spec.schemes_file)
             if self.loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            if self.session is None:
+            if self.session is None or self.session.cache_dir != Path(out["cache"]):
+                # A kept worker serving a sweep with another cache starts a new session (its manifests must name
+                # that cache); sweeps sharing a --cache-dir keep the last search and re-solve in memory.
                 self.session = SearchSession(self.loaded, self.calib, out["cache"], fresh_model=self._checked_fresh_model)
             if trial.get("scoring_key") not in (None, self.session.key(scheme)):
                 raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
@@ -207,7 +224,7 @@ class ModelWorker:
                 # One shared scoring pass serves every trial whose search differs only in its formats.
                 outcome = self.session.run_pass(ScoringPass.from_dict(trial["scoring_pass"]))
                 pass_ran, pass_s = outcome.ran, outcome.seconds
-            result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=self.spec.name)
+            result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=sweep_id)
             restore_s = self.session.last_copy_seconds
         except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
             error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
@@ -226,7 +243,7 @@ class ModelWorker:
             metrics = ev["metrics"]
             # The uniform FP8 PTQ control, once per calibration-step count (a record on disk is reused).
             evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial["num_calib_steps"],
-                             out["trials"], out["tables"], self.spec.name)
+                             out["trials"], out["tables"], sweep_id)
             eval_s = time.perf_counter() - t
         cost = None
         if self.meter is not None:  # real-FP8 prefill/decode tokens/s and weight bytes; writes measurement.json
@@ -235,7 +252,7 @@ class ModelWorker:
             del on_device
         m = result.manifest
         # One row, built once: the trials table, Tune's report and the summary read the same fields.
-        outcome = TrialOutcome.from_run(m, sweep_id=self.spec.name, trial_id=tid, metrics=metrics,
+        outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=tid, metrics=metrics,
                                         manifest_path=str(result.manifest_path), measurement=cost,
                                         equivalent_schemes=",".join(trial.get("equivalent_schemes") or []))
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
@@ -257,11 +274,31 @@ class ModelWorker:
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
         }
 
+    def attach(self, spec_dict: dict[str, Any], pool_name: str, namespace: str) -> dict[str, Any]:
+        """Serve another sweep (a kept worker): its settings and pool; the model and data stay loaded.
+
+        Refused unless the new sweep's load settings equal those this worker loaded with.
+        """
+        from auto_quantize_model.actors.settings import WorkerSpec
+        from auto_quantize_model.errors import UserError
+
+        new = WorkerSpec.from_sweep_dict(spec_dict)
+        if new.load_signature() != self.spec.load_signature():
+            raise UserError(f"worker {self.name} was loaded with other settings; it cannot serve this sweep")
+        self.spec = new
+        self.pool, self.pool_name = ray.get_actor(pool_name, namespace=namespace), pool_name
+        self._leases.clear()
+        self.sweeps_served += 1
+        return self.info()
+
     def info(self) -> dict[str, Any]:
-        """Where this worker runs (for the summary)."""
+        """Where this worker runs (for the summary), and what it holds from earlier sweeps."""
         import torch
 
+        last = self.session.last if self.session is not None else None
         return {"name": self.name, "device": str(self.loaded.device), "pid": os.getpid(),
-                "num_threads": torch.get_num_threads(),
+                "num_threads": torch.get_num_threads(), "sweeps_served": self.sweeps_served,
+                # The scoring key of the searched model it keeps: the pool prefers it for trials of that key.
+                "warm_keys": [last.manifest["score_cache"]["key"]] if last is not None else [],
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

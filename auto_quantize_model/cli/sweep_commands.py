@@ -76,6 +76,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed and len(failed) == len(res["rows"]) else 0
 
 
+def cmd_release_workers(args: argparse.Namespace) -> int:
+    """Stop the model workers that sweeps with --keep-workers left on a running cluster."""
+    from auto_quantize_model.sweep.driver import release_kept_workers
+
+    names = release_kept_workers(args.address)
+    print(f"released {len(names)} kept worker(s)" + (f": {', '.join(names)}" if names else ""))
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Tables, plots and analysis.md from sweep directories or manifests."""
     from auto_quantize_model.analysis.report import analyze
@@ -123,6 +132,9 @@ def register(sub) -> None:
                    help="leave the loaded model workers on the running cluster (--address) for the next sweep")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("release-workers", help="stop the model workers kept by sweeps with --keep-workers")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS)")
+    p.set_defaults(func=cmd_release_workers)
     p = sub.add_parser("analyze", help="Parquet tables, plots and analysis.md from manifests")
     p.add_argument("sources", nargs="+", help="sweep/run directories, manifest files or globs")
     p.add_argument("--output-dir", required=True)

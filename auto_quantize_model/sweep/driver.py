@@ -99,9 +99,38 @@ def _fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
     return spec, n
 
 
+KEEP_PREFIX = "autoquant-keep-"
+
+
+def _kept_worker_names() -> list[str]:
+    """Names of kept (detached) model workers on the cluster, from any earlier sweep."""
+    from ray.util import list_named_actors
+
+    return sorted(a["name"] for a in list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == NAMESPACE and a["name"].startswith(KEEP_PREFIX))
+
+
+def _attach_kept(spec: SweepSpec, name: str, pool_name: str) -> Any | None:
+    """The kept worker ``name`` attached to this sweep's pool, or None if there is none (or it is dead)."""
+    try:
+        worker = ray.get_actor(name, namespace=NAMESPACE)
+        ray.get(worker.attach.remote(spec.to_dict(), pool_name, NAMESPACE), timeout=120)
+    except (ValueError, ray.exceptions.RayError) as exc:
+        if not isinstance(exc, ValueError):
+            log.warning("kept worker %s did not answer (%s); starting a new one", name, exc.__class__.__name__)
+            ray.kill(worker)
+        return None
+    return worker
+
+
 def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
-    """Pool plus ``n`` named workers, each registered once its model is loaded."""
+    """Pool plus ``n`` named workers, each registered once its model is loaded.
+
+    With ``[worker] keep`` the workers are detached actors named by their load settings: those an earlier sweep
+    left on the cluster are attached to this sweep's pool instead of loading again; missing ones are started.
+    """
     from auto_quantize_model.actors.pool import WorkerPool
+    from auto_quantize_model.actors.settings import WorkerSpec
     from auto_quantize_model.actors.worker import ModelWorker
 
     tag = f"{spec.name}-{os.getpid()}-{int(time.time())}"
@@ -112,12 +141,26 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     # Set before the worker process imports torch (Ray leaves an explicit OMP_NUM_THREADS alone).
     threads = str(spec.worker.num_threads or 1)
     threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
-    workers = [
-        ModelWorker.options(name=f"autoquant-worker-{tag}-{i}", namespace=NAMESPACE, num_gpus=spec.worker.num_gpus,
-                            num_cpus=spec.worker.num_cpus, runtime_env=threads_env).remote(spec.to_dict(), f"autoquant-worker-{tag}-{i}",
-                                                                  pool_name, NAMESPACE)
-        for i in range(n)
-    ]
+    keep = spec.worker.keep
+    if keep:
+        signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
+        names = [f"{KEEP_PREFIX}{signature}-{i}" for i in range(n)]
+        others = [k for k in _kept_worker_names() if not k.startswith(f"{KEEP_PREFIX}{signature}-")]
+        if others:
+            log.warning("%d kept worker(s) of other settings hold resources on this cluster (%s); free them with "
+                        "`autoquant release-workers`", len(others), ", ".join(others))
+    else:
+        names = [f"autoquant-worker-{tag}-{i}" for i in range(n)]
+    workers, reused = [], []
+    for name in names:
+        worker = _attach_kept(spec, name, pool_name) if keep else None
+        reused.append(worker is not None)
+        if worker is None:
+            worker = ModelWorker.options(
+                name=name, namespace=NAMESPACE, num_gpus=spec.worker.num_gpus, num_cpus=spec.worker.num_cpus,
+                runtime_env=threads_env, lifetime="detached" if keep else None,
+            ).remote(spec.to_dict(), name, pool_name, NAMESPACE)
+        workers.append(worker)
     try:
         infos = ray.get([w.info.remote() for w in workers])
     except ray.exceptions.RayActorError as exc:
@@ -128,11 +171,28 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     if any(i != identities[0] for i in identities[1:]):
         raise UserError("model workers loaded different weights or data (their identities differ); give every node "
                         "the same --model-dir and captions")
-    ray.get([pool.register.remote(i["name"]) for i in infos])
-    for i in infos:
-        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), load %.1fs, pristine on %s, %d host threads", i["name"],
-                 i["device"], i["cuda_visible_devices"], i["load_seconds"], i["pristine_on"], i["num_threads"])
+    ray.get([pool.register.remote(i["name"], i["warm_keys"]) for i in infos])
+    for i, was_kept in zip(infos, reused, strict=True):
+        how = f"kept from an earlier sweep (serving its sweep {i['sweeps_served']})" if was_kept else \
+            f"load {i['load_seconds']:.1f}s"
+        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), %s, pristine on %s, %d host threads", i["name"],
+                 i["device"], i["cuda_visible_devices"], how, i["pristine_on"], i["num_threads"])
     return pool, workers, pool_name, identities[0]
+
+
+def release_kept_workers(address: str | None) -> list[str]:
+    """Kill every kept model worker on the cluster at ``address`` (or RAY_ADDRESS); returns their names."""
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        raise UserError("release-workers needs the running cluster: pass --address or set RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ["RAY_ADDRESS"], namespace=NAMESPACE, log_to_driver=False)
+    names = _kept_worker_names()
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # gone meanwhile
+            continue
+    return names
 
 
 def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
@@ -142,6 +202,9 @@ def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
     from auto_quantize_model.models.loading import read_checkpoint_config
     from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
 
+    if spec.worker.keep and not (spec.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        raise UserError("keeping workers needs a running Ray cluster (a local Ray started by the sweep stops with "
+                        "it): pass --address or set RAY_ADDRESS, or drop --keep-workers")
     check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)
     read_checkpoint_config(spec.model_dir)
     check_checkpoint_files(spec.model_dir)
@@ -188,7 +251,7 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
     context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(Path(spec.cache_dir).resolve() if spec.cache_dir else ours / "cache"),
-               "namespace": NAMESPACE}
+               "namespace": NAMESPACE, "sweep": spec.name}
     progress = ProgressLine(len(trials))
     started = _connect(spec)
     t0 = time.perf_counter()
@@ -231,8 +294,9 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
                     interrupted = stop.signal_name
                     stats = ray.get(pool.stats.remote())
                 finally:
-                    for w in workers:
-                        ray.kill(w)
+                    if not spec.worker.keep:  # kept workers stay loaded for the next sweep (release-workers)
+                        for w in workers:
+                            ray.kill(w)
                     ray.kill(pool)
             except SweepInterrupted:
                 interrupted = stop.signal_name

@@ -1,0 +1,109 @@
+"""Kept workers and a shared cache (issue 11): a second sweep on a running cluster finds the model loaded and the
+scores cached. On the old code ``[worker] keep``, ``cache_dir``, ``attach`` and ``release_kept_workers`` do not
+exist, every sweep loads its workers again and scores in its own cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from auto_quantize_model.actors.settings import WorkerSpec
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.models.copies import copy_to_device
+from auto_quantize_model.sweep.spec import load_sweep_spec
+
+
+def _spec(tiny_model_dir, tmp_path, **kw):
+    base = {"name": "k1", "model_dir": str(tiny_model_dir), "storage_path": str(tmp_path / "sweeps"),
+            "captions_path": "demo", "max_calib_samples": 16, "batch_size": 4, "calib_seq_len": 32,
+            "schemes": ("fp8_autoquant_full", "int4w_fp8_autoquant_mix"), "effective_bits": (12.0, 10.0),
+            "num_workers": 1, "cache_dir": str(tmp_path / "shared-cache"),
+            "worker": {"num_gpus": 0, "keep": True}}
+    return load_sweep_spec(None, {**base, **kw})
+
+
+def _layers(row):
+    return json.loads(open(row["manifest_path"]).read())["layers"]
+
+
+@pytest.mark.timeout(600)
+def test_second_sweep_attaches_kept_workers_and_reuses_cached_scores(ray_cluster, tiny_model_dir, tmp_path):
+    import ray
+
+    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+
+    try:
+        first = run_sweep(_spec(tiny_model_dir, tmp_path))
+        assert all(r["status"] == "ok" for r in first["rows"]) and sum(r["scored"] for r in first["rows"]) >= 1
+        kept = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(KEEP_PREFIX)]
+        assert len(kept) == 1  # the worker outlived its sweep
+        pid = ray.get(ray.get_actor(kept[0], namespace="autoquant").info.remote())["pid"]
+
+        second = run_sweep(_spec(tiny_model_dir, tmp_path, name="k2"))
+        info = ray.get(ray.get_actor(kept[0], namespace="autoquant").info.remote())
+        assert info["pid"] == pid and info["sweeps_served"] == 2  # attached, not loaded again
+        rows = {r["trial_id"]: r for r in second["rows"]}
+        assert all(r["status"] == "ok" and not r["scored"] for r in rows.values())  # every score from the cache
+        assert second["stats"]["passes"] == {}
+        for r in first["rows"]:  # same layer choices as the sweep that computed the scores
+            assert _layers(rows[r["trial_id"]]) == _layers(r)
+        assert all(r["sweep_id"] == "k2" for r in second["rows"])
+    finally:
+        released = release_kept_workers(None)
+    assert released and not [a for a in ray.util.list_named_actors(all_namespaces=True)
+                             if a["name"].startswith(KEEP_PREFIX)]
+
+
+def test_keeping_workers_needs_a_running_cluster(tiny_model_dir, tmp_path, monkeypatch):
+    import ray
+
+    from auto_quantize_model.sweep.driver import run_sweep
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(UserError, match="running Ray cluster"):
+        run_sweep(_spec(tiny_model_dir, tmp_path))
+    assert not (tmp_path / "sweeps").exists()  # refused before anything was written
+
+
+def test_load_signature_ignores_only_per_sweep_settings(tiny_model_dir, tmp_path):
+    base = WorkerSpec.from_sweep_dict(_spec(tiny_model_dir, tmp_path).to_dict())
+    other_sweep = _spec(tiny_model_dir, tmp_path, name="other", schemes=("fp8_autoquant_top25",),
+                        schemes_file=None, worker={"num_gpus": 0, "keep": False})
+    assert WorkerSpec.from_sweep_dict(other_sweep.to_dict()).load_signature() == base.load_signature()
+    for changed in ({"batch_size": 2}, {"calib_seq_len": 16}, {"seed": 1}, {"evaluate": True},
+                    {"worker": {"num_gpus": 0, "keep": True, "pristine": "cpu"}}):
+        spec = _spec(tiny_model_dir, tmp_path, **changed)
+        assert WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature() != base.load_signature(), changed
+
+
+def test_copy_to_device_is_a_deep_bit_identical_copy_that_keeps_ties(loaded):
+    model = loaded.model
+    work = copy_to_device(model, "cpu")
+    src = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in work.named_parameters(remove_duplicate=False):
+        assert torch.equal(p, src[name]) and p.data_ptr() != src[name].data_ptr() and p.requires_grad == src[name].requires_grad
+    tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (work.lm_head.weight is work.model.embed_tokens.weight) == tied
+    for (name, b), (_, b0) in zip(work.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(b, b0) and b.data_ptr() != b0.data_ptr(), name
+
+
+def test_copy_to_device_keeps_a_tied_weight_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.embed.weight
+            self.register_buffer("scale", torch.ones(4), persistent=False)
+            self.alias = self.scale  # a plain attribute naming a buffer (as transformers' rotary embedding does)
+
+    src = Tied()
+    work = copy_to_device(src, "cpu")
+    assert work.head.weight is work.embed.weight and work.alias is work.scale
+    assert work.embed.weight.data_ptr() != src.embed.weight.data_ptr()
+    assert len(list(work.parameters())) == 1
