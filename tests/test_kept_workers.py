@@ -85,7 +85,8 @@ def test_copy_to_device_is_a_deep_bit_identical_copy_that_keeps_ties(loaded):
     work = copy_to_device(model, "cpu")
     src = dict(model.named_parameters(remove_duplicate=False))
     for name, p in work.named_parameters(remove_duplicate=False):
-        assert torch.equal(p, src[name]) and p.data_ptr() != src[name].data_ptr() and p.requires_grad == src[name].requires_grad
+        assert torch.equal(p, src[name]) and p.data_ptr() != src[name].data_ptr()
+        assert p.requires_grad == src[name].requires_grad
     tied = isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert (work.lm_head.weight is work.model.embed_tokens.weight) == tied
     for (name, b), (_, b0) in zip(work.named_buffers(), model.named_buffers(), strict=True):
