@@ -46,8 +46,9 @@ def _spec(args: argparse.Namespace, name: str):
         "schemes_file": args.schemes_file, "effective_bits": tuple(float(b) for b in args.bits.split(",")),
         "num_score_steps": steps, "num_calib_steps": args.steps, "max_calib_samples": args.samples,
         "batch_size": 4, "calib_seq_len": 256, "num_workers": args.num_workers, "address": args.address,
+        "cache_dir": args.cache_dir,
         "worker": {"num_gpus": args.worker_gpus, "num_cpus": 2, "pristine": args.pristine,
-                   "num_threads": args.worker_threads},
+                   "num_threads": args.worker_threads, "keep": args.keep_workers},
     })
 
 
@@ -156,11 +157,14 @@ def sweep(args: argparse.Namespace) -> dict:
              ("time_restore", "time_scoring_pass", "time_calibrate", "time_score", "time_solve", "time_write",
               "time_trial")}
     loads = sorted({(r["worker"], r["worker_load_seconds"]) for r in ok})
+    restores = [r.get("time_restore") or 0.0 for r in ok if r.get("time_restore")]
     return {"mode": "sweep", "trials": len(res["rows"]), "ok": len(ok), "num_workers": res["num_workers"],
             "run_sweep_s": wall, "after_ray_start_s": res["wall_seconds"], "wall_s": time.perf_counter() - T_PROCESS,
             "scoring_passes": res["stats"]["passes"], "reuses": res["stats"]["reuses"],
             "worker_load_s": [x[1] for x in loads], "sum_over_trials_s": split,
-            "gpu_peak_gib": max((r.get("gpu_peak_bytes") or 0) for r in ok) / 2**30 if ok else None}
+            "gpu_peak_gib": max((r.get("gpu_peak_bytes") or 0) for r in ok) / 2**30 if ok else None,
+            # Seconds to make (and check) each new search's working copy from the pristine one.
+            "fresh_copy_s": restores, "pristine_on": args.pristine}
 
 
 def compare(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -203,6 +207,8 @@ def main() -> None:
     p.add_argument("--pristine", default="auto")
     p.add_argument("--worker-gpus", type=float, default=1.0, help="GPU share per worker (0 = CPU workers)")
     p.add_argument("--worker-threads", type=int, default=0, help="sweep: worker host threads (0 = CPUs / workers)")
+    p.add_argument("--keep-workers", action="store_true", help="sweep: keep the workers on the cluster (--address)")
+    p.add_argument("--cache-dir", default=None, help="sweep: search checkpoints shared across sweeps")
     p.add_argument("--shared-cache", action="store_true", help="loop: one --cache-dir for every trial")
     p.add_argument("--limit-per-key", type=int, default=0, help="loop: time only the first N trials per key")
     p.add_argument("--modes", default="session,api-loop,sweep", help="compare: which modes, in order")
