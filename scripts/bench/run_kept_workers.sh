@@ -13,9 +13,9 @@ WORK=${WORK:-/tmp/kept-work}
 mkdir -p "$OUT" "$WORK"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 bench() { python3 scripts/bench/bench_sweep.py "$@" --model-dir "$MODEL" --captions-path "$CAPTIONS"; }
-t=$(date +%s.%N)
+t=$(date +%s)
 python3 -m ray.scripts.scripts start --head --num-gpus=1 --num-cpus=16 --disable-usage-stats > "$WORK/ray_start.log" 2>&1
-echo "ray start: $(echo "$(date +%s.%N) - $t" | bc) s" | tee "$OUT/ray_start.txt"
+echo "ray start: $(( $(date +%s) - t )) s" | tee "$OUT/ray_start.txt"
 trap 'python3 -m ray.scripts.scripts stop > /dev/null 2>&1 || true' EXIT
 for name in kept-first kept-second; do
   bench sweep --address auto --keep-workers --cache-dir "$WORK/cache" --name "$name" --work "$WORK/$name" \
