@@ -57,7 +57,7 @@ class ModelRecord(TypedDict):
     dtype: str  # what the unquantized model and the reference run in
     reference_label: str  # display name of that dtype: BF16, float32, FP16
     device: str  # torch device of the run
-    scope: str  # language_model (LM only) or vision_language_model (whole VLM)
+    scope: Literal["language_model", "vision_language_model"]  # LM only, or the whole VLM (models/scope.py: Scope)
     parameter_counts: ParameterCounts  # see ParameterCounts
 
 
