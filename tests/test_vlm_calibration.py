@@ -85,6 +85,12 @@ def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
     for group, info in m["layer_sensitivity"].items():
         assert info["scores"][0] > 0, f"{group} ({info['tower']}) has no sensitivity score"
     assert m["model"]["scope"] == "vision_language_model"
+    # The calibration section says what an image-caption set is, and nothing of a caption-text set's.
+    from auto_quantize_model.records.manifest import manifest_problems
+
+    assert manifest_problems(m) == []
+    assert m["calibration"]["kind"] == "image_caption" and m["calibration"]["image_size"] is None
+    assert "dropped" not in m["calibration"] and "chat_template" not in m["calibration"]
     assert "vision blocks, merger, language model" in m["effective_bits"]["counted_over"]
     assert set(m["towers"]) == {"vision", "merger", "language"}
     assert sum(t["layers"] for t in m["towers"].values()) == m["num_layers"]
