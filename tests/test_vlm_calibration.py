@@ -49,6 +49,9 @@ def test_demo_pairs_and_batches(pairs, vlm):
     caption_ids = b["labels"][0][b["labels"][0] != IGNORE_INDEX].tolist()
     assert vlm.tokenizer.decode(caption_ids, skip_special_tokens=True).endswith("background.")
     assert cal.describe()["kind"] == "image_caption" and cal.describe()["num_image_tokens"] > 0
+    from auto_quantize_model.datasets.protocol import CalibrationData
+
+    assert isinstance(cal, CalibrationData)  # the search, identity and cache take it like a text set
 
 
 def test_each_loaded_model_runs_its_own_steps_on_its_own_batch(pairs, vlm, loaded, calib):

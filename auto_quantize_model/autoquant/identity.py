@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.io_utils import sha256_json
 
-if TYPE_CHECKING:  # annotations only: the sweep driver computes keys without loading torch models
+if TYPE_CHECKING:  # annotations only: this module stays free of torch (the sweep driver imports it)
     from auto_quantize_model.datasets.protocol import CalibrationData
     from auto_quantize_model.models.loading import LoadedModel
 
