@@ -8,10 +8,9 @@ import pytest
 import torch
 from helpers import assert_close
 
-import auto_quantize_model.autoquant.run as run_mod
 from auto_quantize_model.autoquant.manifest import REQUIRED_KEYS, SCHEMA_VERSION, load_manifest
 from auto_quantize_model.autoquant.restore import apply_restore_artifact
-from auto_quantize_model.autoquant.run import forward_step, run_scheme
+from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.configs import AUTOQUANT_FP8_SCHEMES, get_scheme, resolve_scheme
 from auto_quantize_model.errors import UserError
 
@@ -106,11 +105,13 @@ def test_search_leaves_loaded_model_pristine(catalog_runs, loaded, calib):
 def test_second_run_with_other_bits_skips_calibration_and_scoring(loaded, calib, tmp_path, monkeypatch):
     calls = {"forward": 0}
 
+    real = loaded.forward_step
+
     def counting_forward(model, batch):
         calls["forward"] += 1
-        return forward_step(model, batch)
+        return real(model, batch)
 
-    monkeypatch.setattr(run_mod, "forward_step", counting_forward)
+    monkeypatch.setattr(loaded, "forward_step", counting_forward)
     scheme = resolve_scheme(get_scheme("fp8_autoquant_top25"))
     first = run_scheme(loaded, calib, scheme, tmp_path / "a", cache_dir=tmp_path / "cache")
     assert first.scored and calls["forward"] > 0 and first.manifest["score_cache"]["reused"] is False
@@ -137,10 +138,10 @@ def test_restore_artifact_rebuilds_the_quantized_model(catalog_runs, loaded, cal
     r = catalog_runs["fp8_autoquant_top50"]
     batch = calib.batches[0]
     with torch.no_grad():
-        expected = forward_step(r.model, batch)
+        expected = loaded.forward_step(r.model, batch)
         rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), r.restore_path, loaded.describe(), r.manifest)
-        got = forward_step(rebuilt, batch)
-        bf16 = forward_step(loaded.model, batch)
+        got = loaded.forward_step(rebuilt, batch)
+        bf16 = loaded.forward_step(loaded.model, batch)
     assert_close(got, expected)
     assert not torch.allclose(got, bf16)  # it really is quantized
     with pytest.raises(UserError, match="another checkpoint"):
@@ -169,7 +170,7 @@ def test_in_memory_resolve_equals_fresh_resolve_and_leaves_no_trace(loaded, cali
     first = run_scheme(loaded, calib, scheme, tmp_path / "b14", cache_dir=tmp_path / "cache")
     batch = calib.batches[0]
     with torch.no_grad():
-        at14 = forward_step(first.model, batch)
+        at14 = loaded.forward_step(first.model, batch)
     low = dataclasses.replace(scheme, effective_bits=10.0)
     resolved = resolve_budget(first, loaded, calib, low, tmp_path / "b10")
     fresh = run_scheme(loaded, calib, low, tmp_path / "b10-fresh", cache_dir=tmp_path / "cache")
@@ -178,14 +179,14 @@ def test_in_memory_resolve_equals_fresh_resolve_and_leaves_no_trace(loaded, cali
     assert resolved.manifest["autoquant_state"]["best"] == fresh.manifest["autoquant_state"]["best"]
     assert resolved.manifest["effective_bits"] == fresh.manifest["effective_bits"]
     with torch.no_grad():
-        assert torch.equal(forward_step(resolved.model, batch), forward_step(fresh.model, batch))
+        assert torch.equal(loaded.forward_step(resolved.model, batch), loaded.forward_step(fresh.model, batch))
         rebuilt = apply_restore_artifact(copy.deepcopy(loaded.model), resolved.restore_path, loaded.describe(),
                                          resolved.manifest)
-        assert torch.equal(forward_step(rebuilt, batch), forward_step(fresh.model, batch))
+        assert torch.equal(loaded.forward_step(rebuilt, batch), loaded.forward_step(fresh.model, batch))
     # Back to 14 bits: exactly the first result again, nothing of the 10-bit solution left.
     back = resolve_budget(resolved, loaded, calib, scheme, tmp_path / "b14-again")
     assert back.manifest["layers"] == first.manifest["layers"]
     with torch.no_grad():
-        assert torch.equal(forward_step(back.model, batch), at14)
+        assert torch.equal(loaded.forward_step(back.model, batch), at14)
     with pytest.raises(ValueError, match="scoring key"):
         resolve_budget(back, loaded, calib, dataclasses.replace(scheme, method="kl_div"), tmp_path / "x")

@@ -65,7 +65,7 @@ def test_float32_reference_is_labelled_float32_on_cpu(comparison, loaded, run12)
 def test_error_vs_sensitivity_pairs_each_group_with_its_chosen_format_score(loaded, run12, calib):
     """With two quantized candidates, the paired score is the chosen one's, not the larger one's."""
     model = build_quantized_model(loaded, run12)
-    errors = layer_output_errors(model, calib.batches[:2])
+    errors = layer_output_errors(model, calib.batches[:2], forward=loaded.forward_step)
     m = copy.deepcopy(run12.manifest)
     fp8_scores = {}
     for group, info in m["layer_sensitivity"].items():

@@ -19,7 +19,7 @@ import torch
 import auto_quantize_model.autoquant.run as run_mod
 from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
 from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
-from auto_quantize_model.autoquant.run import forward_step, run_scheme
+from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.autoquant.session import SearchSession
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
@@ -156,17 +156,17 @@ def test_folding_formats_rebuild_and_resolve_exactly(loaded, calib, tmp_path, fm
     first = session.run(scheme, tmp_path / "b12")
     batch = calib.batches[0]
     with torch.no_grad():
-        searched = forward_step(first.model, batch)
+        searched = loaded.forward_step(first.model, batch)
         rebuilt = build_quantized_model(loaded, find_run(tmp_path / "b12"))
-        assert torch.equal(forward_step(rebuilt, batch), searched)
+        assert torch.equal(loaded.forward_step(rebuilt, batch), searched)
         low = dataclasses.replace(scheme, effective_bits=10.0)
         again = session.run(low, tmp_path / "b10")  # must not re-solve in memory: it searches from pristine weights
         assert again.manifest["score_cache"]["reused"] and not again.manifest["score_cache"].get("in_memory")
         fresh = run_scheme(loaded, calib, low, tmp_path / "b10-fresh", cache_dir=tmp_path / "cache")
         assert again.manifest["layers"] == fresh.manifest["layers"]
-        assert torch.equal(forward_step(again.model, batch), forward_step(fresh.model, batch))
-        assert torch.equal(forward_step(build_quantized_model(loaded, find_run(tmp_path / "b10")), batch),
-                           forward_step(fresh.model, batch))
+        assert torch.equal(loaded.forward_step(again.model, batch), loaded.forward_step(fresh.model, batch))
+        assert torch.equal(loaded.forward_step(build_quantized_model(loaded, find_run(tmp_path / "b10")), batch),
+                           loaded.forward_step(fresh.model, batch))
 
 
 # -- 5. one rule for unreachable budgets ---------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_sequential_quantizer_is_labelled_and_unlabellable_formats_fail_first(lo
     assert format_weight_label(resolve_quant_config("W4A8_AWQ_BETA_CFG")) == "int4+fp8"
     odd = {"quant_cfg": [{"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": "eight"}}], "algorithm": "max"}
     monkeypatch.setitem(CUSTOM_QUANT_CONFIGS, "ODD_CFG", odd)
-    monkeypatch.setattr(run_mod, "forward_step", lambda *a: pytest.fail("searched before refusing"))
+    monkeypatch.setattr(loaded, "forward_step", lambda *a: pytest.fail("searched before refusing"))
     with pytest.raises(UserError, match="cannot be labelled"):
         run_scheme(loaded, calib, dataclasses.replace(_scheme(), quantization_formats=("ODD_CFG",)), tmp_path / "o")
 
@@ -240,7 +240,7 @@ def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, mo
     # Old code: ModelOpt's checkpoint written after calibration was taken as "scores reusable"; the next run
     # labelled itself reused and crashed or loaded half a search.
     calls = {"n": 0}
-    real = run_mod.forward_step
+    real = loaded.forward_step
 
     def interrupted(model, batch):
         calls["n"] += 1
@@ -248,10 +248,10 @@ def test_interrupted_search_leaves_no_poisoned_cache(loaded, calib, tmp_path, mo
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(run_mod, "forward_step", interrupted)
+    monkeypatch.setattr(loaded, "forward_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_scheme(loaded, calib, _scheme(), tmp_path / "a", cache_dir=tmp_path / "cache")
-    monkeypatch.setattr(run_mod, "forward_step", real)
+    monkeypatch.setattr(loaded, "forward_step", real)
     assert not [f for f in _cache_files(tmp_path / "cache") if f.startswith("search_")]
     again = run_scheme(loaded, calib, _scheme(), tmp_path / "a", cache_dir=tmp_path / "cache")
     assert again.scored and again.manifest["score_cache"]["reused"] is False

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
-from auto_quantize_model.autoquant.run import forward_step, run_scheme
+from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.datasets.captions import read_captions
@@ -36,7 +36,7 @@ def test_zero_fp8_run_reproduces_bf16_logits_exactly(runs, loaded, calib):
     model = build_quantized_model(loaded, runs["none"])
     with torch.no_grad():
         for batch in calib.batches[:2]:
-            assert torch.equal(forward_step(model, batch), forward_step(loaded.model, batch))
+            assert torch.equal(loaded.forward_step(model, batch), loaded.forward_step(loaded.model, batch))
 
 
 @pytest.mark.slow

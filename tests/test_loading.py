@@ -1,4 +1,5 @@
-"""Loading: the language model only, through the same from_pretrained path as a real checkpoint."""
+"""Loading: one loader (``load_model``) for the language model only or the whole VLM, through the same
+from_pretrained path as a real checkpoint; the scope strings manifests and scoring keys carry."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.models.loading import config_hash, load_language_model, read_checkpoint_config
+from auto_quantize_model.models.loading import config_hash, load_language_model, load_model, read_checkpoint_config
+from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.models.tiny import QWEN2_5_VL_3B_CONFIG
 
 
@@ -64,6 +66,27 @@ def test_plain_causal_lm_loads(tmp_path, tiny_model_dir):
     lm = load_language_model(tmp_path / "lm", device="cpu")
     assert lm.architecture == "Qwen2ForCausalLM" and lm.param_counts["left_out"] == 0
     assert sum(isinstance(m, nn.Linear) for m in lm.model.modules()) == 2 * 7 + 1
+    with pytest.raises(UserError, match="no vision tower"):
+        load_model(tmp_path / "lm", Scope.WHOLE_VLM, device="cpu")
+
+
+def test_scope_strings_are_pinned(loaded, calib):
+    # Manifests and the scoring identity carry these strings: renaming one would orphan every cached search and
+    # make old manifests unreadable as their scope.
+    from typing import get_args
+
+    from auto_quantize_model.autoquant.identity import DataIdentity
+    from auto_quantize_model.records.manifest import ModelRecord
+
+    assert {s.name: s.value for s in Scope} == {"LANGUAGE_MODEL": "language_model",
+                                                "WHOLE_VLM": "vision_language_model"}
+    assert set(get_args(ModelRecord.__annotations__["scope"])) == {s.value for s in Scope}
+    assert loaded.scope is Scope.LANGUAGE_MODEL
+    described = loaded.describe()["scope"]
+    assert type(described) is str and json.dumps(described) == '"language_model"'
+    assert DataIdentity.of(loaded, calib).to_dict()["scope"] == "language_model"
+    assert Scope.of({}) is Scope.LANGUAGE_MODEL  # manifests from before the field
+    assert Scope.of({"scope": "vision_language_model"}) is Scope.WHOLE_VLM
 
 
 def test_config_hash_ignores_library_version(tiny_model_dir):

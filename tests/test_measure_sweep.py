@@ -89,7 +89,8 @@ def measured(loaded, calib, tmp_path_factory):
     for label, bits, base in RUNS:
         scheme = dataclasses.replace(resolve_scheme(get_scheme(base)), name=f"fp8_{label}", effective_bits=bits)
         res = run_scheme(loaded, calib, scheme, root / "runs" / label, cache_dir=root / "cache")
-        write_evaluation(res.manifest_path.parent, evaluate_run(res.model, loaded.model, calib, res.manifest))
+        write_evaluation(res.manifest_path.parent,
+                         evaluate_run(res.model, loaded.model, calib, res.manifest, forward=loaded.forward_step))
         with torch.no_grad():
             searched_before = res.model(probe)
         cost = meter.measure(loaded.model, res.model, res.manifest, res.manifest_path.parent)

@@ -92,9 +92,7 @@ def test_member_of_a_shared_pass_equals_its_standalone_search(loaded, calib, tmp
         assert {n: la["format"] for n, la in a.manifest["layers"].items()} == \
             {n: lb["format"] for n, lb in b.manifest["layers"].items()}
         with torch.no_grad():
-            from auto_quantize_model.autoquant.run import forward_step
-
-            assert torch.equal(forward_step(a.model, batch), forward_step(b.model, batch))
+            assert torch.equal(loaded.forward_step(a.model, batch), loaded.forward_step(b.model, batch))
 
 
 def test_unshareable_members_are_left_alone(loaded, calib, tmp_path):

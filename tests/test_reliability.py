@@ -42,7 +42,7 @@ def no_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(loading, "load_language_model", boom)
+    monkeypatch.setattr(loading, "load_model", boom)
 
 
 @pytest.fixture

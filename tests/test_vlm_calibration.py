@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
@@ -21,9 +22,10 @@ def pairs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm(tiny_model_dir):
-    from auto_quantize_model.models.loading import load_vision_language_model
+    from auto_quantize_model.models.loading import load_model
+    from auto_quantize_model.models.scope import Scope
 
-    return load_vision_language_model(tiny_model_dir, device="cpu")
+    return load_model(tiny_model_dir, Scope.WHOLE_VLM, device="cpu")
 
 
 def _calib(vlm, source, **kw):
@@ -47,6 +49,34 @@ def test_demo_pairs_and_batches(pairs, vlm):
     caption_ids = b["labels"][0][b["labels"][0] != IGNORE_INDEX].tolist()
     assert vlm.tokenizer.decode(caption_ids, skip_special_tokens=True).endswith("background.")
     assert cal.describe()["kind"] == "image_caption" and cal.describe()["num_image_tokens"] > 0
+    from auto_quantize_model.datasets.protocol import CalibrationData
+
+    assert isinstance(cal, CalibrationData)  # the search, identity and cache take it like a text set
+
+
+def test_each_loaded_model_runs_its_own_steps_on_its_own_batch(pairs, vlm, loaded, calib):
+    # Old code: one forward_step for every model that looked for pixel_values in the batch to decide what it ran.
+    from auto_quantize_model.models.scope import Scope
+
+    assert (vlm.scope, loaded.scope) == (Scope.WHOLE_VLM, Scope.LANGUAGE_MODEL)
+    assert vlm.image_processor is not None and loaded.image_processor is None
+    assert vlm.param_counts["left_out"] == 0 < loaded.param_counts["left_out"]
+    image_batch = _calib(vlm, read_image_captions(str(pairs)), max_samples=2, batch_size=2, seq_len=256).batches[0]
+    text_batch = calib.batches[0]
+    with torch.no_grad():
+        image_logits = vlm.forward_step(vlm.model, image_batch)
+        text_logits = loaded.forward_step(loaded.model, text_batch)
+        # The whole VLM's step sees the images: other pixels, other logits.
+        blank = {**image_batch, "pixel_values": torch.zeros_like(image_batch["pixel_values"])}
+        assert not torch.allclose(vlm.forward_step(vlm.model, blank), image_logits)
+        # The LM's step is the LM-only module on ids and mask.
+        assert torch.equal(text_logits, loaded.model(text_batch["input_ids"], text_batch["attention_mask"]))
+    vocab = vlm.model.config.get_text_config().vocab_size
+    assert image_logits.shape == (*image_batch["input_ids"].shape, vocab)
+    assert text_logits.shape == (*text_batch["input_ids"].shape, vocab)
+    for model, logits, batch in ((vlm, image_logits, image_batch), (loaded, text_logits, text_batch)):
+        loss = model.loss_step(logits, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
 
 
 def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
@@ -58,6 +88,12 @@ def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
     for group, info in m["layer_sensitivity"].items():
         assert info["scores"][0] > 0, f"{group} ({info['tower']}) has no sensitivity score"
     assert m["model"]["scope"] == "vision_language_model"
+    # The calibration section says what an image-caption set is, and nothing of a caption-text set's.
+    from auto_quantize_model.records.manifest import manifest_problems
+
+    assert manifest_problems(m) == []
+    assert m["calibration"]["kind"] == "image_caption" and m["calibration"]["image_size"] is None
+    assert "dropped" not in m["calibration"] and "chat_template" not in m["calibration"]
     assert "vision blocks, merger, language model" in m["effective_bits"]["counted_over"]
     assert set(m["towers"]) == {"vision", "merger", "language"}
     assert sum(t["layers"] for t in m["towers"].values()) == m["num_layers"]

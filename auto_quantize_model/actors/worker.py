@@ -148,10 +148,8 @@ class ModelWorker:
     def _logits(self, model):
         import torch
 
-        from auto_quantize_model.autoquant.run import forward_step
-
         with torch.no_grad():
-            return forward_step(model, self.calib.batches[0]).detach().cpu()
+            return self.loaded.forward_step(model, self.calib.batches[0]).detach().cpu()
 
     def _check_pristine(self, model) -> None:
         import torch
@@ -238,7 +236,7 @@ class ModelWorker:
         if self.eval_data is not None:
             t = time.perf_counter()
             reference = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
-            ev = evaluate_run(result.model, reference, self.eval_data, result.manifest)
+            ev = evaluate_run(result.model, reference, self.eval_data, result.manifest, forward=self.loaded.forward_step)
             write_evaluation(trial_dir, ev)
             metrics = ev["metrics"]
             # The uniform FP8 PTQ control, once per calibration-step count (a record on disk is reused).

@@ -14,10 +14,14 @@ The run's cache file name, the sweep's lease pool and the tables' ``score_cache_
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.io_utils import sha256_json
+
+if TYPE_CHECKING:  # annotations only: this module stays free of torch (the sweep driver imports it)
+    from auto_quantize_model.datasets.protocol import CalibrationData
+    from auto_quantize_model.models.loading import LoadedModel
 
 # Scheme fields that never change calibration, scores or the search checkpoint (``recipe`` is provenance: the
 # recipe's settings are the scheme's other fields).
@@ -38,10 +42,10 @@ class DataIdentity:
     batch_size: int
 
     @classmethod
-    def of(cls, loaded: Any, calib: Any) -> DataIdentity:
-        """From a ``LoadedModel`` and a calibration set (text or image-caption)."""
+    def of(cls, loaded: LoadedModel, calib: CalibrationData) -> DataIdentity:
+        """From a loaded model and its calibration data (text or image-caption)."""
         return cls(weights_fingerprint=loaded.weights_fingerprint, config_hash=loaded.config_hash,
-                   dtype=str(loaded.dtype).removeprefix("torch."), scope=loaded.scope,
+                   dtype=str(loaded.dtype).removeprefix("torch."), scope=loaded.scope.value,
                    calibration_hash=calib.token_hash, num_batches=len(calib.batches), batch_size=calib.batch_size)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from auto_quantize_model.autoquant.layers import (
 )
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json
+from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.provenance import git_revision, versions
 
 SCHEMA_VERSION = 1
@@ -32,8 +33,8 @@ EVALUATION_FILE = "evaluation.json"
 NO_QUANT = "NONE"
 KINDS_ALWAYS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 COUNTED_OVER = {
-    "language_model": "language-model Linear weights (decoder blocks and lm_head); vision tower excluded",
-    "vision_language_model": "every searched Linear weight of the whole VLM: vision blocks, merger, language model "
+    Scope.LANGUAGE_MODEL: "language-model Linear weights (decoder blocks and lm_head); vision tower excluded",
+    Scope.WHOLE_VLM: "every searched Linear weight of the whole VLM: vision blocks, merger, language model "
     "and lm_head",
 }
 
@@ -233,7 +234,7 @@ def build_manifest(
             "achieved": _finite(achieved) if achieved is not None else None,
             "measured": measured_effective_bits(layers),
             "measured_all_layers": measured_effective_bits(layers, budget_only=False),
-            "counted_over": COUNTED_OVER.get(model_info.get("scope", "language_model"), "")
+            "counted_over": COUNTED_OVER[Scope.of(model_info)]
             + (f"; without {sum(not lay['in_budget'] for lay in layers.values())} cost-excluded layer(s), "
                "see exclusions" if not all(lay["in_budget"] for lay in layers.values()) else ""),
         },

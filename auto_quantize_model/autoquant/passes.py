@@ -24,6 +24,8 @@ What is not shared, because sharing could change a number:
 - formats that fold scales into the weights (SmoothQuant, AWQ);
 - ``kl_div``: its scores are per format too, but no test pins it bit for bit yet.
 
+``scoring_pass.py`` runs a planned pass (one search, then the derived member checkpoints into the cache).
+
 Tests: ``tests/test_passes.py`` shows a member re-solved from a shared pass equals its standalone search (layer
 choices, scores, logits; CPU, bit for bit), and that the re-clamp differs from filtering the clamped scores.
 """

@@ -13,6 +13,7 @@ from auto_quantize_model.autoquant.manifest import MANIFEST_SUFFIX, load_manifes
 from auto_quantize_model.autoquant.restore import apply_restore_artifact
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.loading import LoadedModel
+from auto_quantize_model.models.scope import Scope
 
 
 @dataclass
@@ -50,7 +51,7 @@ def find_run(run_dir: str | Path) -> RunArtifacts:
 
 def _check(run: RunArtifacts, architecture: str, config_hash: str, fingerprint: str) -> None:
     m = run.manifest["model"]
-    if m.get("scope", "language_model") != "language_model":
+    if Scope.of(m) is not Scope.LANGUAGE_MODEL:
         raise UserError(f"run {run.run_dir} searched the whole VLM ({m.get('scope')}); infer and compare rebuild the "
                         "language model only: evaluate a language-model run (text captions) instead")
     check_same_checkpoint(run, architecture, config_hash, fingerprint)

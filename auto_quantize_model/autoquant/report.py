@@ -6,6 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.models.scope import Scope
+
 REPORT_NAME = "layer-sensitivity-report.md"
 
 
@@ -142,7 +144,7 @@ def _exclusions(m: dict[str, Any]) -> list[str]:
 def render_report(manifest: dict[str, Any]) -> str:
     """Full report text: summary, exclusions, groups sorted by sensitivity, per-block and per-kind roll-ups."""
     lines = _summary(manifest) + _exclusions(manifest) + _group_table(manifest)
-    if manifest["model"].get("scope") == "vision_language_model":
+    if Scope.of(manifest["model"]) is Scope.WHOLE_VLM:
         lines += _rollup(manifest, "tower", "Per tower")
     lines += _rollup(manifest, "block_index", "Per block")
     lines += _rollup(manifest, "kind", "Per layer kind")

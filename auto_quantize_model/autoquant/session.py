@@ -24,15 +24,10 @@ from torch import nn
 
 from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
 from auto_quantize_model.autoquant.passes import ScoringPass, plan_passes
-from auto_quantize_model.autoquant.run import (
-    PassOutcome,
-    RunResult,
-    folds_weights,
-    resolve_budget,
-    run_scheme,
-    run_scoring_pass,
-)
+from auto_quantize_model.autoquant.run import RunResult, folds_weights, resolve_budget, run_scheme
+from auto_quantize_model.autoquant.scoring_pass import PassOutcome, run_scoring_pass
 from auto_quantize_model.configs.schemes import Scheme
+from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -41,7 +36,7 @@ log = logging.getLogger(__name__)
 class SearchSession:
     """Runs schemes on ``loaded`` + ``calib``; ``loaded.model`` stays pristine."""
 
-    def __init__(self, loaded: LoadedModel, calib, cache_dir: str | Path,
+    def __init__(self, loaded: LoadedModel, calib: CalibrationData, cache_dir: str | Path,
                  fresh_model: Callable[[], nn.Module] | None = None) -> None:
         self.loaded = loaded
         self.calib = calib

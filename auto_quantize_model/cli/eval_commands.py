@@ -35,7 +35,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     """Greedy generation with a run's quantized model (or --bf16 for the reference)."""
     from auto_quantize_model.autoquant.rebuild import build_quantized_model, check_matches_model_dir, find_run
     from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
-    from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.models.loading import load_model, read_checkpoint_config
+    from auto_quantize_model.models.scope import Scope
 
     prompts = _read_prompts(args)
     if not prompts:
@@ -49,7 +50,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     read_checkpoint_config(args.model_dir)
     if run is not None:
         check_matches_model_dir(run, args.model_dir)  # refuse before the load
-    loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model_dir, Scope.LANGUAGE_MODEL, device=args.device, dtype=args.dtype)
     model = loaded.model if run is None else build_quantized_model(loaded, run)
     tok = loaded.tokenizer
     outs = greedy_generate(model, encode_prompts(tok, prompts, not args.no_chat_template),
@@ -83,7 +84,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from auto_quantize_model.autoquant.rebuild import check_matches_checkpoint, check_matches_model_dir, find_run
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.inference.compare import DEFAULT_PROMPTS, EvalSettings, compare_runs, write_comparison
-    from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.models.loading import load_model, read_checkpoint_config
+    from auto_quantize_model.models.scope import Scope
     from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 
     out = check_output_dir(args.output_dir)
@@ -107,7 +109,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     probe_writable(out, "output dir", "--output-dir")
     source = read_captions(args.eval_captions)
     prompts = _read_prompts(args) or list(DEFAULT_PROMPTS)
-    loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model_dir, Scope.LANGUAGE_MODEL, device=args.device, dtype=args.dtype)
     for run in runs:  # refuse before spending time on any evaluation
         check_matches_checkpoint(run, loaded)
     comp = compare_runs(loaded, runs, source, settings, prompts)

@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from auto_quantize_model.configs import get_scheme, resolve_scheme
     from auto_quantize_model.datasets.calibration import build_calibration_set
     from auto_quantize_model.datasets.captions import read_captions
-    from auto_quantize_model.models.loading import load_language_model, read_checkpoint_config
+    from auto_quantize_model.models.loading import load_model, read_checkpoint_config
+    from auto_quantize_model.models.scope import Scope
     from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
 
     if not args.model_dir:
@@ -89,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loaded, calib = _load_for_images(args)
     else:
         captions = read_captions(args.captions_path)
-        loaded = load_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+        loaded = load_model(args.model_dir, Scope.LANGUAGE_MODEL, device=args.device, dtype=args.dtype)
         calib = build_calibration_set(
             loaded.tokenizer, captions, max_samples=args.max_calib_samples, batch_size=args.batch_size,
             seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device, chat_template=args.chat_template,
@@ -116,12 +117,13 @@ def _scheme_file_name(ref: str, schemes_file: str | None) -> str:
 def _load_for_images(args: argparse.Namespace):
     """The whole VLM and image-caption batches (pairs are read before the model loads)."""
     from auto_quantize_model.datasets.image_captions import build_image_calibration_set, read_image_captions
-    from auto_quantize_model.models.loading import load_vision_language_model
+    from auto_quantize_model.models.loading import load_model
+    from auto_quantize_model.models.scope import Scope
 
     if args.image_size is not None:
         check_positive("image-size", args.image_size)
     source = read_image_captions(args.image_captions_path, args.coco_annotations, args.coco_root)
-    loaded = load_vision_language_model(args.model_dir, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model_dir, Scope.WHOLE_VLM, device=args.device, dtype=args.dtype)
     calib = build_image_calibration_set(
         loaded.tokenizer, loaded.image_processor, source, image_token_id=loaded.model.config.image_token_id,
         max_samples=args.max_calib_samples, batch_size=args.batch_size, seq_len=args.calib_seq_len, seed=args.seed,

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.configs.scheme import Scheme
 from auto_quantize_model.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,8 @@ def _format_names(stem: str, formats: list[Any]) -> list[str]:
     return names
 
 
-def scheme_from_recipe(ref: str, path: str) -> Any:
+def scheme_from_recipe(ref: str, path: str) -> Scheme:
     """Load ``path`` (found by :func:`find_recipe` for ``ref``) into a Scheme named after its file."""
-    from auto_quantize_model.configs.schemes import Scheme
-
     recipe = load_auto_quantize_recipe(path)
     aq = recipe.auto_quantize
     unsupported = [k for k, v in (("quantize (fixed PTQ baseline)", recipe.quantize),

@@ -55,7 +55,7 @@ class CalibrationSet:
         return [self.source.captions[i] for i in self.sample_indices]
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's ``calibration`` section."""
+        """The manifest's ``calibration`` section (records/manifest.py: CaptionCalibrationRecord)."""
         return {
             "source_path": self.source.path,
             "source_format": self.source.format,
@@ -72,18 +72,6 @@ class CalibrationSet:
             # Short hashes of the captions used, so evaluation can refuse to score on calibration data.
             "caption_hashes": [caption_hash(c) for c in self.captions],
         }
-
-
-def usage(calib: Any, num_calib_steps: int, num_score_steps: int) -> dict[str, Any]:
-    """Samples and non-pad tokens ModelOpt really reads: it calibrates on the first ``num_calib_steps``
-    batches and scores on the first ``num_score_steps`` (``zip(range(n), data_loader)``)."""
-
-    def take(n: int) -> dict[str, int]:
-        batches = calib.batches[:n]
-        return {"steps": len(batches), "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
-                "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
-
-    return {"calibrate": take(num_calib_steps), "score": take(num_score_steps)}
 
 
 def wrap_in_chat_template(tokenizer: Any, caption: str, user_prompt: str = CHAT_USER_PROMPT) -> str:

@@ -119,13 +119,14 @@ class ImageCalibrationSet:
     caption_hashes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's ``calibration`` section (image-caption flavour)."""
+        """The manifest's ``calibration`` section (records/manifest.py: ImageCaptionCalibrationRecord): what an
+        image-caption set is, and nothing of a caption-text set's (no ``dropped``, no ``chat_template``)."""
         return {
             "kind": "image_caption", "source_path": self.source.path, "source_format": self.source.format,
             "content_hash": self.source.content_hash, "token_hash": self.token_hash, "num_samples": self.num_samples,
             "num_batches": len(self.batches), "num_tokens": self.num_tokens, "num_image_tokens": self.num_image_tokens,
             "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "image_size": self.image_size,
-            "skipped": [{"item": s, "reason": r} for s, r in self.source.skipped], "dropped": {},
+            "skipped": [{"item": s, "reason": r} for s, r in self.source.skipped],
             # Hashes of what calibration used, so evaluation can hold them out: the captions alone, and each
             # pair (image bytes + caption).
             "caption_hashes": list(self.caption_hashes), "pair_hashes": list(self.pair_hashes),

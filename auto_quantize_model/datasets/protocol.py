@@ -25,8 +25,20 @@ class CalibrationData(Protocol):
     num_tokens: int  # non-pad tokens of all batches
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's ``calibration`` section (records/manifest.py: CalibrationRecord)."""
+        """The manifest's ``calibration`` section (records/manifest.py: CalibrationRecord), without ``usage``."""
         ...
+
+
+def usage(calib: CalibrationData, num_calib_steps: int, num_score_steps: int) -> dict[str, Any]:
+    """Samples and non-pad tokens ModelOpt really reads: it calibrates on the first ``num_calib_steps``
+    batches and scores on the first ``num_score_steps`` (``zip(range(n), data_loader)``)."""
+
+    def take(n: int) -> dict[str, int]:
+        batches = calib.batches[:n]
+        return {"steps": len(batches), "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
+                "tokens": sum(int(b["attention_mask"].sum()) for b in batches)}
+
+    return {"calibrate": take(num_calib_steps), "score": take(num_score_steps)}
 
 
 if TYPE_CHECKING:  # mypy checks that both calibration sets provide the protocol (no runtime import)

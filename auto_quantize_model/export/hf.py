@@ -31,6 +31,7 @@ from auto_quantize_model.autoquant.manifest import NO_QUANT
 from auto_quantize_model.autoquant.rebuild import RunArtifacts, check_same_checkpoint, find_run
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_directory, atomic_write_json
+from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.provenance import git_revision, versions
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,11 @@ def _check_checkpoint(run: RunArtifacts, config: dict[str, Any], model_dir: Path
     return ident
 
 
-def _quantized_target(full: nn.Module, scope: str) -> nn.Module:
+def _quantized_target(full: nn.Module, scope: Scope) -> nn.Module:
     """The module the run's restore artifact describes, sharing its submodules with ``full``."""
     from auto_quantize_model.models.loading import LanguageModelWithHead, split_language_model
 
-    if scope == "vision_language_model":
+    if scope is Scope.WHOLE_VLM:
         return full
     decoder, lm_head = split_language_model(full)
     return LanguageModelWithHead(decoder, lm_head)
@@ -212,8 +213,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {src}: {str(exc).splitlines()[0]}") from exc
     full.eval().requires_grad_(False).to(dev)
-    scope = run.manifest["model"].get("scope", "language_model")
-    target = _quantized_target(full, scope)
+    target = _quantized_target(full, Scope.of(run.manifest["model"]))
     apply_restore_artifact(target, run.restore_path, ident, run.manifest)
     t_load = time.perf_counter() - t0
     with atomic_directory(out) as tmp, torch.inference_mode(False), torch.no_grad():

@@ -89,13 +89,13 @@ def compare_runs(
     tok = loaded.tokenizer
     prompt_ids = encode_prompts(tok, list(prompts), settings.chat_template)
     ref_gen = _generations(loaded.model, tok, prompt_ids, settings)
-    reference = evaluate_against_reference(loaded.model, loaded.model, data.batches)
+    reference = evaluate_against_reference(loaded.model, loaded.model, data.batches, forward=loaded.forward_step)
     control = (_control_row(loaded, runs[0].manifest, data, tok, prompt_ids, ref_gen, settings)
                if settings.control else None)
     rows = []
     for run in runs:
         model = build_quantized_model(loaded, run)
-        result = evaluate_run(model, loaded.model, data, run.manifest)
+        result = evaluate_run(model, loaded.model, data, run.manifest, forward=loaded.forward_step)
         gens = _generations(model, tok, prompt_ids, settings)
         m = run.manifest
         rows.append({
@@ -139,7 +139,7 @@ def _control_row(loaded: LoadedModel, manifest: dict[str, Any], data: Calibratio
 
     calib = calibration_from_manifest(loaded, manifest)
     control = build_uniform_ptq(loaded, calib, manifest["scheme"].get("num_calib_steps"))
-    result = evaluate_run(control.model, loaded.model, data)
+    result = evaluate_run(control.model, loaded.model, data, forward=loaded.forward_step)
     gens = _generations(control.model, tok, prompt_ids, settings)
     log.info("compared control %s: ppl %.4g, KL mean %.3g", control.name, result["metrics"]["perplexity"],
              result["metrics"]["kl_mean"])

@@ -19,6 +19,7 @@ from torch import nn
 
 from auto_quantize_model.autoquant.layers import UNQUANTIZED, linear_layers, live_layer_formats
 from auto_quantize_model.datasets.calibration import CalibrationSet
+from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.io_utils import atomic_write_json, sha256_json
 from auto_quantize_model.models.loading import LoadedModel
 
@@ -56,7 +57,7 @@ class Control:
         }
 
 
-def control_id(calib: CalibrationSet, num_calib_steps: int, quant_format: str = CONTROL_FORMAT) -> str:
+def control_id(calib: CalibrationData, num_calib_steps: int, quant_format: str = CONTROL_FORMAT) -> str:
     """Deterministic id of a control: same format, data and steps = same control."""
     h = sha256_json({"format": quant_format, "calibration": calib.token_hash, "steps": num_calib_steps})[:8]
     return f"{CONTROL_NAME}-c{num_calib_steps}-{h}"
@@ -69,14 +70,12 @@ def _weight_bits(label: str) -> float:
 
 
 def build_uniform_ptq(
-    loaded: LoadedModel, calib: CalibrationSet, num_calib_steps: int | None = None,
+    loaded: LoadedModel, calib: CalibrationData, num_calib_steps: int | None = None,
     quant_format: str = CONTROL_FORMAT,
 ) -> Control:
     """Quantize a copy of ``loaded.model`` with ``quant_format``'s own defaults, calibrated on the
     first ``num_calib_steps`` batches of ``calib`` (all when None), the batches AutoQuant calibrates on."""
     import modelopt.torch.quantization as mtq
-
-    from auto_quantize_model.autoquant.run import forward_step
 
     cfg = copy.deepcopy(getattr(mtq, quant_format))
     steps = len(calib.batches) if num_calib_steps is None else min(num_calib_steps, len(calib.batches))
@@ -87,7 +86,7 @@ def build_uniform_ptq(
 
     def forward_loop(m: nn.Module) -> None:
         for batch in batches:
-            forward_step(m, batch)
+            loaded.forward_step(m, batch)
 
     model = mtq.quantize(model, cfg, forward_loop)
     seconds = time.perf_counter() - t
@@ -124,7 +123,7 @@ def calibration_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> 
 
 
 def evaluate_control(
-    loaded: LoadedModel, calib: CalibrationSet, eval_data: CalibrationSet, reference: nn.Module,
+    loaded: LoadedModel, calib: CalibrationData, eval_data: CalibrationData, reference: nn.Module,
     num_calib_steps: int, trials_dir: str | Path, tables_root: str | Path, sweep_id: str | None,
 ) -> Path:
     """A sweep's control: build, evaluate on the sweep's held-out data, write its record and its
@@ -139,7 +138,7 @@ def evaluate_control(
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     control = build_uniform_ptq(loaded, calib, steps)
-    metrics = evaluate_run(control.model, reference, eval_data)["metrics"]
+    metrics = evaluate_run(control.model, reference, eval_data, forward=loaded.forward_step)["metrics"]
     record = {"schema_version": CONTROL_SCHEMA_VERSION, "kind": "control", "sweep_id": sweep_id, "trial_id": cid,
               "control": control.describe(), "model": loaded.describe(), "metrics": metrics}
     write_table_file(tables_root, "trials", CONTROL_NAME, cid, control_trials_table(record, str(path)))

@@ -11,19 +11,22 @@ from typing import Any
 from torch import nn
 
 from auto_quantize_model.autoquant.manifest import EVALUATION_FILE
-from auto_quantize_model.datasets.calibration import CalibrationSet
+from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.inference.metrics import error_vs_sensitivity, evaluate_against_reference, layer_output_errors
 from auto_quantize_model.io_utils import atomic_write_json
+from auto_quantize_model.models.steps import ForwardStep
 
 
 def evaluate_run(
-    model: nn.Module, reference: nn.Module, data: CalibrationSet, manifest: dict[str, Any] | None = None
+    model: nn.Module, reference: nn.Module, data: CalibrationData, manifest: dict[str, Any] | None = None, *,
+    forward: ForwardStep,
 ) -> dict[str, Any]:
-    """Output metrics of ``model`` against ``reference``, plus per-layer error (and its correlation
-    with the run's sensitivity scores when the manifest is given)."""
+    """Output metrics of ``model`` against ``reference`` on ``data``, both run by ``forward`` (the loaded model's
+    ``forward_step``), plus per-layer error (and its correlation with the run's sensitivity scores when the
+    manifest is given)."""
     t = time.perf_counter()
-    metrics = evaluate_against_reference(model, reference, data.batches)
-    errors = layer_output_errors(model, data.batches)
+    metrics = evaluate_against_reference(model, reference, data.batches, forward=forward)
+    errors = layer_output_errors(model, data.batches, forward=forward)
     out: dict[str, Any] = {"metrics": metrics, "layer_errors": errors}
     if manifest is not None:
         out["error_vs_sensitivity"] = error_vs_sensitivity(manifest, errors)

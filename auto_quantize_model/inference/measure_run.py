@@ -24,9 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.inference.fp8_linear import Fp8Linear, scaled_mm_supported, weight_bytes
 from auto_quantize_model.inference.measure import MeasureSettings, check_measurable, measure_model
+from auto_quantize_model.models.loading import LoadedModel
+from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.records.cost import ModelCost, TrialCost, write_measurement
 
 log = logging.getLogger(__name__)
@@ -98,8 +101,8 @@ class CostMeter:
     the BF16 model on the compute device to each call.
     """
 
-    def __init__(self, loaded: Any, calib: Any, settings: MeasureSettings) -> None:
-        if getattr(loaded, "scope", "language_model") != "language_model":
+    def __init__(self, loaded: LoadedModel, calib: CalibrationData, settings: MeasureSettings) -> None:
+        if loaded.scope is not Scope.LANGUAGE_MODEL:
             raise UserError("measure times the language model; this sweep searches the whole VLM "
                             "(scope vision_language_model): drop measure or search the language model only")
         check_can_measure(loaded.device, settings)

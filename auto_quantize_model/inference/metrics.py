@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auto_quantize_model.autoquant.layers import linear_layers, quantizer_label
-from auto_quantize_model.autoquant.run import forward_step
+from auto_quantize_model.models.steps import ForwardStep
 
 
 def _positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -27,24 +27,25 @@ def _positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = forward_step(model, batch)[:, :-1].float()
+def _logprobs(forward: ForwardStep, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = forward(model, batch)[:, :-1].float()
     return F.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
 def evaluate_against_reference(
-    model: nn.Module, reference: nn.Module, batches: list[dict[str, torch.Tensor]]
+    model: nn.Module, reference: nn.Module, batches: list[dict[str, torch.Tensor]], *, forward: ForwardStep
 ) -> dict[str, float]:
-    """Perplexity of both models, KL(ref || model) mean/max per token, top-1 agreement."""
+    """Perplexity of both models, KL(ref || model) mean/max per token, top-1 agreement; ``forward`` is the loaded
+    model's step (``LoadedModel.forward_step``) that both models run."""
     nll_q = nll_r = kl_sum = 0.0
     kl_max = 0.0
     agree = count = 0
     for batch in batches:
         keep = _positions(batch)
         target = batch["labels"][:, 1:][keep]
-        lp_r = _logprobs(reference, batch)[keep]
-        lp_q = _logprobs(model, batch)[keep]
+        lp_r = _logprobs(forward, reference, batch)[keep]
+        lp_q = _logprobs(forward, model, batch)[keep]
         nll_r -= lp_r.gather(-1, target[:, None]).sum().item()
         nll_q -= lp_q.gather(-1, target[:, None]).sum().item()
         kl = (lp_r.exp() * (lp_r - lp_q)).sum(-1).clamp(min=0)
@@ -89,12 +90,13 @@ def _layer_error_hooks(model: nn.Module, sums: dict[str, list[float]]) -> Iterat
 
 
 @torch.no_grad()
-def layer_output_errors(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Relative L2 output error of every quantized Linear, accumulated over ``batches``."""
+def layer_output_errors(model: nn.Module, batches: list[dict[str, torch.Tensor]], *,
+                        forward: ForwardStep) -> dict[str, float]:
+    """Relative L2 output error of every quantized Linear, accumulated over ``batches`` run by ``forward``."""
     sums: dict[str, list[float]] = {}
     with _layer_error_hooks(model, sums):
         for batch in batches:
-            forward_step(model, batch)
+            forward(model, batch)
     return {name: math.sqrt(e / r) if r > 0 else 0.0 for name, (e, r) in sums.items()}
 
 

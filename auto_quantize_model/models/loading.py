@@ -1,9 +1,14 @@
-"""Load the language model of a vision-language checkpoint (or a plain causal LM), vision tower left out.
+"""Load a checkpoint for a search: :func:`load_model` with a :class:`Scope`, the one loader.
 
-``auto_quantize`` counts every quantizable Linear of the module it is given in the effective-bits
-denominator, disabled or not, so the search must run on a module holding only the decoder and its
-``lm_head``. :class:`LanguageModelWithHead` is that module; its Linear names (``model.layers.N...``,
-``lm_head``) are what manifests, reports and tables call layers.
+``Scope.LANGUAGE_MODEL`` (the default) keeps the language model of a vision-language checkpoint (or a plain causal
+LM), vision tower left out: ``auto_quantize`` counts every quantizable Linear of the module it is given in the
+effective-bits denominator, disabled or not, so the search must run on a module holding only the decoder and its
+``lm_head``. :class:`LanguageModelWithHead` is that module; its Linear names (``model.layers.N...``, ``lm_head``)
+are what manifests, reports and tables call layers. ``Scope.WHOLE_VLM`` keeps the whole VLM (vision blocks,
+merger, language model) and its image processor, for image-caption calibration.
+
+The result, :class:`LoadedModel`, carries its own forward and loss step (``models/steps.py``), so the search,
+the evaluation and the sweep worker run any loaded model on its own batches the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import nn
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import sha256_json
 from auto_quantize_model.models.fingerprint import weights_fingerprint
+from auto_quantize_model.models.scope import Scope
+from auto_quantize_model.models.steps import STEPS, Batch
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +53,9 @@ class LanguageModelWithHead(nn.Module):
 
 @dataclass
 class LoadedModel:
-    """A language model ready for AutoQuant, with what manifests need to describe it."""
+    """A model ready for AutoQuant (the LM only, or the whole VLM), with its steps and what manifests record."""
 
-    model: LanguageModelWithHead
+    model: nn.Module  # LanguageModelWithHead for Scope.LANGUAGE_MODEL; the Hugging Face VLM for Scope.WHOLE_VLM
     tokenizer: Any
     model_dir: str
     architecture: str
@@ -58,9 +65,18 @@ class LoadedModel:
     dtype: torch.dtype
     param_counts: dict[str, int] = field(default_factory=dict)
     load_seconds: float = 0.0
-    scope: str = "language_model"  # or "vision_language_model": the whole VLM is searched
-    image_processor: Any = None
+    scope: Scope = Scope.LANGUAGE_MODEL
+    image_processor: Any = None  # Scope.WHOLE_VLM: the checkpoint's image processor
     weights_fingerprint: str = ""  # models/fingerprint.py: the weight files' content hash
+
+    def forward_step(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits of ``model`` (this model, or a searched or quantized copy of it) for a batch of its calibration
+        data; the ``forward_step`` ModelOpt's search calls."""
+        return STEPS[self.scope].forward(model, batch)
+
+    def loss_step(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The loss gradient scoring backpropagates (next-token cross-entropy on the labelled positions)."""
+        return STEPS[self.scope].loss(logits, batch)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``model`` section."""
@@ -72,7 +88,7 @@ class LoadedModel:
             "weights_fingerprint": self.weights_fingerprint,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
-            "scope": self.scope,
+            "scope": self.scope.value,
             "parameter_counts": dict(self.param_counts),
             # What the unquantized reference really runs in (float32 on CPU, not BF16).
             "reference_label": reference_label(self.dtype),
@@ -180,48 +196,50 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ``model_dir`` and keep only its language model and lm_head on ``device``."""
+def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, device: str = "auto",
+               dtype: str = "auto") -> LoadedModel:
+    """Load ``model_dir`` for a search over ``scope`` on ``device``: the language model and lm_head only, or the
+    whole VLM with its image processor (a checkpoint without a vision tower is refused for the latter)."""
     t0 = time.perf_counter()
+    scope = Scope(scope)  # also takes the manifest string
     config = read_checkpoint_config(model_dir)
     arch, cls = _model_class(config)
+    if scope is Scope.WHOLE_VLM and "vision_config" not in config:
+        raise UserError(f"{model_dir} ({arch}) has no vision tower; image-caption calibration needs a VLM checkpoint")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(model_dir)
+    image_processor = load_image_processor(model_dir) if scope is Scope.WHOLE_VLM else None
     try:
         full = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
     fingerprint = weights_fingerprint(model_dir)
     total = count_parameters(full)
-    decoder, lm_head = split_language_model(full)
-    lm = LanguageModelWithHead(decoder, lm_head).eval()
-    # Dropping the full model frees the vision tower before anything moves to the GPU.
-    del full
-    gc.collect()
-    lm.requires_grad_(False)
-    lm.to(dev)
-    counts = {
-        "checkpoint_total": total,
-        "language_model": count_parameters(lm),
-        "left_out": total - count_parameters(lm),
-        "searchable_linear_weights": linear_weight_count(lm),
-    }
+    if scope is Scope.LANGUAGE_MODEL:
+        model: nn.Module = LanguageModelWithHead(*split_language_model(full))
+        # Dropping the full model frees the vision tower before anything moves to the GPU.
+        del full
+        gc.collect()
+    else:
+        model = full
+    model.eval().requires_grad_(False).to(dev)
+    searched = count_parameters(model)
+    counts = {"checkpoint_total": total, "language_model": searched, "left_out": total - searched,
+              "searchable_linear_weights": linear_weight_count(model)}
     seconds = time.perf_counter() - t0
-    log.info("phase load: %s (%s) LM-only on %s/%s in %.2fs, %s", model_dir, arch, dev, torch_dtype, seconds, counts)
-    return LoadedModel(
-        model=lm,
-        tokenizer=tokenizer,
-        model_dir=str(Path(model_dir).resolve()),
-        architecture=arch,
-        model_type=str(config.get("model_type")),
-        config_hash=config_hash(config),
-        device=dev,
-        dtype=torch_dtype,
-        param_counts=counts,
-        load_seconds=seconds,
-        weights_fingerprint=fingerprint,
-    )
+    log.info("phase load: %s (%s) %s on %s/%s in %.2fs, %s", model_dir, arch,
+             "LM-only" if scope is Scope.LANGUAGE_MODEL else "whole VLM", dev, torch_dtype, seconds, counts)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
+                       model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
+                       dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope=scope,
+                       image_processor=image_processor, weights_fingerprint=fingerprint)
+
+
+def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """``load_model(model_dir, Scope.LANGUAGE_MODEL, device, dtype)``: the Python API's and the sweep worker's
+    name for the usual case."""
+    return load_model(model_dir, Scope.LANGUAGE_MODEL, device, dtype)
 
 
 def load_image_processor(model_dir: str | Path):
@@ -232,31 +250,3 @@ def load_image_processor(model_dir: str | Path):
         return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise UserError(f"{model_dir} has no usable preprocessor_config.json ({exc.__class__.__name__})") from exc
-
-
-def load_vision_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load the whole VLM (vision blocks, merger, language model) for image-caption AutoQuant."""
-    t0 = time.perf_counter()
-    config = read_checkpoint_config(model_dir)
-    arch, cls = _model_class(config)
-    if "vision_config" not in config:
-        raise UserError(f"{model_dir} ({arch}) has no vision tower; image-caption calibration needs a VLM checkpoint")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    tokenizer = load_tokenizer(model_dir)
-    image_processor = load_image_processor(model_dir)
-    try:
-        model = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
-    model.eval().requires_grad_(False).to(dev)
-    fingerprint = weights_fingerprint(model_dir)
-    total = count_parameters(model)
-    counts = {"checkpoint_total": total, "language_model": total, "left_out": 0,
-              "searchable_linear_weights": linear_weight_count(model)}
-    seconds = time.perf_counter() - t0
-    log.info("phase load: %s (%s) whole VLM on %s/%s in %.2fs, %s", model_dir, arch, dev, torch_dtype, seconds, counts)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
-                       model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
-                       dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope="vision_language_model",
-                       image_processor=image_processor, weights_fingerprint=fingerprint)

@@ -57,7 +57,7 @@ class ModelRecord(TypedDict):
     dtype: str  # what the unquantized model and the reference run in
     reference_label: str  # display name of that dtype: BF16, float32, FP16
     device: str  # torch device of the run
-    scope: str  # language_model (LM only) or vision_language_model (whole VLM)
+    scope: Literal["language_model", "vision_language_model"]  # LM only, or the whole VLM (models/scope.py: Scope)
     parameter_counts: ParameterCounts  # see ParameterCounts
 
 
@@ -94,10 +94,10 @@ class SkippedItem(TypedDict):
     reason: str  # why: missing or unreadable
 
 
-class CalibrationRecord(TypedDict):
-    """The calibration data as the model saw it (``CalibrationSet.describe`` plus ``usage``)."""
+class CalibrationCommon(TypedDict):
+    """What every calibration section records, whatever the data (plus ``usage``, added by the run)."""
 
-    source_path: str  # caption file
+    source_path: str  # caption file (image captions: the JSONL or COCO annotations file)
     source_format: str  # text, coco_json, jsonl (image captions: coco, jsonl)
     content_hash: str  # SHA-256 of the file bytes
     token_hash: str  # SHA-256 of the batches as the model sees them
@@ -107,15 +107,30 @@ class CalibrationRecord(TypedDict):
     batch_size: int  # sequences per batch
     seq_len: int  # tokens per sequence (maximum)
     seed: int  # sampling seed
-    dropped: dict[str, int]  # captions dropped by reason: blank, duplicate, bad_utf8, no_caption_field
     caption_hashes: list[str]  # 16-hex hashes of the captions used (evaluation holds them out)
     usage: NotRequired[CalibrationUsage]  # what calibration and scoring read
-    chat_template: NotRequired[ChatTemplate | None]  # null: raw captions (text calibration only)
-    kind: NotRequired[str]  # image_caption for image-caption calibration
-    num_image_tokens: NotRequired[int]  # image tokens of all batches (image captions)
-    image_size: NotRequired[int]  # resized image side in pixels (image captions)
-    skipped: NotRequired[list[SkippedItem]]  # pairs left out, with the reason (image captions)
-    pair_hashes: NotRequired[list[str]]  # 16-hex hashes of image bytes + caption per pair used (image captions)
+
+
+class CaptionCalibrationRecord(CalibrationCommon):
+    """Caption text for the language model (``CalibrationSet.describe`` plus ``usage``)."""
+
+    dropped: dict[str, int]  # captions dropped by reason: blank, duplicate, bad_utf8, no_caption_field
+    chat_template: NotRequired[ChatTemplate | None]  # null: raw captions
+
+
+class ImageCaptionCalibrationRecord(CalibrationCommon):
+    """Image-caption pairs for the whole VLM (``ImageCalibrationSet.describe`` plus ``usage``)."""
+
+    kind: Literal["image_caption"]  # tells this record from a caption-text one
+    num_image_tokens: int  # image tokens of all batches
+    image_size: int | None  # resized image side in pixels; null: the image processor's own resizing
+    skipped: list[SkippedItem]  # pairs left out, with the reason
+    pair_hashes: list[str]  # 16-hex hashes of image bytes + caption per pair used
+    dropped: NotRequired[dict[str, int]]  # older manifests only: an empty caption-text field, no longer written
+
+
+# The calibration section: caption text, or image-caption pairs (``kind`` says which).
+CalibrationRecord = CaptionCalibrationRecord | ImageCaptionCalibrationRecord
 
 
 # --- result -----------------------------------------------------------------------------------------------------
@@ -270,7 +285,7 @@ class Manifest(TypedDict):
     sweep_id: str | None  # sweep name; null for single runs
     scheme: SchemeRecord  # the resolved scheme
     model: ModelRecord  # the checkpoint
-    calibration: CalibrationRecord  # the calibration data
+    calibration: CalibrationRecord  # the calibration data: caption text or image-caption pairs
     effective_bits: EffectiveBits  # budget target and result
     budget_met: bool  # achieved <= target (+1e-6)
     num_quantized_layers: int  # searched Linears whose weight quantizer is enabled (any format)
@@ -358,4 +373,4 @@ def declared_keys(record: type) -> dict[str, Any]:
 
 
 __all__ = [name for name, obj in list(globals().items()) if is_typeddict(obj)] + [
-    "declared_keys", "manifest_problems"]
+    "CalibrationRecord", "declared_keys", "manifest_problems"]

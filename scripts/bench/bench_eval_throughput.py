@@ -15,11 +15,12 @@ import time
 
 import torch
 
-from auto_quantize_model.autoquant.run import forward_step, run_scheme
+from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.datasets.calibration import build_calibration_set
 from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.models.loading import load_language_model
+from auto_quantize_model.models.steps import language_model_logits as forward_step
 
 
 def tokens_per_second(model, batches, repeats: int) -> float:

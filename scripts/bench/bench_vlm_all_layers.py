@@ -17,7 +17,8 @@ from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.datasets.demo_images import make_demo_image_captions
 from auto_quantize_model.datasets.image_captions import build_image_calibration_set, read_image_captions
-from auto_quantize_model.models.loading import load_vision_language_model
+from auto_quantize_model.models.loading import load_model
+from auto_quantize_model.models.scope import Scope
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     work = tempfile.mkdtemp()
     pairs = make_demo_image_captions(work, n=args.samples, size=args.image_size)
-    loaded = load_vision_language_model(args.model_dir)
+    loaded = load_model(args.model_dir, Scope.WHOLE_VLM)
     t = time.perf_counter()
     cal = build_image_calibration_set(loaded.tokenizer, loaded.image_processor, read_image_captions(str(pairs)),
                                       image_token_id=loaded.model.config.image_token_id, max_samples=args.samples,

@@ -1,0 +1,111 @@
+"""One ``mtq.auto_quantize`` call: the loaded model's own steps, a search-cache checkpoint, phase timings, and one
+refusal per failure kind. ``run.py`` (one scheme's search) and ``passes.py`` (a shared scoring pass) both call
+:func:`auto_quantize`."""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from typing import Any
+
+from torch import nn
+
+from auto_quantize_model.autoquant.cache import CacheEntry
+from auto_quantize_model.configs.schemes import Scheme
+from auto_quantize_model.datasets.protocol import CalibrationData
+from auto_quantize_model.errors import UserError
+from auto_quantize_model.modelopt_configs import resolve_quant_config
+from auto_quantize_model.models.loading import LoadedModel
+from auto_quantize_model.models.steps import Batch, ForwardStep, LossStep
+
+
+class PhaseClock:
+    """Splits one ``auto_quantize`` call into calibrate / score / solve by watching its callbacks.
+
+    Calibration only calls the forward step; gradient scoring is the first call of the loss; the solve
+    is what remains after the last callback. For ``kl_div`` (no loss) calibrate and score are merged.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_loss: float | None = None
+        self.last_call: float | None = None
+
+    def wrap_forward(self, fn: ForwardStep) -> ForwardStep:
+        def inner(model: nn.Module, batch: Batch) -> Any:
+            out = fn(model, batch)
+            self.last_call = time.perf_counter()
+            return out
+
+        return inner
+
+    def wrap_loss(self, fn: LossStep) -> LossStep:
+        def inner(out: Any, batch: Batch) -> Any:
+            if self.first_loss is None:
+                self.first_loss = time.perf_counter()
+            loss = fn(out, batch)
+            self.last_call = time.perf_counter()
+            return loss
+
+        return inner
+
+    def split(self, end: float, method: str) -> dict[str, float | None]:
+        """Seconds per phase, ending at ``end``."""
+        if self.last_call is None:  # everything came from the cache
+            return {"calibrate": 0.0, "score": 0.0, "solve": end - self.start}
+        if method == "gradient" and self.first_loss is not None:
+            return {"calibrate": self.first_loss - self.start, "score": self.last_call - self.first_loss,
+                    "solve": end - self.last_call}
+        return {"calibrate": None, "score": None, "calibrate_and_score": self.last_call - self.start,
+                "solve": end - self.last_call}
+
+
+def unreachable_budget(scheme: Scheme, lowest: float) -> UserError:
+    """The one refusal for a budget below what the searchable layers can reach, on every path."""
+    return UserError(f"scheme {scheme.name}: effective bits {scheme.effective_bits:g} is infeasible: the lowest "
+                     f"achievable with these formats and disabled layers is {lowest:.4g}; choose a higher "
+                     "--effective-bits or disable fewer layers")
+
+
+def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData, scheme: Scheme, entry: CacheEntry,
+                  steps: dict[str, int], clock: PhaseClock) -> tuple[nn.Module, dict[str, Any]]:
+    """``mtq.auto_quantize`` of ``model`` (``loaded.model`` or a copy of it) for ``scheme``, with ``loaded``'s
+    forward and loss step and ``entry``'s checkpoint; returns the searched model and ModelOpt's search state."""
+    import modelopt.torch.quantization as mtq
+
+    try:
+        with warnings.catch_warnings():
+            # ModelOpt warns whenever the checkpoint is new; the caller's log line already says so.
+            warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
+            model, search_state = mtq.auto_quantize(
+                model,
+                constraints=scheme.search_constraints(),
+                quantization_formats=[resolve_quant_config(f) for f in scheme.quantization_formats],
+                data_loader=calib.batches,
+                forward_step=clock.wrap_forward(loaded.forward_step),
+                # kl_div scores from logits alone; ModelOpt warns if handed a loss it will ignore.
+                loss_func=clock.wrap_loss(loaded.loss_step) if scheme.method == "gradient" else None,
+                disabled_layers=list(scheme.search_setup().disabled_layers) or None,
+                method=scheme.method,
+                checkpoint=str(entry.checkpoint),
+                verbose=False,
+                **steps,
+            )
+    except ValueError as exc:
+        if "infeasible" in str(exc):
+            raise unreachable_budget(scheme, _lowest_from_message(str(exc))) from exc
+        raise
+    except OSError as exc:
+        raise UserError(f"could not write the search cache in {entry.final.parent} ({exc.strerror or exc}); free "
+                        "space or pass another --cache-dir") from exc
+    # ModelOpt turns on gradient checkpointing for Hugging Face models it scores; inference wants it off.
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    return model, search_state
+
+
+def _lowest_from_message(text: str) -> float:
+    """ModelOpt's infeasibility message names the minimum achievable bits; NaN if its wording changes."""
+    m = re.search(r"minimum achievable[^0-9]*([0-9]+(?:\.[0-9]+)?)", text)
+    return float(m.group(1)) if m else float("nan")
