@@ -18,6 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "auto_quantize_model"
 LAYERS = [
     ["errors"],
     ["io_utils", "config_types", "modelopt_configs", "provenance", "logs", "preflight"],
+    ["settings"],  # setting fields over config_types' kinds: the actors' and the sweep's settings use them
     ["records"],
     ["datasets", "configs"],
     ["models"],

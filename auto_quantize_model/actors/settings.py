@@ -11,20 +11,35 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from auto_quantize_model.settings import setting, validate_settings
+
+_RESOURCE = "a resource of each worker actor: the cluster's TOML [worker] table says what its workers get"
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """Resources and memory policy of each model worker actor (the sweep's ``[worker]`` table)."""
 
-    num_gpus: float = 1.0  # 0 runs workers on CPU (tests, CPU-only clusters)
-    num_cpus: float = 1.0  # explicit: a GPU actor otherwise holds 1 CPU and trials can starve
-    pristine: str = "auto"  # where the unquantized copy lives: gpu, cpu (pinned), auto
-    # Host threads of each worker (torch intra-op, OpenMP). 0: the cluster's CPUs shared out among the workers.
+    num_gpus: float = setting(1.0, kind="number", minimum=0, toml_only=_RESOURCE,
+                              help="GPUs per worker; 0 runs workers on CPU (tests, CPU-only clusters)")
+    num_cpus: float = setting(1.0, kind="number", positive=True, toml_only=_RESOURCE,
+                              note="a 0-CPU actor cannot run the model's host code",
+                              help="CPUs per worker; explicit, since a GPU actor otherwise holds 1 CPU and trials "
+                                   "can starve")
+    pristine: str = setting("auto", kind="str", choices=("gpu", "cpu", "auto"), toml_only=_RESOURCE,
+                            help="where the unquantized copy lives: gpu, cpu (pinned) or auto (= cpu on a GPU "
+                                 "worker: one copy of the weights on the GPU)")
     # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
-    num_threads: int = 0
-    # Keep the workers alive on a running cluster (--address) after the sweep: the next sweep with the same model,
-    # data and worker settings finds them loaded and skips the load (``autoquant release-workers`` frees them).
-    keep: bool = False
+    num_threads: int = setting(0, kind="int", minimum=0, toml_only=_RESOURCE,
+                               note="0: the cluster's CPUs shared out among the workers",
+                               help="host threads of each worker (torch intra-op, OpenMP); 0: the cluster's CPUs "
+                                    "shared out among the workers")
+    # The next sweep with the same model, data and worker settings finds them loaded and skips the load.
+    keep: bool = setting(False, kind="bool", flag="--keep-workers",
+                         help="leave the loaded model workers on the running cluster (--address) for the next sweep")
+
+    def __post_init__(self) -> None:
+        validate_settings(self, "sweep setting", prefix="worker.")
 
 
 # Settings a kept worker takes from each sweep it serves (the sweep's name and its schemes file); everything

@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 from auto_quantize_model.cli.common import check_output_dir
-from auto_quantize_model.datasets.calibration import DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from auto_quantize_model.datasets.settings import CalibrationSettings
 from auto_quantize_model.errors import UserError, check_positive
+from auto_quantize_model.settings import add_arguments, overrides_from_args
 
 log = logging.getLogger("autoquant")
 
@@ -20,19 +21,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "see `autoquant schemes`)")
     p.add_argument("--model-dir", help="local Hugging Face checkpoint (required unless --report-only)")
     p.add_argument("--output-dir", required=True, help="where manifest, report and restore artifact go")
-    p.add_argument("--captions-path", default=None,
-                   help="captions: .txt (one per line), COCO captions JSON, or JSONL; 'demo' = embedded demo set "
-                   "(default: datasets/vlm-quantize-calib/coco2017_captions.txt)")
-    p.add_argument("--max-calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
-                   help=f"captions drawn (default {DEFAULT_CALIB_SAMPLES}, ModelOpt hf_ptq's calibration size; "
-                   "fewer if the file holds fewer); the scheme's steps decide how many batches are read")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"captions per batch (default {DEFAULT_BATCH_SIZE}: 16 scoring steps read 128 samples)")
-    p.add_argument("--calib-seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                   help=f"max tokens per caption (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap each caption in the checkpoint's chat template as the assistant's reply "
-                   "(recorded in the manifest)")
+    add_arguments(p, CalibrationSettings, defaults=True)  # the sweep's calibration settings too
     p.add_argument("--effective-bits", type=float, default=None, help="override the scheme's budget")
     p.add_argument("--auto-quantize-method", choices=("gradient", "kl_div"), default=None, help="override the method")
     p.add_argument("--num-score-steps", type=int, default=None, help="override scoring batches")
@@ -43,7 +32,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="search-score cache (default OUTPUT_DIR/autoquant_cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float32, float16")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from an existing manifest")
     g = p.add_argument_group("image-caption calibration (searches the whole VLM: vision, merger, language)")
     g.add_argument("--image-captions-path", help='JSONL of {"image": path, "caption": text} (paths relative to it)')
@@ -79,21 +67,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         num_calib_steps=args.num_calib_steps,
         quant_config=args.quant_config,
     )
-    for flag in ("max_calib_samples", "batch_size", "calib_seq_len"):
-        check_positive(flag.replace("_", "-"), getattr(args, flag))
+    data = CalibrationSettings(**overrides_from_args(args, CalibrationSettings))  # checks its ranges
     read_checkpoint_config(args.model_dir)
     check_checkpoint_files(args.model_dir)
     probe_writable(out, "output dir", "--output-dir")
     if args.cache_dir:
         probe_writable(args.cache_dir, "cache dir", "--cache-dir")
     if args.image_captions_path or args.coco_annotations or args.coco_root:
-        loaded, calib = _load_for_images(args)
+        loaded, calib = _load_for_images(args, data)
     else:
-        captions = read_captions(args.captions_path)
+        captions = read_captions(data.captions_path)
         loaded = load_model(args.model_dir, Scope.LANGUAGE_MODEL, device=args.device, dtype=args.dtype)
         calib = build_calibration_set(
-            loaded.tokenizer, captions, max_samples=args.max_calib_samples, batch_size=args.batch_size,
-            seq_len=args.calib_seq_len, seed=args.seed, device=loaded.device, chat_template=args.chat_template,
+            loaded.tokenizer, captions, max_samples=data.max_calib_samples, batch_size=data.batch_size,
+            seq_len=data.calib_seq_len, seed=data.seed, device=loaded.device, chat_template=data.chat_template,
         )
     result = run_scheme(loaded, calib, scheme, out, cache_dir=args.cache_dir, inplace=True)
     m = result.manifest
@@ -114,7 +101,7 @@ def _scheme_file_name(ref: str, schemes_file: str | None) -> str:
         return ref  # the missing manifest is then the error the user sees
 
 
-def _load_for_images(args: argparse.Namespace):
+def _load_for_images(args: argparse.Namespace, data: CalibrationSettings):
     """The whole VLM and image-caption batches (pairs are read before the model loads)."""
     from auto_quantize_model.datasets.image_captions import build_image_calibration_set, read_image_captions
     from auto_quantize_model.models.loading import load_model
@@ -126,7 +113,7 @@ def _load_for_images(args: argparse.Namespace):
     loaded = load_model(args.model_dir, Scope.WHOLE_VLM, device=args.device, dtype=args.dtype)
     calib = build_image_calibration_set(
         loaded.tokenizer, loaded.image_processor, source, image_token_id=loaded.model.config.image_token_id,
-        max_samples=args.max_calib_samples, batch_size=args.batch_size, seq_len=args.calib_seq_len, seed=args.seed,
+        max_samples=data.max_calib_samples, batch_size=data.batch_size, seq_len=data.calib_seq_len, seed=data.seed,
         image_size=args.image_size, device=loaded.device,
     )
     log.info("whole-VLM search: %d image-caption pairs (%d skipped)", calib.num_samples, len(source.skipped))

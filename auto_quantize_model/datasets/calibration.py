@@ -9,8 +9,8 @@ With ``chat_template`` each caption becomes the assistant's answer to a short us
 by the checkpoint's own chat template: the text distribution the LM sees when it captions in use
 (system prompt, role markers), rather than bare caption text.
 
-Defaults follow ModelOpt's ``hf_ptq`` example (1024 samples x 512 tokens; scoring on 128 samples) as
-far as the data allows; the demo and the tests pass small explicit values.
+Defaults (``settings.CalibrationSettings``) follow ModelOpt's ``hf_ptq`` example (1024 samples x 512 tokens;
+scoring on 128 samples) as far as the data allows; the demo and the tests pass small explicit values.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
 IGNORE_INDEX = -100
-DEFAULT_CALIB_SAMPLES = 1024  # hf_ptq's --calib_size default for auto_quantize runs
-DEFAULT_SEQ_LEN = 512  # hf_ptq's calibration max length (captions are far shorter: a cap, not padding)
-DEFAULT_BATCH_SIZE = 8  # with a scheme's 16 scoring steps: 128 scored samples, hf_ptq's score size
 CHAT_USER_PROMPT = "Describe this image in one sentence."
 log = logging.getLogger(__name__)
 

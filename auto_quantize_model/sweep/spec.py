@@ -1,4 +1,4 @@
-"""Sweep settings (one frozen dataclass, from TOML and/or flags) and the trial grid they expand to.
+"""Sweep settings (one frozen dataclass, from TOML and/or flags, declared once) and the trial grid they expand to.
 
 The grid is schemes x effective-bits targets x any extra scheme settings (method, score steps). Each
 trial gets a deterministic id from its settings, so a resumed sweep, a retried trial and the tables
@@ -11,65 +11,96 @@ import dataclasses
 import itertools
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.actors.settings import WorkerSettings
-from auto_quantize_model.config_types import check_table
 from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
+from auto_quantize_model.datasets.settings import CalibrationSettings
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import read_toml, sha256_json
+from auto_quantize_model.settings import check_keys, required_settings, same_as, setting, table, validate_settings
 
 log = logging.getLogger(__name__)
 SWEEP_SPEC_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
+def _data(name: str) -> Any:
+    return same_as(CalibrationSettings, name)  # the run's calibration setting: same flag, default, help, range
+
+
 @dataclass(frozen=True)
 class SweepSpec:
-    """Everything a sweep needs; ``to_dict`` is recorded beside the results."""
+    """Everything a sweep needs; ``to_dict`` is recorded beside the results.
 
-    name: str
-    model_dir: str
-    storage_path: str = "runs/sweeps"
-    captions_path: str | None = None
-    schemes: tuple[str, ...] = ("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full",
-                                "fp8_autoquant_all_layers_fp8")
-    effective_bits: tuple[float, ...] = ()  # empty: each scheme's own default
-    methods: tuple[str, ...] = ()  # empty: each scheme's own method
-    num_score_steps: tuple[int, ...] = ()  # empty: each scheme's own
-    num_calib_steps: int | None = None
-    schemes_file: str | None = None
-    max_calib_samples: int = 1024  # ModelOpt hf_ptq's defaults (see datasets/calibration.py)
-    batch_size: int = 8
-    calib_seq_len: int = 512
-    chat_template: bool = False  # wrap captions in the checkpoint's chat template
-    seed: int = 0
-    dtype: str = "auto"
-    num_workers: int = 0  # 0: one per GPU in the cluster (or 1 without GPUs)
-    max_failures: int = 2  # retries of a trial whose worker died
-    evaluate: bool = False
-    eval_captions: str | None = None
-    max_eval_samples: int = 32
+    Each field declares its TOML key (its name), flag, help and range once (``settings.setting``); the
+    ``autoquant sweep`` flags, the TOML checks and the checks run on construction are generated from them.
+    """
+
+    name: str = setting(kind="str", flag="--name", help="sweep name (directory under --storage-path)")
+    model_dir: str = setting(kind="str", flag="--model-dir", help="local Hugging Face checkpoint")
+    storage_path: str = setting("runs/sweeps", kind="str", flag="--storage-path",
+                                help="results root; shared storage on multi-node clusters")
+    captions_path: str | None = _data("captions_path")
+    schemes: tuple[str, ...] = setting(("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full",
+                                        "fp8_autoquant_all_layers_fp8"), kind="list[str]", flag="--schemes",
+                                       nonempty=True, note="list at least one scheme",
+                                       help="comma-separated scheme names")
+    effective_bits: tuple[float, ...] = setting((), kind="list[number]", flag="--effective-bits",
+                                                help="comma-separated targets, e.g. 14,12,10,8")  # (): each scheme's own
+    methods: tuple[str, ...] = setting((), kind="list[str]", flag="--methods",
+                                       help="comma-separated: gradient,kl_div")  # (): each scheme's own method
+    num_score_steps: tuple[int, ...] = setting((), kind="list[int]", flag="--num-score-steps", positive=True,
+                                               help="comma-separated scoring step counts")  # (): each scheme's own
+    num_calib_steps: int | None = setting(None, kind="int?", flag="--num-calib-steps",
+                                          help="calibration batches of every trial (default: each scheme's own)")
+    schemes_file: str | None = setting(None, kind="str?", flag="--schemes-file",
+                                       help="TOML file with extra [schemes.NAME] tables")
+    max_calib_samples: int = _data("max_calib_samples")
+    batch_size: int = _data("batch_size")
+    calib_seq_len: int = _data("calib_seq_len")
+    chat_template: bool = _data("chat_template")
+    seed: int = _data("seed")
+    dtype: str = setting("auto", kind="str", flag="--dtype",
+                         help="auto (bf16 on GPU, float32 on CPU), bfloat16, float32, float16")
+    num_workers: int = setting(0, kind="int", flag="--num-workers", minimum=0,
+                               help="model workers (default: one per GPU)")  # 0: one per GPU (or 1 without GPUs)
+    max_failures: int = setting(2, kind="int", flag="--max-failures", minimum=0,
+                                help="retries of a trial whose worker died (default 2)")
+    evaluate: bool = setting(False, kind="bool", flag="--evaluate",
+                             help="perplexity/KL vs the unquantized model for every trial, and the uniform FP8 control")
+    eval_captions: str | None = setting(None, kind="str?", flag="--eval-captions",
+                                        help="held-out captions for --evaluate (default: the calibration source)")
+    max_eval_samples: int = setting(32, kind="int", flag="--max-eval-samples", positive=True,
+                                    help="held-out captions drawn for --evaluate (default 32)")
     # Opt-in: each trial's real FP8 prefill/decode tokens/s and weight memory vs BF16 and uniform FP8, on the
     # worker's GPU (inference/measure_run.py); prefill at measure_batch_size x measure_seq_len tokens.
-    measure: bool = False
-    measure_batch_size: int = 4
-    measure_seq_len: int = 512
-    address: str | None = None
+    measure: bool = setting(False, kind="bool", flag="--measure",
+                            help="GPU only: each trial's real FP8 prefill/decode tokens/s and LM weight memory vs BF16 "
+                                 "and uniform FP8 (measurement.json, trials table)")
+    measure_batch_size: int = setting(4, kind="int", flag="--measure-batch-size", positive=True,
+                                      help="prefill batch for --measure (default 4)")
+    measure_seq_len: int = setting(512, kind="int", flag="--measure-seq-len", positive=True,
+                                   help="prefill tokens per sequence for --measure (default 512)")
+    address: str | None = setting(None, kind="str?", flag="--address",
+                                  help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     # ModelOpt search checkpoints (one per scoring key). Default: <sweep>/autoquant/cache. Sweeps that point at
     # one cache reuse each other's calibration and scores (keyed by weights, data and formats, so never wrongly).
-    cache_dir: str | None = None
-    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    cache_dir: str | None = setting(None, kind="str?", flag="--cache-dir",
+                                    help="search checkpoints shared across sweeps (default: <sweep>/autoquant/cache)")
+    # table() is a dataclasses.field with default_factory=WorkerSettings: no instance shared between specs.
+    worker: WorkerSettings = table(WorkerSettings, help="resources and memory policy of each model worker")  # noqa: RUF009
 
     def __post_init__(self) -> None:
-        for key in ("schemes", "effective_bits", "methods", "num_score_steps"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
-        # One type for the budget from TOML or flags to the summary: a float (TOML [14, 12] are integers).
-        object.__setattr__(self, "effective_bits", tuple(float(b) for b in self.effective_bits))
-        if isinstance(self.worker, dict):
-            object.__setattr__(self, "worker", WorkerSettings(**self.worker))
+        # Types and ranges of every field, whether it came from TOML, flags or Python; lists become tuples and
+        # the budgets floats (TOML's [14, 12] are integers), so one type reaches the summary.
+        validate_settings(self, "sweep setting")
+        check_sweep_name(self.name)
+        if self.measure and self.worker.num_gpus <= 0:
+            raise UserError("measure times FP8 kernels on the workers' GPUs, but worker.num_gpus is 0 (CPU workers): "
+                            "give workers a GPU or drop measure")
 
     @property
     def sweep_dir(self) -> Path:
@@ -87,67 +118,25 @@ class SweepSpec:
         return {"schema_version": SWEEP_SPEC_VERSION, **dataclasses.asdict(self)}
 
 
-_FIELDS = {f.name for f in dataclasses.fields(SweepSpec)}
-# What each setting must be in TOML or flags (config_types kinds); checked before any dataclass is built.
-SPEC_KINDS = {
-    "name": "str", "model_dir": "str", "storage_path": "str", "captions_path": "str?", "schemes": "list[str]",
-    "effective_bits": "list[number]", "methods": "list[str]", "num_score_steps": "list[int]",
-    "num_calib_steps": "int?", "schemes_file": "str?", "max_calib_samples": "int", "batch_size": "int",
-    "calib_seq_len": "int", "seed": "int", "dtype": "str", "num_workers": "int", "max_failures": "int",
-    "evaluate": "bool", "eval_captions": "str?", "max_eval_samples": "int", "address": "str?",
-    "measure": "bool", "measure_batch_size": "int", "measure_seq_len": "int", "cache_dir": "str?",
-}
-WORKER_KINDS = {"num_gpus": "number", "num_cpus": "number", "pristine": "str", "num_threads": "int", "keep": "bool"}
-
-
 def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> SweepSpec:
-    """TOML file (optional) then explicit overrides (None = not given); validates the result."""
+    """TOML file (optional) then explicit overrides (None = not given; a ``worker`` dict updates the TOML's
+    ``[worker]`` table); the spec checks itself when built."""
     data: dict[str, Any] = {}
     if path:
         data = read_toml(path, "sweep config", "pass a TOML file (see examples/ or the README)")
         data.pop("schema_version", None)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:
-        raise UserError(f"unknown sweep settings {unknown}; allowed: {sorted(_FIELDS)}")
-    for required in ("name", "model_dir"):
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    check_keys("sweep setting", data, SweepSpec)
+    for required, s in required_settings(SweepSpec):
         if not data.get(required):
-            raise UserError(f"sweep setting {required!r} is missing; give --{required.replace('_', '-')} or set it in the TOML")
-    check_table("sweep setting", data, SPEC_KINDS)
-    if "worker" in data and not isinstance(data["worker"], dict | WorkerSettings):
-        raise UserError(f"sweep setting worker must be a [worker] table, got {data['worker']!r}")
-    if isinstance(data.get("worker"), dict):
-        check_table("sweep setting worker", data["worker"], WORKER_KINDS)
-        try:
-            data["worker"] = WorkerSettings(**data["worker"])
-        except TypeError as exc:
-            raise UserError(f"bad [worker] table: {exc}") from exc
-    spec = SweepSpec(**data)
-    _validate(spec)
-    return spec
-
-
-def _validate(spec: SweepSpec) -> None:
-    check_sweep_name(spec.name)
-    for key in ("max_calib_samples", "batch_size", "calib_seq_len", "max_eval_samples", "measure_batch_size",
-                "measure_seq_len"):
-        if getattr(spec, key) <= 0:
-            raise UserError(f"sweep setting {key} must be positive, got {getattr(spec, key)}")
-    if spec.num_workers < 0 or spec.max_failures < 0:
-        raise UserError("num_workers and max_failures must be >= 0")
-    if not spec.schemes:
-        raise UserError("the sweep has no schemes; list at least one")
-    if spec.worker.pristine not in ("gpu", "cpu", "auto"):
-        raise UserError(f"worker.pristine must be gpu, cpu or auto, got {spec.worker.pristine!r}")
-    if spec.worker.num_threads < 0:
-        raise UserError("worker.num_threads must be >= 0 (0: the cluster's CPUs shared out among the workers)")
-    if spec.worker.num_cpus <= 0:
-        raise UserError("worker.num_cpus must be > 0 (a 0-CPU actor cannot run the model's host code)")
-    if any(s <= 0 for s in spec.num_score_steps):
-        raise UserError("num_score_steps entries must be positive")
-    if spec.measure and spec.worker.num_gpus <= 0:
-        raise UserError("measure times FP8 kernels on the workers' GPUs, but worker.num_gpus is 0 (CPU workers): "
-                        "give workers a GPU or drop measure")
+            raise UserError(f"sweep setting {required!r} is missing; give {s.flag} or set it in the TOML")
+    return SweepSpec(**data)
 
 
 def check_sweep_name(name: str) -> None:
