@@ -40,3 +40,16 @@ def git_revision() -> str | None:
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of this package's Python sources as they are on disk: two processes with equal fingerprints run the same
+    code (a kept model worker is reused only by a driver whose code matches its own)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -108,3 +108,31 @@ def test_copy_to_device_keeps_a_tied_weight_tied():
     assert work.head.weight is work.embed.weight and work.alias is work.scale
     assert work.embed.weight.data_ptr() != src.embed.weight.data_ptr()
     assert len(list(work.parameters())) == 1
+
+
+@pytest.mark.timeout(600)
+def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, tiny_model_dir, tmp_path):
+    """A kept worker holding both (fake) GPUs: a sweep with other settings is refused in one line instead of
+    waiting forever for a GPU, and a worker asked to serve another signature (other code) refuses."""
+    import ray
+
+    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+
+    gpus = {"num_gpus": 2, "num_cpus": 0.5, "keep": True}
+    try:
+        run_sweep(_spec(tiny_model_dir, tmp_path, name="g1", schemes=("fp8_autoquant_full",),
+                        effective_bits=(12.0,), worker=gpus))
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(KEEP_PREFIX)]
+        with pytest.raises(UserError, match="hold the cluster's GPUs"):
+            run_sweep(_spec(tiny_model_dir, tmp_path, name="g2", batch_size=2, schemes=("fp8_autoquant_full",),
+                            effective_bits=(12.0,), worker={**gpus, "num_gpus": 1}))
+        # The refused sweep left no pool behind (the first sweep's pool went when it finished).
+        pools = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-")]
+        assert not pools
+        worker = ray.get_actor(name, namespace="autoquant")
+        spec = _spec(tiny_model_dir, tmp_path, name="g3", worker=gpus)
+        with pytest.raises(ray.exceptions.RayTaskError, match="StaleWorkerError"):
+            ray.get(worker.attach.remote(spec.to_dict(), "no-pool", "autoquant", "another-code-or-settings"))
+    finally:
+        release_kept_workers(None)

@@ -73,10 +73,13 @@ class WorkerSpec:
 
     def load_signature(self) -> str:
         """Hash of every setting that shapes what a worker loads and holds (model, data, evaluation and measuring
-        sets, resources, threads): a kept worker serves a later sweep only if this matches."""
+        sets, resources, threads) and of the code computing it: a kept worker serves a later sweep only if the
+        sweep's driver computes the same signature (same settings, same code)."""
         from auto_quantize_model.io_utils import sha256_json
+        from auto_quantize_model.provenance import code_fingerprint
 
-        data = dataclasses.asdict(self)
+        data: dict[str, Any] = dataclasses.asdict(self)
+        data["code"] = code_fingerprint()
         for per_sweep in PER_SWEEP:
             data.pop(per_sweep)
         data["worker"].pop("keep")

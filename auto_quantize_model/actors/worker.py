@@ -25,6 +25,10 @@ import ray
 log = logging.getLogger(__name__)
 
 
+class StaleWorkerError(RuntimeError):
+    """A kept worker asked to serve a sweep whose load settings or code differ from its own."""
+
+
 class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
@@ -272,17 +276,17 @@ class ModelWorker:
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
         }
 
-    def attach(self, spec_dict: dict[str, Any], pool_name: str, namespace: str) -> dict[str, Any]:
+    def attach(self, spec_dict: dict[str, Any], pool_name: str, namespace: str, signature: str) -> dict[str, Any]:
         """Serve another sweep (a kept worker): its settings and pool; the model and data stay loaded.
 
-        Refused unless the new sweep's load settings equal those this worker loaded with.
+        Refused (``StaleWorkerError``) unless ``signature``, the driver's :meth:`WorkerSpec.load_signature` of the
+        new sweep, equals this worker's own: same load settings and same code on both sides.
         """
         from auto_quantize_model.actors.settings import WorkerSpec
-        from auto_quantize_model.errors import UserError
 
         new = WorkerSpec.from_sweep_dict(spec_dict)
-        if new.load_signature() != self.spec.load_signature():
-            raise UserError(f"worker {self.name} was loaded with other settings; it cannot serve this sweep")
+        if signature != self.spec.load_signature() or new.load_signature() != signature:
+            raise StaleWorkerError(f"worker {self.name} was loaded with other settings or code")
         self.spec = new
         self.pool, self.pool_name = ray.get_actor(pool_name, namespace=namespace), pool_name
         self._leases.clear()

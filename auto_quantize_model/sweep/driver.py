@@ -110,17 +110,33 @@ def _kept_worker_names() -> list[str]:
                   if a.get("namespace") == NAMESPACE and a["name"].startswith(KEEP_PREFIX))
 
 
-def _attach_kept(spec: SweepSpec, name: str, pool_name: str) -> Any | None:
-    """The kept worker ``name`` attached to this sweep's pool, or None if there is none (or it is dead)."""
+def _attach_kept(spec: SweepSpec, name: str, pool_name: str, signature: str) -> Any | None:
+    """The kept worker ``name`` attached to this sweep's pool, or None if there is none (a dead or stale one is
+    stopped, so that a new one can take its place)."""
     try:
         worker = ray.get_actor(name, namespace=NAMESPACE)
-        ray.get(worker.attach.remote(spec.to_dict(), pool_name, NAMESPACE), timeout=120)
-    except (ValueError, ray.exceptions.RayError) as exc:
-        if not isinstance(exc, ValueError):
-            log.warning("kept worker %s did not answer (%s); starting a new one", name, exc.__class__.__name__)
-            ray.kill(worker)
+    except ValueError:
+        return None
+    try:
+        ray.get(worker.attach.remote(spec.to_dict(), pool_name, NAMESPACE, signature), timeout=120)
+    except ray.exceptions.RayError as exc:
+        why = "runs other code or settings" if "StaleWorkerError" in str(exc) else \
+            f"did not answer ({exc.__class__.__name__})"
+        log.warning("kept worker %s %s; starting a new one", name, why)
+        ray.kill(worker, no_restart=True)
         return None
     return worker
+
+
+def _check_room(spec: SweepSpec, new_workers: int, others: list[str]) -> None:
+    """Refuse, in one line, new GPU workers that kept workers of other settings would leave waiting forever."""
+    if not others or new_workers == 0 or spec.worker.num_gpus <= 0:
+        return
+    free = float(ray.available_resources().get("GPU", 0))
+    if new_workers * spec.worker.num_gpus > free + 1e-6:
+        raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's GPUs ({free:g} "
+                        f"free, {new_workers * spec.worker.num_gpus:g} needed): free them with `autoquant "
+                        "release-workers --address ...`")
 
 
 def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
@@ -130,36 +146,52 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     left on the cluster are attached to this sweep's pool instead of loading again; missing ones are started.
     """
     from auto_quantize_model.actors.pool import WorkerPool
-    from auto_quantize_model.actors.settings import WorkerSpec
-    from auto_quantize_model.actors.worker import ModelWorker
 
     tag = f"{spec.name}-{os.getpid()}-{int(time.time())}"
     pool_name = f"autoquant-pool-{tag}"
     # The pool holds the only lease state: pin it to the driver's node, so losing any other node never loses it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     pool = WorkerPool.options(name=pool_name, namespace=NAMESPACE, scheduling_strategy=here).remote()
+    created: list[Any] = []  # actors this call started: stopped again if the start fails (kept ones included)
+    try:
+        return _start_workers(spec, n, tag, pool, pool_name, created)
+    except BaseException:
+        ray.kill(pool)
+        for w in created:
+            ray.kill(w, no_restart=True)
+        raise
+
+
+def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
+                   created: list[Any]) -> tuple[Any, list[Any], str, dict[str, Any]]:
+    from auto_quantize_model.actors.settings import WorkerSpec
+    from auto_quantize_model.actors.worker import ModelWorker
+
     # Set before the worker process imports torch (Ray leaves an explicit OMP_NUM_THREADS alone).
     threads = str(spec.worker.num_threads or 1)
     threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
     keep = spec.worker.keep
+    signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
     if keep:
-        signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
         names = [f"{KEEP_PREFIX}{signature}-{i}" for i in range(n)]
-        others = [k for k in _kept_worker_names() if not k.startswith(f"{KEEP_PREFIX}{signature}-")]
-        if others:
-            log.warning("%d kept worker(s) of other settings hold resources on this cluster (%s); free them with "
-                        "`autoquant release-workers`", len(others), ", ".join(others))
     else:
         names = [f"autoquant-worker-{tag}-{i}" for i in range(n)]
+    attached = {name: _attach_kept(spec, name, pool_name, signature) for name in names} if keep else {}
+    others = [k for k in _kept_worker_names() if k not in names]
+    if others:
+        log.warning("%d kept worker(s) of other settings or code are on this cluster (%s); free them with "
+                    "`autoquant release-workers`", len(others), ", ".join(others))
+    _check_room(spec, sum(attached.get(name) is None for name in names), others)
     workers, reused = [], []
     for name in names:
-        worker = _attach_kept(spec, name, pool_name) if keep else None
+        worker = attached.get(name)
         reused.append(worker is not None)
         if worker is None:
             worker = ModelWorker.options(
                 name=name, namespace=NAMESPACE, num_gpus=spec.worker.num_gpus, num_cpus=spec.worker.num_cpus,
                 runtime_env=threads_env, lifetime="detached" if keep else None,
             ).remote(spec.to_dict(), name, pool_name, NAMESPACE)
+            created.append(worker)
         workers.append(worker)
     try:
         infos = ray.get([w.info.remote() for w in workers])
