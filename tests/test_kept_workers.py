@@ -116,7 +116,7 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
     waiting forever for a GPU, and a worker asked to serve another signature (other code) refuses."""
     import ray
 
-    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+    from auto_quantize_model.sweep.driver import KEEP_PREFIX, _fit_to_cluster, release_kept_workers, run_sweep
 
     gpus = {"num_gpus": 2, "num_cpus": 0.5, "keep": True}
     try:
@@ -131,8 +131,20 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
         pools = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-")]
         assert not pools
         worker = ray.get_actor(name, namespace="autoquant")
-        spec = _spec(tiny_model_dir, tmp_path, name="g3", worker=gpus)
+        spec, _ = _fit_to_cluster(_spec(tiny_model_dir, tmp_path, name="g3", worker=gpus))  # as the driver sends it
         with pytest.raises(ray.exceptions.RayTaskError, match="StaleWorkerError"):
             ray.get(worker.attach.remote(spec.to_dict(), "no-pool", "autoquant", "another-code-or-settings"))
+        # While a sweep runs on it (its pool is alive), a second sweep cannot take it over.
+        from auto_quantize_model.actors.pool import WorkerPool
+
+        signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
+        busy = WorkerPool.options(name="autoquant-pool-busy", namespace="autoquant").remote()
+        ray.get(worker.attach.remote(spec.to_dict(), "autoquant-pool-busy", "autoquant", signature))
+        other = WorkerPool.options(name="autoquant-pool-other", namespace="autoquant").remote()
+        with pytest.raises(ray.exceptions.RayTaskError, match="WorkerBusyError"):
+            ray.get(worker.attach.remote(spec.to_dict(), "autoquant-pool-other", "autoquant", signature))
+        ray.kill(busy)  # that sweep ended
+        assert ray.get(worker.attach.remote(spec.to_dict(), "autoquant-pool-other", "autoquant", signature))
+        ray.kill(other)
     finally:
         release_kept_workers(None)

@@ -29,6 +29,10 @@ class StaleWorkerError(RuntimeError):
     """A kept worker asked to serve a sweep whose load settings or code differ from its own."""
 
 
+class WorkerBusyError(RuntimeError):
+    """A kept worker asked to serve a sweep while another sweep still runs on it."""
+
+
 class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
@@ -287,11 +291,21 @@ class ModelWorker:
         new = WorkerSpec.from_sweep_dict(spec_dict)
         if signature != self.spec.load_signature() or new.load_signature() != signature:
             raise StaleWorkerError(f"worker {self.name} was loaded with other settings or code")
+        if pool_name != self.pool_name and self._pool_alive(namespace):
+            # Every sweep stops its pool when it ends, so a live pool means a sweep still running on this worker.
+            raise WorkerBusyError(f"worker {self.name} is serving a running sweep (pool {self.pool_name})")
         self.spec = new
         self.pool, self.pool_name = ray.get_actor(pool_name, namespace=namespace), pool_name
         self._leases.clear()
         self.sweeps_served += 1
         return self.info()
+
+    def _pool_alive(self, namespace: str) -> bool:
+        try:
+            ray.get_actor(self.pool_name, namespace=namespace)
+        except ValueError:
+            return False
+        return True
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs (for the summary), and what it holds from earlier sweeps."""

@@ -120,6 +120,9 @@ def _attach_kept(spec: SweepSpec, name: str, pool_name: str, signature: str) -> 
     try:
         ray.get(worker.attach.remote(spec.to_dict(), pool_name, NAMESPACE, signature), timeout=120)
     except ray.exceptions.RayError as exc:
+        if "WorkerBusyError" in str(exc):
+            raise UserError(f"the kept worker {name} for these settings is serving another sweep; wait for it to end "
+                            "or drop --keep-workers") from exc
         why = "runs other code or settings" if "StaleWorkerError" in str(exc) else \
             f"did not answer ({exc.__class__.__name__})"
         log.warning("kept worker %s %s; starting a new one", name, why)
