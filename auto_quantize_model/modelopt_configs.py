@@ -31,6 +31,8 @@ FP8_ALL_LAYERS_CFG: dict[str, Any] = _fp8_all_layers()
 CUSTOM_QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "FP8_ALL_LAYERS_CFG": FP8_ALL_LAYERS_CFG,
 }
+# The custom names defined here (recipes may register more at run time; format_facts.py never caches those).
+BUILTIN_CUSTOM = frozenset(CUSTOM_QUANT_CONFIGS)
 
 
 def register_quant_config(name: str, config: dict[str, Any]) -> str:
@@ -69,31 +71,3 @@ def resolve_quant_config(name: str) -> dict[str, Any]:
         f"unknown quant config {name!r}; use a ModelOpt preset or a custom name "
         f"(`autoquant schemes --quant-configs` lists all {len(available_quant_configs())})"
     )
-
-
-def format_effective_bits(name: str) -> float:
-    """Bits per weight ModelOpt's cost model charges for the named format (FP8: 8, NVFP4: ~4.5)."""
-    from modelopt.torch.quantization.algorithms import QuantRecipe
-
-    return QuantRecipe(resolve_quant_config(name), name=name).compression * 16
-
-
-def format_signature(name: str) -> str:
-    """ModelOpt's canonical identity of the named format, used to name formats in search results."""
-    from modelopt.torch.quantization.algorithms import QuantRecipe
-
-    return QuantRecipe(resolve_quant_config(name), name=name).checkpoint_signature
-
-
-def format_algorithm(name: str) -> str | None:
-    """The calibration algorithm of the named format (``max``, ``smoothquant``, ``awq_lite``, ...)."""
-    algo = resolve_quant_config(name).get("algorithm")
-    if isinstance(algo, dict):
-        return algo.get("method")
-    return algo
-
-
-def format_folds_weights(name: str) -> bool:
-    """SmoothQuant and AWQ calibrate a ``pre_quant_scale`` that ModelOpt folds into ``linear.weight``."""
-    algo = format_algorithm(name) or ""
-    return "smoothquant" in algo or "awq" in algo

@@ -18,7 +18,8 @@ PKG = Path(__file__).resolve().parent.parent / "auto_quantize_model"
 LAYERS = [
     ["errors"],
     ["io_utils", "config_types", "modelopt_configs", "provenance", "logs", "preflight"],
-    ["settings"],  # setting fields over config_types' kinds: the actors' and the sweep's settings use them
+    # setting fields over config_types' kinds (actors' and sweep's settings); formats' facts over modelopt_configs
+    ["settings", "format_facts"],
     ["records"],
     ["datasets", "configs"],
     ["models"],

@@ -62,7 +62,7 @@ def effective_steps(scheme: Scheme, num_batches: int, batch_size: int) -> dict[s
 
 def scoring_fields(identity: DataIdentity, scheme: Scheme) -> dict[str, Any]:
     """The hashed fields, readable (kept beside the cache file so a key can be explained)."""
-    from auto_quantize_model.modelopt_configs import format_signature
+    from auto_quantize_model.format_facts import format_signature
 
     fields = {k: v for k, v in scheme.to_dict().items() if k not in SOLVE_ONLY}
     # Formats by ModelOpt's canonical signature: two names for one config are one search; order is irrelevant.

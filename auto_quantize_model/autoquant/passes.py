@@ -52,7 +52,7 @@ PASS_BUDGET = 16.0  # the pass's own solve is never used; 16 bits is always feas
 
 
 def _folds(scheme: Scheme) -> bool:
-    from auto_quantize_model.modelopt_configs import format_folds_weights
+    from auto_quantize_model.format_facts import format_folds_weights
 
     return any(format_folds_weights(f) for f in scheme.quantization_formats)
 
@@ -91,7 +91,7 @@ class ScoringPass:
 
 
 def _union_scheme(schemes: list[Scheme], group: str) -> Scheme:
-    from auto_quantize_model.modelopt_configs import format_signature
+    from auto_quantize_model.format_facts import format_signature
 
     by_signature: dict[str, str] = {}
     for s in schemes:

@@ -28,8 +28,8 @@ from auto_quantize_model.autoquant.search import PhaseClock, auto_quantize, unre
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.protocol import CalibrationData, usage
 from auto_quantize_model.errors import check_output_dir
+from auto_quantize_model.format_facts import format_effective_bits, format_folds_weights, format_signature
 from auto_quantize_model.io_utils import atomic_write_text
-from auto_quantize_model.modelopt_configs import format_effective_bits, format_folds_weights, format_signature
 from auto_quantize_model.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from auto_quantize_model.autoquant.identity import DataIdentity, effective_steps
 from auto_quantize_model.autoquant.passes import ScoringPass, derive_state, raw_scores
 from auto_quantize_model.autoquant.search import PhaseClock, auto_quantize
 from auto_quantize_model.datasets.protocol import CalibrationData
-from auto_quantize_model.modelopt_configs import format_signature
+from auto_quantize_model.format_facts import format_signature
 from auto_quantize_model.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)

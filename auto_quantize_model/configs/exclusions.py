@@ -12,7 +12,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+
+from auto_quantize_model.format_facts import format_disable_patterns  # noqa: F401 - part of this module's vocabulary
 
 # Where a pattern came from when it is not a format config: the scheme (or recipe) itself.
 SCHEME_SOURCE = "scheme"
@@ -30,21 +31,6 @@ class ExclusionPattern:
     def to_dict(self) -> dict[str, str]:
         """JSON-ready form for manifests."""
         return {"pattern": self.pattern, "source": self.source}
-
-
-def _is_layer_disable(entry: Any) -> bool:
-    """A config entry that switches quantization off for layers chosen by name (not by class)."""
-    pattern = entry.get("quantizer_name")
-    if entry.get("enable", True) is not False or entry.get("parent_class") or not isinstance(pattern, str):
-        return False
-    # ``*`` is the "everything off, then enable below" base; ``*..._quantizer`` entries address one
-    # quantizer of every layer (KV cache, output), which is a format choice, not a layer exclusion.
-    return pattern != "*" and "quantizer" not in pattern
-
-
-def format_disable_patterns(config: dict[str, Any]) -> list[str]:
-    """The name-pattern disables of one format config, in the config's order (quantizer-name globs)."""
-    return [e["quantizer_name"] for e in config.get("quant_cfg", []) if isinstance(e, dict) and _is_layer_disable(e)]
 
 
 def module_patterns(quantizer_pattern: str) -> list[str]:
@@ -65,11 +51,11 @@ def format_exclusions(format_names: Iterable[str]) -> list[ExclusionPattern]:
     A layer that any candidate format excludes stays out of the search (BF16): ModelOpt's grouped
     search cannot offer a layer only some of the formats, so the conservative union is used.
     """
-    from auto_quantize_model.modelopt_configs import resolve_quant_config
+    from auto_quantize_model.format_facts import format_facts
 
     out: dict[str, ExclusionPattern] = {}
     for name in format_names:
-        for qpat in format_disable_patterns(resolve_quant_config(name)):
+        for qpat in format_facts(name).disable_patterns:
             for mpat in module_patterns(qpat):
                 out.setdefault(mpat, ExclusionPattern(mpat, name))
     return list(out.values())

@@ -82,7 +82,8 @@ def _format_names(stem: str, formats: list[Any]) -> list[str]:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.algorithms import QuantRecipe
 
-    from auto_quantize_model.modelopt_configs import format_signature, register_quant_config
+    from auto_quantize_model.format_facts import format_signature
+    from auto_quantize_model.modelopt_configs import register_quant_config
 
     presets: dict[str, Any] = {}
     for name in mtq.config.choices:

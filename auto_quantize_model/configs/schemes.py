@@ -145,7 +145,7 @@ def resolve_scheme(
     quant_config: str | None = None,
 ) -> Scheme:
     """Apply explicit overrides (None = keep the scheme's value) and validate the result."""
-    from auto_quantize_model.modelopt_configs import format_effective_bits
+    from auto_quantize_model.format_facts import format_effective_bits
 
     changes: dict[str, Any] = {}
     if effective_bits is not None:

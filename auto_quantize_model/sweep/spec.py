@@ -159,7 +159,7 @@ def experiment_key(scheme: Scheme) -> str:
     Formats by ModelOpt's signature (order-free: ModelOpt sorts them), method, scoring and calibration
     steps as asked, the resolved search and budget exclusions, and the effective-bits target.
     """
-    from auto_quantize_model.modelopt_configs import format_signature
+    from auto_quantize_model.format_facts import format_signature
 
     setup = scheme.search_setup()
     return sha256_json({
