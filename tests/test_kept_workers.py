@@ -5,6 +5,7 @@ exist, every sweep loads its workers again and scores in its own cache."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,8 @@ def test_second_sweep_attaches_kept_workers_and_reuses_cached_scores(ray_cluster
             assert _layers(rows[r["trial_id"]]) == _layers(r)
         assert all(r["sweep_id"] == "k2" for r in second["rows"])
     finally:
-        released = release_kept_workers(None)
+        released, busy = release_kept_workers(None)
+    assert not busy
     assert released and not [a for a in ray.util.list_named_actors(all_namespaces=True)
                              if a["name"].startswith(KEEP_PREFIX)]
 
@@ -143,8 +145,39 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
         other = WorkerPool.options(name="autoquant-pool-other", namespace="autoquant").remote()
         with pytest.raises(ray.exceptions.RayTaskError, match="WorkerBusyError"):
             ray.get(worker.attach.remote(spec.to_dict(), "autoquant-pool-other", "autoquant", signature))
-        ray.kill(busy)  # that sweep ended
+        assert ray.get(worker.busy.remote("autoquant"))
+        # release-workers leaves a worker that a sweep is using, unless forced.
+        assert release_kept_workers(None) == ([], [name])
+        ray.get(worker.detach.remote())  # that sweep ended
         assert ray.get(worker.attach.remote(spec.to_dict(), "autoquant-pool-other", "autoquant", signature))
-        ray.kill(other)
+        for pool in (busy, other):
+            ray.kill(pool)
+    finally:
+        release_kept_workers(None)
+
+
+@pytest.mark.timeout(600)
+def test_a_kept_worker_whose_caption_file_changed_is_replaced(ray_cluster, tiny_model_dir, tmp_path):
+    """Settings hold paths: a captions file rewritten in place after the first sweep must not be served from the
+    calibration set the kept worker built from its old content."""
+    import ray
+
+    from auto_quantize_model.datasets.demo import DEMO_CAPTIONS_PATH
+    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+
+    captions = tmp_path / "captions.txt"
+    lines = Path(DEMO_CAPTIONS_PATH).read_text().splitlines()
+    captions.write_text("\n".join(lines[:40]) + "\n")
+    kw = {"captions_path": str(captions), "schemes": ("fp8_autoquant_full",), "effective_bits": (12.0,)}
+    try:
+        run_sweep(_spec(tiny_model_dir, tmp_path, name="c1", **kw))
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(KEEP_PREFIX)]
+        pid = ray.get(ray.get_actor(name, namespace="autoquant").info.remote())["pid"]
+        captions.write_text("\n".join(lines[40:80]) + "\n")  # same path, other captions
+        second = run_sweep(_spec(tiny_model_dir, tmp_path, name="c2", **kw))
+        info = ray.get(ray.get_actor(name, namespace="autoquant").info.remote())
+        assert info["pid"] != pid and info["sweeps_served"] == 1  # a new worker loaded the new captions
+        assert all(r["scored"] for r in second["rows"])  # new data, new scoring key: nothing reused
     finally:
         release_kept_workers(None)

@@ -73,13 +73,14 @@ class WorkerSpec:
 
     def load_signature(self) -> str:
         """Hash of every setting that shapes what a worker loads and holds (model, data, evaluation and measuring
-        sets, resources, threads) and of the code computing it: a kept worker serves a later sweep only if the
-        sweep's driver computes the same signature (same settings, same code)."""
+        sets, resources, threads), of the package's code and of the libraries' versions: a kept worker serves a
+        later sweep only if that sweep's driver computes the signature the worker computed when it loaded."""
         from auto_quantize_model.io_utils import sha256_json
-        from auto_quantize_model.provenance import code_fingerprint
+        from auto_quantize_model.provenance import code_fingerprint, versions
 
         data: dict[str, Any] = dataclasses.asdict(self)
         data["code"] = code_fingerprint()
+        data["versions"] = versions()  # torch, transformers, ModelOpt, ... as installed
         for per_sweep in PER_SWEEP:
             data.pop(per_sweep)
         data["worker"].pop("keep")

@@ -37,7 +37,9 @@ class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
+# ``attach``, ``busy`` and ``info`` answer while a trial runs (their own thread): a second sweep must learn at once
+# that a kept worker is taken, not queue behind a scoring pass.
+@ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
 class ModelWorker:
     """Holds ``LoadedModel`` + calibration (+ evaluation) data; runs one trial per call."""
 
@@ -55,7 +57,8 @@ class ModelWorker:
         if self.spec.worker.num_threads:  # the driver also set OMP_NUM_THREADS for this process
             torch.set_num_threads(self.spec.worker.num_threads)
         self.name = name
-        self.pool, self.pool_name = self._find_pool(pool_name, namespace), pool_name
+        self.pool = self._find_pool(pool_name, namespace)
+        self.pool_name: str | None = pool_name if self.pool is not None else None
         self.sweeps_served = 1
         t = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,8 +78,13 @@ class ModelWorker:
         # instead of copying the pristine model and reloading scores (created with the first trial's cache dir).
         self.session = None
         self._leases: dict[int, list] = {}  # lease number -> [any trial ok, any trial scored, trials reusing scores]
+        # The probe comes from the model as loaded, before it may move to the host: every fresh copy is checked
+        # against it, so an error in making copies cannot hide behind a probe taken from a copy.
+        self.probe = self._logits(self.loaded.model)
         self.pristine_on = self._place_pristine()
-        self.probe = self._logits(self.loaded.model if self.pristine_on == "device" else self._fresh_model())
+        # What a kept worker holds, fixed now: the code it imported and the inputs it read (see attach).
+        self.signature = self.spec.load_signature()
+        self.inputs = self._inputs_stamp()
         self.load_seconds = time.perf_counter() - t
         self._init_metrics()
         log.info("worker %s ready on %s in %.2fs (pristine copy on %s, %d host threads)", name, device,
@@ -181,7 +189,7 @@ class ModelWorker:
         """Run one trial end to end. With ``release`` (the last trial of its lease) the lease goes back to the pool
         afterwards, even on failure, saying whether any trial under it succeeded and whether any scored."""
         ok, scored = False, False
-        if self.pool_name != out.get("pool", self.pool_name):
+        if out.get("pool") and self.pool_name != out["pool"]:
             # A kept worker that Ray restarted mid-sweep came back with its first sweep's pool: follow the trial's.
             self.pool, self.pool_name = ray.get_actor(out["pool"], namespace=out["namespace"]), out["pool"]
         try:
@@ -280,25 +288,55 @@ class ModelWorker:
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
         }
 
+    def _inputs_stamp(self) -> list[str | None]:
+        """Content of what this worker read: the weights' fingerprint (cached by file stat) and the caption files'
+        hashes. Settings hold only paths; a file replaced in place must not be served from memory."""
+        import hashlib
+
+        from auto_quantize_model.models.fingerprint import weights_fingerprint
+
+        def file_hash(path: str | None) -> str | None:
+            if not path or not Path(path).is_file():
+                return path  # built-in sources ("demo") and absent files: their name is their identity
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+        return [weights_fingerprint(self.spec.model_dir), file_hash(self.spec.captions_path),
+                file_hash(self.spec.eval_captions)]
+
+    @ray.method(concurrency_group="control")
     def attach(self, spec_dict: dict[str, Any], pool_name: str, namespace: str, signature: str) -> dict[str, Any]:
         """Serve another sweep (a kept worker): its settings and pool; the model and data stay loaded.
 
-        Refused (``StaleWorkerError``) unless ``signature``, the driver's :meth:`WorkerSpec.load_signature` of the
-        new sweep, equals this worker's own: same load settings and same code on both sides.
+        Refused with ``StaleWorkerError`` unless ``signature`` (the driver's :meth:`WorkerSpec.load_signature` of
+        the new sweep) equals the one this worker computed when it loaded (same settings, same code and library
+        versions) and the weights and caption files still have the content it read; with ``WorkerBusyError`` while
+        another sweep runs on it.
         """
         from auto_quantize_model.actors.settings import WorkerSpec
 
-        new = WorkerSpec.from_sweep_dict(spec_dict)
-        if signature != self.spec.load_signature() or new.load_signature() != signature:
-            raise StaleWorkerError(f"worker {self.name} was loaded with other settings or code")
-        if pool_name != self.pool_name and self._pool_alive(namespace):
+        if self.pool_name not in (None, pool_name) and self._pool_alive(namespace):
             # Every sweep stops its pool when it ends, so a live pool means a sweep still running on this worker.
             raise WorkerBusyError(f"worker {self.name} is serving a running sweep (pool {self.pool_name})")
+        new = WorkerSpec.from_sweep_dict(spec_dict)
+        if signature != self.signature or new.load_signature() != signature:
+            raise StaleWorkerError(f"worker {self.name} was loaded with other settings or code")
+        if self._inputs_stamp() != self.inputs:
+            raise StaleWorkerError(f"worker {self.name}: the weights or captions changed on disk since it loaded")
         self.spec = new
         self.pool, self.pool_name = ray.get_actor(pool_name, namespace=namespace), pool_name
         self._leases.clear()
         self.sweeps_served += 1
         return self.info()
+
+    @ray.method(concurrency_group="control")
+    def detach(self) -> None:
+        """The sweep this worker served has ended (its driver says so before stopping the pool)."""
+        self.pool, self.pool_name = None, None
+
+    @ray.method(concurrency_group="control")
+    def busy(self, namespace: str) -> bool:
+        """Whether a sweep is running on this worker (attached to a pool that is alive)."""
+        return self.pool_name is not None and self._pool_alive(namespace)
 
     def _pool_alive(self, namespace: str) -> bool:
         try:
@@ -307,6 +345,7 @@ class ModelWorker:
             return False
         return True
 
+    @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         """Where this worker runs (for the summary), and what it holds from earlier sweeps."""
         import torch

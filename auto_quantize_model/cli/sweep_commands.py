@@ -41,8 +41,10 @@ def cmd_release_workers(args: argparse.Namespace) -> int:
     """Stop the model workers that sweeps with --keep-workers left on a running cluster."""
     from auto_quantize_model.sweep.driver import release_kept_workers
 
-    names = release_kept_workers(args.address)
+    names, busy = release_kept_workers(args.address, force=args.force)
     print(f"released {len(names)} kept worker(s)" + (f": {', '.join(names)}" if names else ""))
+    if busy:
+        print(f"left {len(busy)} serving a running sweep (--force stops them too): {', '.join(busy)}")
     return 0
 
 
@@ -71,6 +73,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("release-workers", help="stop the model workers kept by sweeps with --keep-workers")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS)")
+    p.add_argument("--force", action="store_true", help="also stop kept workers that a running sweep is using")
     p.set_defaults(func=cmd_release_workers)
     p = sub.add_parser("analyze", help="Parquet tables, plots and analysis.md from manifests")
     p.add_argument("sources", nargs="+", help="sweep/run directories, manifest files or globs")

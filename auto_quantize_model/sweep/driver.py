@@ -118,28 +118,38 @@ def _attach_kept(spec: SweepSpec, name: str, pool_name: str, signature: str) -> 
     except ValueError:
         return None
     try:
+        # attach runs beside a trial (its own concurrency group), so a slow answer means a sick worker, not a busy one.
         ray.get(worker.attach.remote(spec.to_dict(), pool_name, NAMESPACE, signature), timeout=120)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise UserError(f"the kept worker {name} did not answer in 120 s; free it with `autoquant release-workers "
+                        "--force` or drop --keep-workers") from exc
     except ray.exceptions.RayError as exc:
         if "WorkerBusyError" in str(exc):
             raise UserError(f"the kept worker {name} for these settings is serving another sweep; wait for it to end "
                             "or drop --keep-workers") from exc
-        why = "runs other code or settings" if "StaleWorkerError" in str(exc) else \
-            f"did not answer ({exc.__class__.__name__})"
+        if "StaleWorkerError" not in str(exc) and not isinstance(exc, ray.exceptions.RayActorError):
+            raise
+        why = "holds other code, settings or input files" if "StaleWorkerError" in str(exc) else "is dead"
         log.warning("kept worker %s %s; starting a new one", name, why)
         ray.kill(worker, no_restart=True)
         return None
     return worker
 
 
-def _check_room(spec: SweepSpec, new_workers: int, others: list[str]) -> None:
-    """Refuse, in one line, new GPU workers that kept workers of other settings would leave waiting forever."""
-    if not others or new_workers == 0 or spec.worker.num_gpus <= 0:
+def _check_room(spec: SweepSpec, new_workers: int, n: int, others: list[str]) -> None:
+    """Refuse, in one line, a sweep that kept workers of other settings would leave waiting forever: its new
+    workers need their GPUs and CPUs, and its ``n`` concurrent Tune trials a CPU sliver each."""
+    if not others:
         return
-    free = float(ray.available_resources().get("GPU", 0))
-    if new_workers * spec.worker.num_gpus > free + 1e-6:
-        raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's GPUs ({free:g} "
-                        f"free, {new_workers * spec.worker.num_gpus:g} needed): free them with `autoquant "
-                        "release-workers --address ...`")
+    free = ray.available_resources()
+    need = {"GPU": new_workers * spec.worker.num_gpus,
+            "CPU": new_workers * spec.worker.num_cpus + n * TRIAL_RESOURCES["cpu"]}
+    for resource, amount in need.items():
+        have = float(free.get(resource, 0))
+        if amount > have + 1e-6:
+            raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's "
+                            f"{resource}s ({have:g} free, {amount:g} needed): free them with `autoquant "
+                            "release-workers --address ...`")
 
 
 def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
@@ -184,16 +194,20 @@ def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
     if others:
         log.warning("%d kept worker(s) of other settings or code are on this cluster (%s); free them with "
                     "`autoquant release-workers`", len(others), ", ".join(others))
-    _check_room(spec, sum(attached.get(name) is None for name in names), others)
+    _check_room(spec, sum(attached.get(name) is None for name in names), n, others)
     workers, reused = [], []
     for name in names:
         worker = attached.get(name)
         reused.append(worker is not None)
         if worker is None:
-            worker = ModelWorker.options(
-                name=name, namespace=NAMESPACE, num_gpus=spec.worker.num_gpus, num_cpus=spec.worker.num_cpus,
-                runtime_env=threads_env, lifetime="detached" if keep else None,
-            ).remote(spec.to_dict(), name, pool_name, NAMESPACE)
+            try:
+                worker = ModelWorker.options(
+                    name=name, namespace=NAMESPACE, num_gpus=spec.worker.num_gpus, num_cpus=spec.worker.num_cpus,
+                    runtime_env=threads_env, lifetime="detached" if keep else None,
+                ).remote(spec.to_dict(), name, pool_name, NAMESPACE)
+            except ValueError as exc:  # the name is taken: another driver started this kept worker a moment ago
+                raise UserError(f"another sweep is starting the kept worker {name} right now; run this sweep again "
+                                "once it has started") from exc
             created.append(worker)
         workers.append(worker)
     try:
@@ -215,19 +229,29 @@ def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
     return pool, workers, pool_name, identities[0]
 
 
-def release_kept_workers(address: str | None) -> list[str]:
-    """Kill every kept model worker on the cluster at ``address`` (or RAY_ADDRESS); returns their names."""
+def release_kept_workers(address: str | None, force: bool = False) -> tuple[list[str], list[str]]:
+    """Kill the kept model workers on the cluster at ``address`` (or RAY_ADDRESS) that no sweep is using (with
+    ``force``, all of them). Returns the names released and the names left serving a running sweep."""
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise UserError("release-workers needs the running cluster: pass --address or set RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address or os.environ["RAY_ADDRESS"], namespace=NAMESPACE, log_to_driver=False)
-    names = _kept_worker_names()
-    for name in names:
+    released, busy = [], []
+    for name in _kept_worker_names():
         try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            worker = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:  # gone meanwhile
             continue
-    return names
+        try:
+            in_use = not force and ray.get(worker.busy.remote(NAMESPACE), timeout=30)
+        except ray.exceptions.RayError:  # dead or not answering: nothing to protect
+            in_use = False
+        if in_use:
+            busy.append(name)
+            continue
+        ray.kill(worker, no_restart=True)
+        released.append(name)
+    return released, busy
 
 
 def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
@@ -329,7 +353,12 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
                     interrupted = stop.signal_name
                     stats = ray.get(pool.stats.remote())
                 finally:
-                    if not spec.worker.keep:  # kept workers stay loaded for the next sweep (release-workers)
+                    if spec.worker.keep:  # they stay loaded for the next sweep, free to attach (release-workers)
+                        try:
+                            ray.get([w.detach.remote() for w in workers], timeout=60)
+                        except ray.exceptions.RayError as exc:
+                            log.warning("could not detach every kept worker (%s)", exc.__class__.__name__)
+                    else:
                         for w in workers:
                             ray.kill(w)
                     ray.kill(pool)
