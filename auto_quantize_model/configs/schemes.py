@@ -295,13 +295,3 @@ def resolve_scheme(
             f"choose a target between {lowest:g} and 16"
         )
     return s
-
-
-def resolve_trial_scheme(trial: dict[str, Any], schemes_file: str | Path | None = None) -> Scheme:
-    """The resolved scheme of one sweep trial (its scheme name plus the grid's overrides)."""
-    return resolve_scheme(
-        # A recipe given by path is loaded again by that path (``scheme_ref``); catalog schemes by name.
-        get_scheme(trial.get("scheme_ref", trial["scheme"]), schemes_file), effective_bits=trial["effective_bits"],
-        method=trial["method"],
-        num_score_steps=trial["num_score_steps"], num_calib_steps=trial["num_calib_steps"],
-    )
