@@ -112,7 +112,7 @@ def test_old_schema_and_foreign_json_skipped_by_name(runs_root, tmp_path):
 
 def test_failed_trial_row(tmp_path):
     write_trial(tmp_path, None, scheme="fp8_bad", trial_id="t1", sweep_id="s", status="error",
-                error="infeasible budget", settings={"effective_bits": 7.0, "method": "gradient"})
+                error="infeasible budget", effective_bits_target=7.0, method="gradient")
     t = load_trials(tmp_path)
     assert t.iloc[0]["status"] == "error" and t.iloc[0]["error"] == "infeasible budget"
     assert t.iloc[0]["effective_bits_target"] == 7.0

@@ -139,15 +139,15 @@ def test_grid_merges_identical_experiments(tiny_model_dir, tmp_path):
                                               "fp8_autoquant_all_layers_fp8", str(RECIPE)),
                                   "effective_bits": (14.0, 10.0)})
     trials = expand_grid(spec)
-    assert len(trials) == 3 * 2 and len({t["experiment_key"] for t in trials}) == 6
-    fp8 = [t for t in trials if t["scheme"] == "fp8_autoquant_top25"]
-    assert [t["equivalent_schemes"] for t in fp8] == [["fp8_autoquant_top50", "fp8_autoquant_full"]] * 2
-    rec = [t for t in trials if t["scheme"] == "int4w_fp8_lm_at_10bits"]
-    assert len(rec) == 2 and all(t["scheme_ref"] == str(RECIPE) and "/" not in t["trial_id"] for t in rec)
+    assert len(trials) == 3 * 2 and len({t.experiment_key for t in trials}) == 6
+    fp8 = [t for t in trials if t.scheme == "fp8_autoquant_top25"]
+    assert [t.equivalent_schemes for t in fp8] == [("fp8_autoquant_top50", "fp8_autoquant_full")] * 2
+    rec = [t for t in trials if t.scheme == "int4w_fp8_lm_at_10bits"]
+    assert len(rec) == 2 and all(t.scheme_ref == str(RECIPE) and "/" not in t.trial_id for t in rec)
     # Each scheme's own default budget: top25/top50/full differ, so nothing merges.
     own = expand_grid(load_sweep_spec(None, {"name": "g", "model_dir": str(tiny_model_dir),
                                              "schemes": ("fp8_autoquant_top25", "fp8_autoquant_top50")}))
-    assert len(own) == 2 and not any(t["equivalent_schemes"] for t in own)
+    assert len(own) == 2 and not any(t.equivalent_schemes for t in own)
 
 
 @pytest.mark.slow

@@ -137,10 +137,10 @@ def test_sweep_keys_are_the_run_keys(loaded, calib, tiny_model_dir, tmp_path):
     trials = expand_grid(spec)
     identity = DataIdentity.of(loaded, calib)
     assert identity.num_batches < 16
-    assign_scoring_keys(trials, identity.to_dict(), None)
-    assert len(trials) == 2 and trials[0]["scoring_key"] == trials[1]["scoring_key"]
+    trials = assign_scoring_keys(trials, identity.to_dict())
+    assert len(trials) == 2 and trials[0].scoring_key == trials[1].scoring_key
     s16 = resolve_scheme(get_scheme("fp8_autoquant_top50"), effective_bits=12.0, num_score_steps=16)
-    assert trials[0]["scoring_key"] == scoring_key(identity, s16) == run_mod.score_cache_key(loaded, calib, s16)
+    assert trials[0].scoring_key == scoring_key(identity, s16) == run_mod.score_cache_key(loaded, calib, s16)
 
 
 # -- 2. formats that fold scales into the weights ------------------------------------------------------------------

@@ -211,5 +211,7 @@ def test_worker_spec_from_sweep_dict_keeps_the_workers_settings(tiny_model_dir):
     ws = WorkerSpec.from_sweep_dict(spec.to_dict())
     assert (ws.name, ws.model_dir, ws.seed, ws.evaluate) == ("s", str(tiny_model_dir), 3, True)
     assert ws.worker == WorkerSettings(num_gpus=0, pristine="cpu") == spec.worker
+    # Trials carry their scheme resolved on the driver: a worker has no schemes file to read.
+    assert "schemes_file" not in {f.name for f in dataclasses.fields(WorkerSpec)}
     with pytest.raises(dataclasses.FrozenInstanceError):
         ws.seed = 4  # type: ignore[misc]

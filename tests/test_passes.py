@@ -121,12 +121,13 @@ def test_grid_trials_of_one_pass_lease_under_its_key(tiny_model_dir, tmp_path):
     trials = expand_grid(spec)
     identity = {"weights_fingerprint": "w", "config_hash": "c", "dtype": "float32", "scope": "language_model",
                 "calibration_hash": "t", "num_batches": 16, "batch_size": 4}
-    assert assign_scoring_keys(trials, identity, None) == {}
-    shared = [t for t in trials if t["scheme"] != "fp8_autoquant_all_layers_fp8"]
-    alone = [t for t in trials if t["scheme"] == "fp8_autoquant_all_layers_fp8"]
-    assert len({t["lease_key"] for t in shared}) == 1 and len({t["scoring_key"] for t in shared}) == 2
-    assert all(t["scoring_pass"] is not None for t in shared)
-    assert all(t["scoring_pass"] is None and t["lease_key"] == t["scoring_key"] for t in alone)
+    assert all(t.error is None for t in trials)
+    trials = assign_scoring_keys(trials, identity)
+    shared = [t for t in trials if t.scheme != "fp8_autoquant_all_layers_fp8"]
+    alone = [t for t in trials if t.scheme == "fp8_autoquant_all_layers_fp8"]
+    assert len({t.lease_key for t in shared}) == 1 and len({t.scoring_key for t in shared}) == 2
+    assert all(t.scoring_pass is not None for t in shared)
+    assert all(t.scoring_pass is None and t.lease_key == t.scoring_key for t in alone)
 
 
 @pytest.mark.timeout(420)

@@ -96,7 +96,7 @@ def test_trial_outcome_is_the_trials_table_row(runs):
     assert pa.Table.from_pylist([out.to_row()], schema=TRIALS_SCHEMA).to_pylist() == [out.to_row()]
     with pytest.raises(dataclasses.FrozenInstanceError):
         out.status = "error"  # type: ignore[misc]
-    failed = TrialOutcome.failed(trial_id="t2", settings={"effective_bits": 12, "method": "gradient"}, error="x")
+    failed = TrialOutcome.failed(trial_id="t2", effective_bits_target=12, method="gradient", error="x")
     assert (failed.status, failed.effective_bits_target, failed.num_quantized_layers) == ("error", 12.0, None)
     assert isinstance(failed.effective_bits_target, float)
 
@@ -119,7 +119,6 @@ def _sweep_spec_from_cli(argv: list[str], monkeypatch) -> Any:
 
 def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch, tiny_model_dir, tmp_path, runs):
     from auto_quantize_model.configs import load_schemes_file
-    from auto_quantize_model.configs.schemes import resolve_trial_scheme
     from auto_quantize_model.records.outcome import TrialOutcome
     from auto_quantize_model.sweep.spec import expand_grid
 
@@ -128,8 +127,8 @@ def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch,
                                  str(tmp_path)], monkeypatch)
     assert spec.effective_bits == (14.0, 12.0) and all(type(b) is float for b in spec.effective_bits)
     for trial in expand_grid(spec):
-        assert type(trial["effective_bits"]) is float
-        assert type(resolve_trial_scheme(trial, None).effective_bits) is float
+        assert type(trial.effective_bits_target) is float
+        assert trial.resolved is not None and type(trial.resolved.effective_bits) is float
     # Old code: a schemes file's `effective_bits = 14` stayed an int into the manifest's scheme section.
     (tmp_path / "s.toml").write_text('[schemes.mine]\ncandidate_formats = ["FP8_DEFAULT_CFG"]\neffective_bits = 14\n')
     assert type(load_schemes_file(tmp_path / "s.toml")["mine"].effective_bits) is float

@@ -302,21 +302,21 @@ def test_sigint_marks_interrupted_then_resume_trusts_only_json(ray_cluster, tiny
     for pkl in [sweep_dir / "tuner.pkl", *sweep_dir.glob("**/*.pkl")]:
         pkl.write_bytes(pickle.dumps(_Poison(str(marker))))
     # One unfinished trial cannot write its manifest (a directory in the way): an OSError, not a UserError.
-    broken = next(t for t in expand_grid(spec) if t["trial_id"] not in done)
-    blocker = manifest_path(trials_dir / broken["trial_id"], broken["scheme"])
+    broken = next(t for t in expand_grid(spec) if t.trial_id not in done)
+    blocker = manifest_path(trials_dir / broken.trial_id, broken.scheme)
     (blocker / "x").mkdir(parents=True, exist_ok=True)
     res = run_sweep(spec, resume=True)
     assert not marker.exists(), "resume unpickled a file from the storage path"
     assert res["interrupted"] is None
     rows = {r["trial_id"]: r for r in res["rows"]}
     assert len(rows) == 6
-    assert rows[broken["trial_id"]]["status"] == "error" and "Error" in rows[broken["trial_id"]]["error"]
-    assert all(r["status"] == "ok" for tid, r in rows.items() if tid != broken["trial_id"])
+    assert rows[broken.trial_id]["status"] == "error" and "Error" in rows[broken.trial_id]["error"]
+    assert all(r["status"] == "ok" for tid, r in rows.items() if tid != broken.trial_id)
     assert all(rows[tid].get("from_previous_run") for tid in done)
     trials = load_trials(res["tables"])
     assert len(trials) == 6 and trials["trial_id"].is_unique
     failed = trials[trials["status"] == "error"]
-    assert list(failed["trial_id"]) == [broken["trial_id"]] and failed["error"].iloc[0]
+    assert list(failed["trial_id"]) == [broken.trial_id] and failed["error"].iloc[0]
 
 
 # -- 6. caption files ----------------------------------------------------------------------------------------

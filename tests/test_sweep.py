@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,9 @@ from auto_quantize_model.errors import UserError
 from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid, load_sweep_spec
 
 FP8_SCHEMES = ("fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full")
+REPO = Path(__file__).resolve().parent.parent
+IDENTITY = {"weights_fingerprint": "w", "config_hash": "c", "dtype": "float32", "scope": "language_model",
+            "calibration_hash": "t", "num_batches": 16, "batch_size": 4}
 
 
 def _spec(tiny_model_dir, tmp_path, **kw) -> SweepSpec:
@@ -32,22 +37,122 @@ def test_grid_expansion_and_scoring_keys(tiny_model_dir, tmp_path):
     trials = expand_grid(spec)
     # top25/top50/full differ only in their default budget: with the budget swept they are one experiment.
     assert len(trials) == 3 * 3 * 2
-    assert all(t["equivalent_schemes"] == ["fp8_autoquant_top50", "fp8_autoquant_full"]
-               for t in trials if t["scheme"] == "fp8_autoquant_top25")
-    assert len({t["trial_id"] for t in trials}) == len(trials)
+    assert all(t.equivalent_schemes == ("fp8_autoquant_top50", "fp8_autoquant_full")
+               for t in trials if t.scheme == "fp8_autoquant_top25")
+    assert len({t.trial_id for t in trials}) == len(trials)
     assert expand_grid(spec) == trials  # deterministic
     # Keys come from the run's own identity function, once the workers report the model and data they loaded.
     identity = {"weights_fingerprint": "w", "config_hash": "c", "dtype": "float32", "scope": "language_model",
                 "calibration_hash": "t", "num_batches": 16, "batch_size": 4}
-    errors = assign_scoring_keys(trials, identity, None)
-    assert set(errors) == {t["trial_id"] for t in trials if t["scheme"] == "nope"}
-    keys = {t["scoring_key"] for t in trials if t["scheme"] in FP8_SCHEMES}
+    trials = assign_scoring_keys(trials, identity)
+    errors = {t.trial_id for t in trials if t.error is not None}
+    assert errors == {t.trial_id for t in trials if t.scheme == "nope"}
+    keys = {t.scoring_key for t in trials if t.scheme in FP8_SCHEMES}
     assert len(keys) == 2  # FP8_DEFAULT_CFG x {gradient, kl_div}, whatever the bits target
-    all_layers = {t["scoring_key"] for t in trials if t["scheme"] == "fp8_autoquant_all_layers_fp8"}
+    all_layers = {t.scoring_key for t in trials if t.scheme == "fp8_autoquant_all_layers_fp8"}
     assert len(all_layers) == 2 and not all_layers & keys
-    assert all(t["scoring_key"] is None for t in trials if t["scheme"] == "nope")
+    assert all(t.scoring_key is None for t in trials if t.scheme == "nope")
     default = expand_grid(_spec(tiny_model_dir, tmp_path, schemes=FP8_SCHEMES, effective_bits=()))
-    assert [t["effective_bits"] for t in default] == [14.0, 12.0, 8.0]  # each scheme's own budget
+    assert [t.effective_bits_target for t in default] == [14.0, 12.0, 8.0]  # each scheme's own budget
+
+
+MINE = '[schemes.mine]\ncandidate_formats = ["FP8_DEFAULT_CFG"]\neffective_bits = 12\ndisabled_layers = ["*layers.0.*"]\n'
+
+
+def test_grid_trials_are_resolved_once_and_carry_their_errors(tiny_model_dir, tmp_path):
+    """Old code: expand_grid gave string-keyed dicts and every consumer resolved the scheme again."""
+    from auto_quantize_model.actors.trial import Trial
+    from auto_quantize_model.configs.schemes import get_scheme, resolve_scheme
+
+    f = tmp_path / "mine.toml"
+    f.write_text(MINE)
+    spec = _spec(tiny_model_dir, tmp_path, schemes=("fp8_autoquant_top25", "mine", "nope"),
+                 effective_bits=(12, 7.0), schemes_file=str(f))
+    trials = expand_grid(spec)
+    assert len(trials) == 6 and all(isinstance(t, Trial) for t in trials)
+    for t in trials:
+        assert type(t.effective_bits_target) is float
+        if t.scheme == "nope":
+            assert t.resolved is None and "unknown scheme 'nope'" in str(t.error)
+        elif t.effective_bits_target == 7.0:
+            assert t.resolved is None and "between 8 and 16" in str(t.error)
+        else:
+            assert t.error is None and t.resolved == resolve_scheme(
+                get_scheme(t.scheme, f), effective_bits=12.0, method="gradient", num_score_steps=16, num_calib_steps=16)
+    assert next(t for t in trials if t.scheme == "mine" and t.resolved).resolved.disabled_layers == ("*layers.0.*",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trials[0].effective_bits_target = 10.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="resolved scheme or the error"):
+        dataclasses.replace(trials[0], resolved=None)
+
+
+def test_trial_ids_are_those_of_earlier_sweeps(tiny_model_dir, monkeypatch):
+    """Resume finds finished trials by id: these are the ids the string-keyed grid gave (recipe path, steps, errors)."""
+    monkeypatch.chdir(REPO)
+    spec = load_sweep_spec(None, {"name": "g", "model_dir": str(tiny_model_dir), "num_calib_steps": 8,
+                                  "schemes": ("fp8_autoquant_top25", "nope", "examples/recipes/int4w_fp8_lm_at_10bits.yaml"),
+                                  "effective_bits": (14, 7.5), "num_score_steps": (16, 32)})
+    assert [t.trial_id for t in expand_grid(spec)] == [
+        "fp8_autoquant_top25-b14-gradient-s16-dd08b5e0", "fp8_autoquant_top25-b14-gradient-s32-f64fb5cc",
+        "fp8_autoquant_top25-b7.5-gradient-s16-a4b6489c", "fp8_autoquant_top25-b7.5-gradient-s32-90720ffa",
+        "nope-b14-gradient-s16-8efde7c7", "nope-b14-gradient-s32-75bb1a84", "nope-b7.5-gradient-s16-f7f91142",
+        "nope-b7.5-gradient-s32-8453136a", "int4w_fp8_lm_at_10bits-b14-gradient-s16-ced6558d",
+        "int4w_fp8_lm_at_10bits-b14-gradient-s32-37c73a62", "int4w_fp8_lm_at_10bits-b7.5-gradient-s16-10ae7f2f",
+        "int4w_fp8_lm_at_10bits-b7.5-gradient-s32-bd1b371a"]
+    own = load_sweep_spec(None, {"name": "g", "model_dir": str(tiny_model_dir),
+                                 "schemes": ("fp8_autoquant_top25", "examples/recipes/int4w_fp8_lm_at_10bits.yaml")})
+    assert [t.trial_id for t in expand_grid(own)] == ["fp8_autoquant_top25-b14-gradient-s16-01b7697a",
+                                                      "int4w_fp8_lm_at_10bits-b10-gradient-sauto-03b58c31"]
+
+
+def test_trial_round_trips_through_json_and_result_json(tiny_model_dir, tmp_path):
+    from auto_quantize_model.actors.trial import Trial
+    from auto_quantize_model.io_utils import atomic_write_json
+    from auto_quantize_model.sweep.trial import RESULT_FILE, finished_result
+
+    spec = _spec(tiny_model_dir, tmp_path, schemes=("fp8_autoquant_full", "int4w_fp8_autoquant_mix", "nope"),
+                 effective_bits=(12.0, 9.0))
+    trials = assign_scoring_keys(expand_grid(spec), IDENTITY)
+    assert any(t.scoring_pass for t in trials) and any(t.error for t in trials)
+    for t in trials:
+        assert Trial.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    # A finished trial is recognised by its exact settings, resolved scheme and scoring fields included.
+    done = trials[0]
+    atomic_write_json(tmp_path / done.trial_id / RESULT_FILE, {"trial": done.to_dict(), "result": {"status": "ok"}})
+    assert finished_result(tmp_path, done) == {"status": "ok"}
+    assert finished_result(tmp_path, dataclasses.replace(done, scoring_key="other")) is None
+
+
+def test_summary_reads_the_budget_from_one_float_field(tiny_model_dir, tmp_path):
+    """The target is ``effective_bits_target`` in the trial, the outcome row and the summary's rows (old code: the
+    trial called it ``effective_bits`` and the summary read that)."""
+    from auto_quantize_model.actors.trial import Trial
+    from auto_quantize_model.records.outcome import TrialOutcome
+    from auto_quantize_model.sweep.driver import INTERRUPTED, render_summary
+
+    budget = {f.name: f.type for f in dataclasses.fields(Trial) if f.name.startswith("effective_bits")}
+    assert budget == {"effective_bits_target": "float"}
+    assert "effective_bits_target" in {f.name for f in dataclasses.fields(TrialOutcome)}
+    spec = _spec(tiny_model_dir, tmp_path, schemes=("fp8_autoquant_top25", "fp8_autoquant_top50", "nope"),
+                 effective_bits=(12, 10.5))
+    ok, interrupted, nope, _ = expand_grid(spec)
+    row = TrialOutcome(trial_id=ok.trial_id, effective_bits_target=12.0, effective_bits_achieved=11.875,
+                       num_quantized_layers=9, num_layers=28, budget_met=True, kl_mean=0.0123).to_row()
+    row.pop("trial_id")
+    row.pop("equivalent_schemes")  # as the worker reports it: the trial holds the list
+    rows = [{**ok.to_dict(), **row, "scored": True}, {**interrupted.to_dict(), "status": INTERRUPTED},
+            {**nope.to_dict(), "status": "error"}]
+    assert all(type(r["effective_bits_target"]) is float for r in rows)
+    text = render_summary(spec, rows, {"passes": {"k": 1}, "reuses": {}}, 12.34, 2)
+    assert text.splitlines()[2:] == [
+        "3 trials (1 ok) on 2 worker(s) in 12.3 s; scoring passes per key: {'k': 1}; reuses: {}", "",
+        "| trial | scheme | bits target | achieved | quantized layers | met | scores | ppl | KL mean | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {ok.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 12 | 11.875 | 9/28 | True | computed | - | "
+        "0.0123 | ok |",
+        f"| {interrupted.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 10.5 | - | - | - | - | - | - | "
+        "interrupted |",
+        f"| {nope.trial_id} | nope | 12 | - | - | - | - | - | - | ERROR: {nope.error[:120]} |"]
 
 
 def test_spec_from_toml_with_overrides(tiny_model_dir, tmp_path):
@@ -81,6 +186,8 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     # 7 bits is below what FP8 reaches, and 'nope' is no scheme: those trials fail alone, with the reason.
     assert len(ok) == 4 and len(failed) == 7
     assert all("between 8 and 16" in r["error"] or "unknown scheme" in r["error"] for r in failed)
+    # They never reached a worker: the driver recorded them from the errors their trials carry.
+    assert all("worker" not in r and type(r["effective_bits_target"]) is float for r in failed)
     # K distinct scoring keys -> exactly K scoring passes, whatever the number of bits targets or workers.
     assert res["stats"]["passes"] == {k: 1 for k in {r["scoring_key"] for r in ok}}
     assert len(res["stats"]["passes"]) == 2
@@ -95,6 +202,7 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
     assert control["kl_mean"].iloc[0] > 0 and control["num_quantized_layers"].iloc[0] == 28
     assert control["reference_dtype"].iloc[0] == "float32"
     assert set(trials.loc[trials["status"] == "error", "trial_id"]) == {r["trial_id"] for r in failed}
+    assert (trials.loc[trials["status"] == "error", "effective_bits_target"].isin([14.0, 11.0, 7.0])).all()
     assert trials.loc[trials["status"] == "ok", "perplexity"].notna().all()
     layers = load_layers(res["tables"])
     assert len(layers) == 4 * 29 and not layers.duplicated(["trial_id", "layer"]).any()
@@ -128,15 +236,43 @@ def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
         out = {k: str(tmp_path / k) for k in ("trials", "tables", "cache")}
         manifests = []
         for _ in range(2):
-            lease = ray.get(pool.acquire.remote(trial["trial_id"], trial["scoring_key"]))
+            lease = ray.get(pool.acquire.remote(trial.trial_id, trial.scoring_key))
             res = ray.get(workers[0].run_trial.remote(trial, lease, out))
             assert res["status"] == "ok" and res["num_quantized_layers"] == 28  # all but the excluded lm_head
             # After an all-FP8 trial, a fresh copy is bit-identical to the freshly loaded model.
             assert ray.get(workers[0].probe_matches.remote())
-            path = tmp_path / "trials" / trial["trial_id"] / "fp8_autoquant_top25_quant_manifest.json"
+            path = tmp_path / "trials" / trial.trial_id / "fp8_autoquant_top25_quant_manifest.json"
             manifests.append(json.loads(path.read_text()))
         assert manifests[0]["layers"] == manifests[1]["layers"]
         assert ray.get(pool.stats.remote())["busy"] == {}  # the worker gave its lease back
+    finally:
+        for a in (*workers, pool):
+            ray.kill(a)
+
+
+@pytest.mark.timeout(300)
+def test_worker_runs_the_drivers_scheme_without_the_schemes_file(ray_cluster, tiny_model_dir, tmp_path):
+    """Old code: the worker resolved the trial again from the schemes file on its node; gone, the trial failed."""
+    import ray
+
+    from auto_quantize_model.sweep.driver import start_workers
+
+    f = tmp_path / "mine.toml"
+    f.write_text(MINE)
+    spec = _spec(tiny_model_dir, tmp_path, name="nofile", schemes=("mine",), effective_bits=(10,), schemes_file=str(f),
+                 worker={"num_gpus": 0, "num_cpus": 0.5})
+    (trial,) = expand_grid(spec)
+    f.unlink()  # resolved on the driver; a node without the file (or with another one) runs the same scheme
+    pool, workers, _, identity = start_workers(spec, 1)
+    try:
+        (trial,) = assign_scoring_keys([trial], identity)
+        out = {k: str(tmp_path / k) for k in ("trials", "tables", "cache")}
+        lease = ray.get(pool.acquire.remote(trial.trial_id, trial.lease_key))
+        res = ray.get(workers[0].run_trial.remote(trial, lease, out))
+        assert res["status"] == "ok", res
+        assert res["scheme"] == "mine" and type(res["effective_bits_target"]) is float and res["effective_bits_target"] == 10.0
+        m = json.loads((tmp_path / "trials" / trial.trial_id / "mine_quant_manifest.json").read_text())
+        assert m["scheme"]["disabled_layers"] == ["*layers.0.*"]
     finally:
         for a in (*workers, pool):
             ray.kill(a)

@@ -11,7 +11,13 @@ from auto_quantize_model.sweep.spec import group_units, load_sweep_spec
 
 
 def _t(tid, lease, key=None):
-    return {"trial_id": tid, "lease_key": lease, "scoring_key": key or lease}
+    from auto_quantize_model.actors.trial import Trial
+    from auto_quantize_model.configs.schemes import get_scheme
+
+    scheme = get_scheme("fp8_autoquant_top50")
+    return Trial(trial_id=tid, scheme=scheme.name, effective_bits_target=scheme.effective_bits, method=scheme.method,
+                 num_score_steps=scheme.num_score_steps, num_calib_steps=scheme.num_calib_steps, resolved=scheme,
+                 lease_key=lease, scoring_key=key or lease)
 
 
 def test_units_group_by_lease_key_and_split_to_feed_every_worker():

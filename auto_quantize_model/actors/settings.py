@@ -42,21 +42,20 @@ class WorkerSettings:
         validate_settings(self, "sweep setting", prefix="worker.")
 
 
-# Settings a kept worker takes from each sweep it serves (the sweep's name and its schemes file); everything
-# else in WorkerSpec was used to load it.
-PER_SWEEP = ("name", "schemes_file")
+# Settings a kept worker takes from each sweep it serves (the sweep's name); everything else in WorkerSpec was used
+# to load it.
+PER_SWEEP = ("name",)
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """The sweep settings a worker reads: model, calibration and evaluation data, schemes file, cost measurement,
-    resources and memory policy.
+    """The sweep settings a worker reads: model, calibration and evaluation data, cost measurement, resources and
+    memory policy (no schemes file: each trial carries its scheme, resolved on the driver).
     Field names, types and defaults are those of ``sweep.spec.SweepSpec`` (checked by a test)."""
 
     name: str
     model_dir: str
     captions_path: str | None = None
-    schemes_file: str | None = None
     max_calib_samples: int = 1024
     batch_size: int = 8
     calib_seq_len: int = 512

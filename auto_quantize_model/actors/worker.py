@@ -22,6 +22,8 @@ from typing import Any
 
 import ray
 
+from auto_quantize_model.actors.trial import Trial, write_trial_error
+
 log = logging.getLogger(__name__)
 
 
@@ -184,7 +186,7 @@ class ModelWorker:
             return False
         return True
 
-    def run_trial(self, trial: dict[str, Any], lease: dict[str, Any], out: dict[str, str],
+    def run_trial(self, trial: Trial, lease: dict[str, Any], out: dict[str, str],
                   release: bool = True) -> dict[str, Any]:
         """Run one trial end to end. With ``release`` (the last trial of its lease) the lease goes back to the pool
         afterwards, even on failure, saying whether any trial under it succeeded and whether any scored."""
@@ -206,12 +208,10 @@ class ModelWorker:
                 any_ok, any_scored, reused = self._leases.pop(lease["lease"])
                 self.pool.release.remote(lease, any_ok, any_scored, reused)
 
-    def _run(self, trial: dict[str, Any], out: dict[str, str]) -> dict[str, Any]:
+    def _run(self, trial: Trial, out: dict[str, str]) -> dict[str, Any]:
         import torch
 
-        from auto_quantize_model.autoquant.passes import ScoringPass
         from auto_quantize_model.autoquant.session import SearchSession
-        from auto_quantize_model.configs.schemes import resolve_trial_scheme
         from auto_quantize_model.errors import UserError
         from auto_quantize_model.inference.controls import evaluate_control
         from auto_quantize_model.inference.evaluate import evaluate_run, write_evaluation
@@ -219,24 +219,26 @@ class ModelWorker:
         from auto_quantize_model.records.tables import write_trial
 
         t0 = time.perf_counter()
-        tid = trial["trial_id"]
+        tid = trial.trial_id
         trial_dir = Path(out["trials"]) / tid
         sweep_id = out.get("sweep", self.spec.name)  # the context's (a restarted kept worker holds an old spec)
-        common = {"scheme": trial["scheme"], "sweep_id": sweep_id, "trial_id": tid}
+        common = {"scheme": trial.scheme, "sweep_id": sweep_id, "trial_id": tid}
         try:
-            scheme = resolve_trial_scheme(trial, self.spec.schemes_file)
+            if trial.resolved is None:  # the driver keeps these back; should one come, it fails with its own error
+                raise UserError(str(trial.error))
+            scheme = trial.resolved  # resolved once on the driver: no catalog or schemes file read here
             if self.loaded.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             if self.session is None or self.session.cache_dir != Path(out["cache"]):
                 # A kept worker serving a sweep with another cache starts a new session (its manifests must name
                 # that cache); sweeps sharing a --cache-dir keep the last search and re-solve in memory.
                 self.session = SearchSession(self.loaded, self.calib, out["cache"], fresh_model=self._checked_fresh_model)
-            if trial.get("scoring_key") not in (None, self.session.key(scheme)):
+            if trial.scoring_key not in (None, self.session.key(scheme)):
                 raise RuntimeError(f"scoring key mismatch for {tid}: the driver and the worker see other data or weights")
             pass_ran, pass_s = False, 0.0
-            if trial.get("scoring_pass") and not self.session.can_resolve_in_memory(scheme):
+            if trial.scoring_pass and not self.session.can_resolve_in_memory(scheme):
                 # One shared scoring pass serves every trial whose search differs only in its formats.
-                outcome = self.session.run_pass(ScoringPass.from_dict(trial["scoring_pass"]))
+                outcome = self.session.run_pass(trial.scoring_pass)
                 pass_ran, pass_s = outcome.ran, outcome.seconds
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=sweep_id)
             restore_s = self.session.last_copy_seconds
@@ -244,7 +246,7 @@ class ModelWorker:
             error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
             if not isinstance(exc, UserError):
                 log.exception("trial %s failed", tid)
-            write_trial(out["tables"], None, status="error", error=error[:1000], settings=trial, **common)
+            write_trial_error(out["tables"], self.spec.name, trial, error)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})
             return {"status": "error", "error": error[:300], "trial": tid, "worker": self.name}
         metrics: dict[str, Any] = {}
@@ -256,7 +258,7 @@ class ModelWorker:
             write_evaluation(trial_dir, ev)
             metrics = ev["metrics"]
             # The uniform FP8 PTQ control, once per calibration-step count (a record on disk is reused).
-            evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial["num_calib_steps"],
+            evaluate_control(self.loaded, self.calib, self.eval_data, reference, trial.num_calib_steps,
                              out["trials"], out["tables"], sweep_id)
             eval_s = time.perf_counter() - t
         cost = None
@@ -268,9 +270,9 @@ class ModelWorker:
         # One row, built once: the trials table, Tune's report and the summary read the same fields.
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=tid, metrics=metrics,
                                         manifest_path=str(result.manifest_path), measurement=cost,
-                                        equivalent_schemes=",".join(trial.get("equivalent_schemes") or []))
+                                        equivalent_schemes=",".join(trial.equivalent_schemes))
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
-                    equivalent_schemes=",".join(trial.get("equivalent_schemes") or []), **common)
+                    equivalent_schemes=",".join(trial.equivalent_schemes), **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
         scored = result.scored or pass_ran
@@ -281,7 +283,7 @@ class ModelWorker:
         row.pop("trial_id")  # Tune overwrites a reported trial_id with its own; ours travels as "trial"
         row.pop("equivalent_schemes")  # the grid's trial holds it as a list (the table's comma-joined form is above)
         return {
-            **row, "trial": tid, "worker": self.name, "scheme": trial["scheme"],
+            **row, "trial": tid, "worker": self.name, "scheme": trial.scheme,
             # This trial paid a scoring pass: its own search's, or the shared pass it ran for its lease key.
             "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_write": m["timings"].get("write_restore", 0.0),

@@ -21,7 +21,7 @@ from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import read_toml
 
 __all__ = ["AUTOQUANT_FP8_SCHEMES", "MIXED_FORMAT_SCHEMES", "Scheme", "get_scheme", "load_schemes_file",
-           "resolve_scheme", "resolve_trial_scheme", "scheme_catalog", "scheme_from_table"]
+           "resolve_scheme", "scheme_catalog", "scheme_from_table"]
 
 # Recipe-vocabulary names (ModelOpt's AutoQuantize recipe schema) -> Scheme field names.
 RECIPE_ALIASES = {"candidate_formats": "quantization_formats", "auto_quantize_method": "method"}
@@ -176,13 +176,3 @@ def resolve_scheme(
             f"choose a target between {lowest:g} and 16"
         )
     return s
-
-
-def resolve_trial_scheme(trial: dict[str, Any], schemes_file: str | Path | None = None) -> Scheme:
-    """The resolved scheme of one sweep trial (its scheme name plus the grid's overrides)."""
-    return resolve_scheme(
-        # A recipe given by path is loaded again by that path (``scheme_ref``); catalog schemes by name.
-        get_scheme(trial.get("scheme_ref", trial["scheme"]), schemes_file), effective_bits=trial["effective_bits"],
-        method=trial["method"],
-        num_score_steps=trial["num_score_steps"], num_calib_steps=trial["num_calib_steps"],
-    )

@@ -136,14 +136,13 @@ class TrialOutcome:
         )
 
     @classmethod
-    def failed(cls, *, trial_id: str, sweep_id: str | None = None, settings: dict[str, Any] | None = None,
-               status: str = "error", error: str | None = None) -> TrialOutcome:
-        """A trial without a manifest: what its settings (the sweep's trial dict) say, and its error."""
-        s = settings or {}
-        target = s.get("effective_bits")
-        return cls(sweep_id=sweep_id, trial_id=trial_id, status=status, error=error, method=s.get("method"),
-                   effective_bits_target=None if target is None else float(target),
-                   equivalent_schemes=",".join(s.get("equivalent_schemes") or []) or None)
+    def failed(cls, *, trial_id: str, sweep_id: str | None = None, status: str = "error", error: str | None = None,
+               method: str | None = None, effective_bits_target: float | None = None,
+               equivalent_schemes: str | None = None) -> TrialOutcome:
+        """A trial without a manifest: the settings its sweep trial names, and its error."""
+        return cls(sweep_id=sweep_id, trial_id=trial_id, status=status, error=error, method=method,
+                   effective_bits_target=None if effective_bits_target is None else float(effective_bits_target),
+                   equivalent_schemes=equivalent_schemes or None)
 
     @classmethod
     def from_control(cls, record: dict[str, Any], manifest_path: str | None = None) -> TrialOutcome:

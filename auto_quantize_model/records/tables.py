@@ -164,17 +164,19 @@ def trials_table(
     status: str = "ok",
     error: str | None = None,
     manifest_path: str | None = None,
-    settings: dict[str, Any] | None = None,
+    method: str | None = None,
+    effective_bits_target: float | None = None,
     equivalent_schemes: str | None = None,
     measurement: TrialCost | None = None,
 ) -> pa.Table:
-    """One row for a trial; ``m`` is None for a failed trial (then ``settings`` fills what is known);
-    ``measurement`` fills the measured-cost columns."""
+    """One row for a trial; ``m`` is None for a failed trial (then ``method`` and ``effective_bits_target`` say
+    what its settings asked for); ``measurement`` fills the measured-cost columns."""
     if m is None:
         if trial_id is None:
             raise ValueError("a failed trial needs an explicit trial_id")
-        outcome = TrialOutcome.failed(trial_id=trial_id, sweep_id=sweep_id, settings=settings, status=status,
-                                      error=error)
+        outcome = TrialOutcome.failed(trial_id=trial_id, sweep_id=sweep_id, status=status, error=error,
+                                      method=method, effective_bits_target=effective_bits_target,
+                                      equivalent_schemes=equivalent_schemes)
     else:
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=trial_id, metrics=metrics, status=status,
                                         error=error, manifest_path=manifest_path,

@@ -21,6 +21,7 @@ import ray
 from ray import tune
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from auto_quantize_model.actors.trial import Trial, write_trial_error
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.sweep.lock import sweep_lock
@@ -254,9 +255,8 @@ def release_kept_workers(address: str | None, force: bool = False) -> tuple[list
     return released, busy
 
 
-def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
+def _preflight(spec: SweepSpec, resume: bool) -> list[Trial]:
     """Every input check that needs no Ray and no model; returns the grid. Refuses a grid with no runnable trial."""
-    from auto_quantize_model.configs.schemes import resolve_trial_scheme
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.models.loading import read_checkpoint_config
     from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
@@ -271,18 +271,12 @@ def _preflight(spec: SweepSpec, resume: bool) -> list[dict[str, Any]]:
     if spec.eval_captions:
         read_captions(spec.eval_captions)
     trials = expand_grid(spec)
-    reasons: dict[str, str] = {}
-    for t in trials:
-        try:
-            resolve_trial_scheme(t, spec.schemes_file)
-        except UserError as exc:
-            reasons[t["trial_id"]] = str(exc)
+    reasons = [t.error for t in trials if t.error]
     if len(reasons) == len(trials):
-        raise UserError(f"none of the {len(trials)} trials can run, e.g. {trials[0]['trial_id']}: "
-                        f"{reasons[trials[0]['trial_id']]}")
+        raise UserError(f"none of the {len(trials)} trials can run, e.g. {trials[0].trial_id}: {trials[0].error}")
     if reasons:
         log.warning("%d of %d trials cannot run and will be recorded as errors (first: %s)", len(reasons),
-                    len(trials), next(iter(reasons.values())))
+                    len(trials), reasons[0])
     probe_writable(spec.storage_path, "storage path", "--storage-path")
     if spec.sweep_dir.exists() and not spec.sweep_dir.is_dir():
         raise UserError(f"{spec.sweep_dir} is a file; choose another --name or --storage-path")
@@ -306,12 +300,16 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
         return _run_locked(spec, trials, resume)
 
 
-def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> dict[str, Any]:
+def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str, Any]:
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
     context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(Path(spec.cache_dir).resolve() if spec.cache_dir else ours / "cache"),
                "namespace": NAMESPACE, "sweep": spec.name}
-    progress = ProgressLine(len(trials))
+    # A trial that did not resolve fails alone, here: its row is written now and it never reaches Tune.
+    for t in trials:
+        if t.error is not None:
+            write_trial_error(context["tables"], spec.name, t, t.error)
+    progress = ProgressLine(sum(t.error is None for t in trials))
     started = _connect(spec)
     t0 = time.perf_counter()
     interrupted = None
@@ -327,8 +325,8 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
                     context["pool"] = pool_name
                     # One scoring identity for the lease pool, the cache file names and the tables
                     # (autoquant/identity.py), from the model and data the workers loaded.
-                    assign_scoring_keys(trials, identity, spec.schemes_file)
-                    units = group_units(trials, n)
+                    trials = assign_scoring_keys(trials, identity)
+                    units = group_units([t for t in trials if t.error is None], n)
                     atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
                                                                       "num_trials": len(trials),
                                                                       "num_tune_trials": len(units)})
@@ -372,37 +370,42 @@ def _run_locked(spec: SweepSpec, trials: list[dict[str, Any]], resume: bool) -> 
         rows = _rows_after_interrupt(trials, progress.results, context["trials"])
     else:
         rows = _rows(grid, trials, progress.results)
-        _record_trial_errors(rows, spec, context["tables"])
+        _record_trial_errors(rows, trials, spec, context["tables"])
     summary = render_summary(spec, rows, stats, wall, n, interrupted=interrupted)
     atomic_write_text(sweep_dir / "summary.md", summary)
     return {"rows": rows, "stats": stats, "wall_seconds": wall, "num_workers": n, "sweep_dir": str(sweep_dir),
             "tables": context["tables"], "summary": summary, "interrupted": interrupted}
 
 
-def _rows_after_interrupt(trials: list[dict[str, Any]], seen: dict[str, dict[str, Any]],
+def _unresolved_row(t: Trial) -> dict[str, Any]:
+    return {**t.to_dict(), "status": "error"}  # its error is the trial's own
+
+
+def _rows_after_interrupt(trials: list[Trial], seen: dict[str, dict[str, Any]],
                           trials_dir: str) -> list[dict[str, Any]]:
     """Rows from what finished (reported results, result.json markers); everything else is ``interrupted``."""
     rows = []
     for t in trials:
+        if t.error is not None:
+            rows.append(_unresolved_row(t))
+            continue
         done = finished_result(trials_dir, t)
-        got = {k: v for k, v in (done or seen.get(t["trial_id"]) or {}).items() if k != "trial_id"}
-        rows.append({**t, **(got if got.get("status") else {"status": INTERRUPTED})})
+        got = {k: v for k, v in (done or seen.get(t.trial_id) or {}).items() if k != "trial_id"}
+        rows.append({**t.to_dict(), **(got if got.get("status") else {"status": INTERRUPTED})})
     return rows
 
 
-def _record_trial_errors(rows: list[dict[str, Any]], spec: SweepSpec, tables: str) -> None:
+def _record_trial_errors(rows: list[dict[str, Any]], trials: list[Trial], spec: SweepSpec, tables: str) -> None:
     """A trial that failed in Tune (its worker died past max_failures) still gets its row in the tables."""
-    from auto_quantize_model.records.tables import write_trial
-
+    by_id = {t.trial_id: t for t in trials}
     for r in rows:
         if r.get("status") == "error" and r.get("tune_error"):
-            settings = {k: r[k] for k in ("scheme", "effective_bits", "method", "num_score_steps", "num_calib_steps")}
-            write_trial(tables, None, scheme=r["scheme"], sweep_id=spec.name, trial_id=r["trial_id"], status="error",
-                        error=str(r.get("error")), settings=settings)
+            write_trial_error(tables, spec.name, by_id[r["trial_id"]], str(r.get("error")))
 
 
-def _rows(grid: Any, trials: list[dict[str, Any]], seen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per trial: what it reported (``seen``, by our trial id), else its unit's Tune error, else missing."""
+def _rows(grid: Any, trials: list[Trial], seen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial: its own error if it did not resolve, else what it reported (``seen``, by our trial id),
+    else its unit's Tune error, else missing."""
     unit_error = {}
     for res in grid:
         if res.error is not None:
@@ -411,8 +414,11 @@ def _rows(grid: Any, trials: list[dict[str, Any]], seen: dict[str, dict[str, Any
                 unit_error[t["trial_id"]] = {"status": "error", "error": msg, "tune_error": True}
     rows = []
     for t in trials:
-        got = {k: v for k, v in seen.get(t["trial_id"], {}).items() if k != "trial_id"}
-        rows.append({**t, **(got if got.get("status") else unit_error.get(t["trial_id"], {"status": "missing"}))})
+        if t.error is not None:
+            rows.append(_unresolved_row(t))
+            continue
+        got = {k: v for k, v in seen.get(t.trial_id, {}).items() if k != "trial_id"}
+        rows.append({**t.to_dict(), **(got if got.get("status") else unit_error.get(t.trial_id, {"status": "missing"}))})
     return rows
 
 
@@ -432,16 +438,16 @@ def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str,
         # A trial that stands for several scheme names (same resolved experiment) is reported under all.
         scheme = " = ".join([r["scheme"], *r.get("equivalent_schemes", [])])
         if r.get("status") == INTERRUPTED:
-            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | - | - | - | - | - | - | "
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | "
                          f"{INTERRUPTED} |")
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | - | - | - | - | - | - | "
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | "
                          f"ERROR: {str(r.get('error', ''))[:120]} |")
             continue
         ppl = f"{r['perplexity']:.4g}" if r.get("perplexity") is not None else "-"
         kl = f"{r['kl_mean']:.3g}" if r.get("kl_mean") is not None else "-"
         scores = "previous run" if r.get("from_previous_run") else ("computed" if r["scored"] else "reused")
-        lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits']:g} | {r['effective_bits_achieved']:.3f} | "
+        lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | {r['effective_bits_achieved']:.3f} | "
                      f"{r['num_quantized_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.actors.settings import WorkerSettings
+from auto_quantize_model.actors.trial import Trial
 from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
 from auto_quantize_model.datasets.settings import CalibrationSettings
 from auto_quantize_model.errors import UserError
@@ -146,11 +147,17 @@ def check_sweep_name(name: str) -> None:
                         "or '..'); put the parent directories in --storage-path instead")
 
 
-def trial_id(settings: dict[str, Any]) -> str:
+def trial_id(*, scheme: str, effective_bits_target: float, method: str, num_score_steps: int | None,
+             num_calib_steps: int, scheme_ref: str | None = None) -> str:
     """Readable and deterministic: ``<scheme>-b<bits>-<method>-s<steps>-<hash>``."""
+    # The hash keeps the key names ids were first made with ("effective_bits"): resume finds trials by id.
+    settings: dict[str, Any] = {"scheme": scheme, "effective_bits": float(effective_bits_target), "method": method,
+                                "num_score_steps": num_score_steps, "num_calib_steps": num_calib_steps}
+    if scheme_ref is not None:
+        settings["scheme_ref"] = scheme_ref
     h = sha256_json(settings)[:8]
-    steps = settings["num_score_steps"]
-    return f"{settings['scheme']}-b{settings['effective_bits']:g}-{settings['method']}-s{steps if steps else 'auto'}-{h}"
+    steps = num_score_steps if num_score_steps else "auto"
+    return f"{scheme}-b{effective_bits_target:g}-{method}-s{steps}-{h}"
 
 
 def experiment_key(scheme: Scheme) -> str:
@@ -179,62 +186,63 @@ def _lookup(name: str, schemes_file: str | None) -> tuple[Scheme | None, str | N
         return None, str(exc)
 
 
-def expand_grid(spec: SweepSpec) -> list[dict[str, Any]]:
-    """One dict per experiment; every trial is resolved first.
+def _resolve(base: Scheme, **overrides: Any) -> tuple[Scheme | None, str | None]:
+    """``base`` with a grid point's settings applied, or the one-line reason it cannot be (e.g. the budget)."""
+    try:
+        return resolve_scheme(base, **overrides), None
+    except UserError as exc:
+        return None, str(exc)
 
-    Unknown schemes and unreachable budgets still become trials; they fail alone, recorded. Two grid
-    points whose resolved search and budget are identical (``experiment_key``; e.g. top25 and top50
-    once a sweep overrides the budget) are one trial, run once, listing the other names in
+
+def expand_grid(spec: SweepSpec) -> list[Trial]:
+    """One trial per experiment, each resolved here, once, with the schemes file (the workers run it as is).
+
+    A scheme that is unknown or a budget it cannot reach still becomes a trial, carrying its error: it fails
+    alone, recorded. Two grid points whose resolved search and budget are identical (``experiment_key``; e.g.
+    top25 and top50 once a sweep overrides the budget) are one trial, run once, listing the other names in
     ``equivalent_schemes``.
     """
-    trials: list[dict[str, Any]] = []
+    points: list[tuple[dict[str, Any], list[str]]] = []  # a trial's fields, its equivalent names (still growing)
     seen: set[str] = set()
-    by_experiment: dict[str, dict[str, Any]] = {}
+    by_experiment: dict[str, tuple[dict[str, Any], list[str]]] = {}
     for ref in spec.schemes:
-        base, _ = _lookup(ref, spec.schemes_file)
+        base, lookup_error = _lookup(ref, spec.schemes_file)  # once per entry: every point resolves from it
         bits_axis = spec.effective_bits or ((base.effective_bits,) if base else (16.0,))
         method_axis = spec.methods or ((base.method,) if base else ("gradient",))
         # A recipe's score_size stays in charge unless the sweep sets steps (None = the scheme's own).
         steps_axis = spec.num_score_steps or ((None if base.score_size else base.num_score_steps,) if base else (16,))
         name = base.name if base else ref
         for bits, method, steps in itertools.product(bits_axis, method_axis, steps_axis):
-            settings = {"scheme": name, "effective_bits": float(bits), "method": method,
-                        "num_score_steps": None if steps is None else int(steps),
-                        "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else 16)}
-            if name != ref:
-                settings["scheme_ref"] = ref  # a recipe path: the worker loads it again by this
-            tid = trial_id(settings)
+            settings: dict[str, Any] = {
+                "scheme": name, "scheme_ref": ref if name != ref else None, "effective_bits_target": float(bits),
+                "method": method, "num_score_steps": None if steps is None else int(steps),
+                "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else 16)}
+            tid = trial_id(**settings)
             if tid in seen:
                 continue
             seen.add(tid)
-            resolved = None
-            if base is not None:
-                try:
-                    resolved = resolve_scheme(base, effective_bits=bits, method=method, num_score_steps=steps,
-                                              num_calib_steps=settings["num_calib_steps"])
-                except UserError:
-                    resolved = None  # the trial fails alone with this error when it runs
+            resolved, error = (None, lookup_error) if base is None else _resolve(
+                base, effective_bits=bits, method=method, num_score_steps=steps,
+                num_calib_steps=settings["num_calib_steps"])
             ekey = experiment_key(resolved) if resolved is not None else None
             if ekey is not None and ekey in by_experiment:
-                first = by_experiment[ekey]
-                if name != first["scheme"] and name not in first["equivalent_schemes"]:
-                    first["equivalent_schemes"].append(name)
+                first, names = by_experiment[ekey]
+                if name != first["scheme"] and name not in names:
+                    names.append(name)
                 log.warning("%s at %g bits is the same experiment as %s (same formats, exclusions, method, steps "
                             "and budget): run once, reported under both names", name, bits, first["trial_id"])
                 continue
-            # scoring_key: filled in by assign_scoring_keys once the workers have loaded the model and data.
-            trial = {**settings, "trial_id": tid, "scoring_key": None, "experiment_key": ekey,
-                     "equivalent_schemes": []}
+            point: tuple[dict[str, Any], list[str]] = (
+                {**settings, "trial_id": tid, "resolved": resolved, "error": error, "experiment_key": ekey}, [])
             if ekey is not None:
-                by_experiment[ekey] = trial
-            trials.append(trial)
-    return trials
+                by_experiment[ekey] = point
+            points.append(point)
+    return [Trial(**fields, equivalent_schemes=tuple(names)) for fields, names in points]
 
 
-def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
-                        schemes_file: str | None) -> dict[str, str]:
-    """Set each trial's ``scoring_key``, ``lease_key`` and ``scoring_pass`` with the run's own identity function;
-    returns errors by trial id for trials whose scheme does not resolve (they keep ``None`` and fail alone).
+def assign_scoring_keys(trials: list[Trial], identity: dict[str, Any]) -> list[Trial]:
+    """The trials with ``scoring_key``, ``lease_key`` and ``scoring_pass`` set by the run's own identity function;
+    a trial that did not resolve comes back as it was (no key: it fails alone).
 
     Trials whose searches differ only in their candidate formats share one scoring pass (``autoquant/passes.py``):
     they carry the pass (union scheme and members) and lease under the pass's key, so the pool lets one worker
@@ -242,39 +250,33 @@ def assign_scoring_keys(trials: list[dict[str, Any]], identity: dict[str, Any],
     """
     from auto_quantize_model.autoquant.identity import DataIdentity, scoring_key
     from auto_quantize_model.autoquant.passes import plan_passes
-    from auto_quantize_model.configs.schemes import resolve_trial_scheme
 
     base = DataIdentity(**identity)
-    errors = {}
-    schemes = {}
+    keys = {t.trial_id: scoring_key(base, t.resolved) for t in trials if t.resolved is not None}
+    plan = plan_passes(base, [t.resolved for t in trials if t.resolved is not None])
+    out = []
     for t in trials:
-        try:
-            schemes[t["trial_id"]] = resolve_trial_scheme(t, schemes_file)
-            t["scoring_key"] = scoring_key(base, schemes[t["trial_id"]])
-        except UserError as exc:
-            errors[t["trial_id"]] = str(exc)
-    plan = plan_passes(base, schemes.values())
-    for t in trials:
-        sp = plan.get(t["scoring_key"]) if t["scoring_key"] else None
-        t["scoring_pass"] = sp.to_dict() if sp else None
-        t["lease_key"] = sp.key(base) if sp else t["scoring_key"]
-    return errors
+        key = keys.get(t.trial_id)
+        sp = plan.get(key) if key else None
+        out.append(dataclasses.replace(t, scoring_key=key, scoring_pass=sp, lease_key=sp.key(base) if sp else key))
+    return out
 
 
-def group_units(trials: list[dict[str, Any]], num_workers: int) -> list[dict[str, Any]]:
-    """Tune trials ("units"): the sweep's trials grouped by lease key, each group run on one leased worker.
+def group_units(trials: list[Trial], num_workers: int) -> list[dict[str, Any]]:
+    """Tune trials ("units", JSON-ready for Tune's param_space): the sweep's trials grouped by lease key, each group
+    run on one leased worker.
 
     Trials of one lease key share a scoring pass, so they run one after another anyway (the first scores, the
     rest re-solve, in memory where the scoring key repeats); one Tune trial per group pays Tune's per-trial
     start, report and bookkeeping once per group instead of once per budget. Where there are fewer groups than
     workers, the largest groups are split so every worker gets work (a split part waits for the pass, then
-    re-solves from the cache). Trials that did not resolve (no key) are units of their own.
+    re-solves from the cache). Trials without a lease key are units of their own.
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[Trial]] = {}
     for t in trials:
-        groups.setdefault(t.get("lease_key") or f"trial:{t['trial_id']}", []).append(t)
+        groups.setdefault(t.lease_key or f"trial:{t.trial_id}", []).append(t)
     # Same scoring key back to back: every trial after the first of a key re-solves in memory.
-    units = [sorted(g, key=lambda t: str(t.get("scoring_key"))) for g in groups.values()]
+    units = [sorted(g, key=lambda t: str(t.scoring_key)) for g in groups.values()]
     while len(units) < num_workers:
         big = max(range(len(units)), key=lambda i: len(units[i]))
         if len(units[big]) < 2:
@@ -282,5 +284,5 @@ def group_units(trials: list[dict[str, Any]], num_workers: int) -> list[dict[str
         u = units.pop(big)
         half = (len(u) + 1) // 2
         units[big:big] = [u[:half], u[half:]]
-    return [{"unit_id": f"u{i:03d}-{u[0]['trial_id']}", "lease_key": u[0].get("lease_key"), "trials": u}
+    return [{"unit_id": f"u{i:03d}-{u[0].trial_id}", "lease_key": u[0].lease_key, "trials": [t.to_dict() for t in u]}
             for i, u in enumerate(units)]

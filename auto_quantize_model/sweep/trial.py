@@ -16,20 +16,22 @@ from typing import Any
 import ray
 from ray import tune
 
+from auto_quantize_model.actors.trial import Trial
 from auto_quantize_model.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 
 
-def finished_result(trials_dir: str | Path, trial: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored result of a trial that already finished with these exact settings, else None."""
-    path = Path(trials_dir) / trial["trial_id"] / RESULT_FILE
+def finished_result(trials_dir: str | Path, trial: Trial) -> dict[str, Any] | None:
+    """The stored result of a trial that already finished with these exact settings (resolved scheme and scoring
+    fields included), else None."""
+    path = Path(trials_dir) / trial.trial_id / RESULT_FILE
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return stored["result"] if stored.get("trial") == trial else None
+    return stored["result"] if stored.get("trial") == trial.to_dict() else None
 
 
 def _wait_until_back(worker: Any, timeout: float = 900.0) -> None:
@@ -49,7 +51,7 @@ def run_unit(config: dict[str, Any], context: dict[str, str]) -> None:
     on one leased worker, each reported as it finishes; ``context`` names actors and dirs."""
     unit = config["unit"]
     pending = []
-    for trial in unit["trials"]:
+    for trial in map(Trial.from_dict, unit["trials"]):
         done = finished_result(context["trials"], trial)
         if done is not None:
             tune.report({**done, "from_previous_run": True})
@@ -72,6 +74,6 @@ def run_unit(config: dict[str, Any], context: dict[str, str]) -> None:
             _wait_until_back(worker)
             raise
         if result["status"] == "ok":
-            atomic_write_json(Path(context["trials"]) / trial["trial_id"] / RESULT_FILE,
-                              {"trial": trial, "result": result})
+            atomic_write_json(Path(context["trials"]) / trial.trial_id / RESULT_FILE,
+                              {"trial": trial.to_dict(), "result": result})
         tune.report({**result, "from_previous_run": False})

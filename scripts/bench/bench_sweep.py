@@ -54,10 +54,9 @@ def _spec(args: argparse.Namespace, name: str):
 
 def _grid(args: argparse.Namespace):
     """(trial dict, resolved scheme) for every trial of the sweep's grid."""
-    from auto_quantize_model.configs.schemes import resolve_trial_scheme
     from auto_quantize_model.sweep.spec import expand_grid
 
-    return [(t, resolve_trial_scheme(t, args.schemes_file)) for t in expand_grid(_spec(args, "grid"))]
+    return [(t.to_dict(), t.resolved) for t in expand_grid(_spec(args, "grid"))]
 
 
 def _load(args: argparse.Namespace):
@@ -88,7 +87,7 @@ def loop(args: argparse.Namespace) -> dict:
         out = Path(args.work) / "loop" / t["trial_id"]
         cmd = [sys.executable, "-m", "auto_quantize_model.cli", "run", "--scheme-name", t["scheme"], "--model-dir",
                args.model_dir, "--output-dir", str(out), "--captions-path", args.captions_path, "--effective-bits",
-               str(t["effective_bits"]), "--max-calib-samples", str(args.samples), "--batch-size", "4",
+               str(t["effective_bits_target"]), "--max-calib-samples", str(args.samples), "--batch-size", "4",
                "--calib-seq-len", "256", "--num-calib-steps", str(t["num_calib_steps"]),
                "--auto-quantize-method", t["method"]]
         if t["num_score_steps"]:
