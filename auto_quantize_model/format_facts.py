@@ -16,14 +16,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.io_utils import atomic_write_json
+from auto_quantize_model.io_utils import atomic_write_json, user_cache_file
 
 log = logging.getLogger(__name__)
 FACTS_VERSION = 1
@@ -58,11 +57,7 @@ def format_disable_patterns(config: dict[str, Any]) -> list[str]:
 
 
 def _cache_path() -> Path:
-    env = os.environ.get("AUTOQUANT_FORMAT_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "auto_quantize_model" / "format-facts.json"
+    return user_cache_file("AUTOQUANT_FORMAT_CACHE", "format-facts.json")
 
 
 def stamp() -> str:

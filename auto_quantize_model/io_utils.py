@@ -114,3 +114,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-serialisable object in canonical form (sorted keys)."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode("utf-8"))
+
+
+def user_cache_file(env_var: str, name: str) -> Path:
+    """A small cache file of this project: ``$env_var`` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/auto_quantize_model/<name>``."""
+    env = os.environ.get(env_var)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "auto_quantize_model" / name

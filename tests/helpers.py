@@ -1,6 +1,9 @@
-"""One numeric-closeness helper with per-dtype tolerances (float32 is exact-ish, bf16 is not)."""
+"""Test helpers: numeric closeness with per-dtype tolerances (float32 is exact-ish, bf16 is not); the sweep spec
+the CLI builds."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -15,3 +18,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """torch.testing.assert_close with the tolerance of ``dtype`` (default: the tensors' dtype)."""
     rtol, atol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def sweep_spec_from_cli(argv: list[str], monkeypatch: Any) -> Any:
+    """The SweepSpec ``autoquant sweep`` builds from ``argv`` (the sweep itself is not run)."""
+    import auto_quantize_model.sweep.driver as driver
+    from auto_quantize_model.cli import main
+
+    seen = {}
+
+    def fake_run_sweep(spec, resume=False):
+        seen["spec"] = spec
+        return {"summary": "", "sweep_dir": "", "tables": "", "rows": []}
+
+    monkeypatch.setattr(driver, "run_sweep", fake_run_sweep)
+    assert main(["sweep", *argv]) == 0
+    return seen["spec"]

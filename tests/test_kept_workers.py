@@ -34,7 +34,8 @@ def _layers(row):
 def test_second_sweep_attaches_kept_workers_and_reuses_cached_scores(ray_cluster, tiny_model_dir, tmp_path):
     import ray
 
-    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+    from auto_quantize_model.sweep.driver import run_sweep
+    from auto_quantize_model.sweep.workers import KEEP_PREFIX, release_kept_workers
 
     try:
         first = run_sweep(_spec(tiny_model_dir, tmp_path))
@@ -118,7 +119,8 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
     waiting forever for a GPU, and a worker asked to serve another signature (other code) refuses."""
     import ray
 
-    from auto_quantize_model.sweep.driver import KEEP_PREFIX, _fit_to_cluster, release_kept_workers, run_sweep
+    from auto_quantize_model.sweep.driver import run_sweep
+    from auto_quantize_model.sweep.workers import KEEP_PREFIX, fit_to_cluster, release_kept_workers
 
     gpus = {"num_gpus": 2, "num_cpus": 0.5, "keep": True}
     try:
@@ -133,7 +135,7 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
         pools = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-")]
         assert not pools
         worker = ray.get_actor(name, namespace="autoquant")
-        spec, _ = _fit_to_cluster(_spec(tiny_model_dir, tmp_path, name="g3", worker=gpus))  # as the driver sends it
+        spec, _ = fit_to_cluster(_spec(tiny_model_dir, tmp_path, name="g3", worker=gpus))  # as the driver sends it
         with pytest.raises(ray.exceptions.RayTaskError, match="StaleWorkerError"):
             ray.get(worker.attach.remote(spec.to_dict(), "no-pool", "autoquant", "another-code-or-settings"))
         # While a sweep runs on it (its pool is alive), a second sweep cannot take it over.
@@ -163,7 +165,8 @@ def test_a_kept_worker_whose_caption_file_changed_is_replaced(ray_cluster, tiny_
     import ray
 
     from auto_quantize_model.datasets.demo import DEMO_CAPTIONS_PATH
-    from auto_quantize_model.sweep.driver import KEEP_PREFIX, release_kept_workers, run_sweep
+    from auto_quantize_model.sweep.driver import run_sweep
+    from auto_quantize_model.sweep.workers import KEEP_PREFIX, release_kept_workers
 
     captions = tmp_path / "captions.txt"
     lines = Path(DEMO_CAPTIONS_PATH).read_text().splitlines()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, is_typeddict
 
 import pytest
+from helpers import sweep_spec_from_cli
 
 from auto_quantize_model.records.manifest import Manifest, declared_keys, manifest_problems
 
@@ -101,28 +102,12 @@ def test_trial_outcome_is_the_trials_table_row(runs):
     assert isinstance(failed.effective_bits_target, float)
 
 
-def _sweep_spec_from_cli(argv: list[str], monkeypatch) -> Any:
-    """The SweepSpec ``autoquant sweep`` builds from ``argv`` (the sweep itself is not run)."""
-    import auto_quantize_model.sweep.driver as driver
-    from auto_quantize_model.cli import main
-
-    seen = {}
-
-    def fake_run_sweep(spec, resume=False):
-        seen["spec"] = spec
-        return {"summary": "", "sweep_dir": "", "tables": "", "rows": []}
-
-    monkeypatch.setattr(driver, "run_sweep", fake_run_sweep)
-    assert main(["sweep", *argv]) == 0
-    return seen["spec"]
-
-
 def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch, tiny_model_dir, tmp_path, runs):
     from auto_quantize_model.configs import load_schemes_file
     from auto_quantize_model.records.outcome import TrialOutcome
     from auto_quantize_model.sweep.spec import expand_grid
 
-    spec = _sweep_spec_from_cli(["--name", "bits", "--model-dir", str(tiny_model_dir), "--schemes",
+    spec = sweep_spec_from_cli(["--name", "bits", "--model-dir", str(tiny_model_dir), "--schemes",
                                  "fp8_autoquant_top25", "--effective-bits", "14,12", "--storage-path",
                                  str(tmp_path)], monkeypatch)
     assert spec.effective_bits == (14.0, 12.0) and all(type(b) is float for b in spec.effective_bits)
@@ -140,6 +125,6 @@ def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch,
 def test_sweep_toml_effective_bits_are_floats(monkeypatch, tiny_model_dir, tmp_path):
     (tmp_path / "sweep.toml").write_text(f'name = "bits"\nmodel_dir = "{tiny_model_dir}"\n'
                                          'effective_bits = [14, 12]\nschemes = ["fp8_autoquant_top25"]\n')
-    spec = _sweep_spec_from_cli(["--config", str(tmp_path / "sweep.toml"), "--storage-path", str(tmp_path)],
+    spec = sweep_spec_from_cli(["--config", str(tmp_path / "sweep.toml"), "--storage-path", str(tmp_path)],
                                 monkeypatch)
     assert all(type(b) is float for b in spec.effective_bits)

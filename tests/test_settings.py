@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import sweep_spec_from_cli
 
 from auto_quantize_model.actors.settings import WorkerSettings
 from auto_quantize_model.cli import main
@@ -48,21 +49,6 @@ def _toml(data: dict[str, Any]) -> str:
     for name, tbl in ((k, v) for k, v in data.items() if isinstance(v, dict)):
         lines += [f"[{name}]", *(f"{k} = {value(v)}" for k, v in tbl.items())]
     return "\n".join(lines) + "\n"
-
-
-def _spec_from_cli(argv: list[str], monkeypatch) -> SweepSpec:
-    """The SweepSpec ``autoquant sweep`` builds from ``argv`` (the sweep itself is not run)."""
-    import auto_quantize_model.sweep.driver as driver
-
-    seen = {}
-
-    def fake_run_sweep(spec, resume=False):
-        seen["spec"] = spec
-        return {"summary": "", "sweep_dir": "", "tables": "", "rows": []}
-
-    monkeypatch.setattr(driver, "run_sweep", fake_run_sweep)
-    assert main(["sweep", *argv]) == 0
-    return seen["spec"]
 
 
 def test_every_setting_has_help_and_one_flag_or_a_reason(capsys):
@@ -115,16 +101,17 @@ def test_toml_and_the_equivalent_flags_give_equal_specs(tmp_path, tiny_model_dir
         else:
             argv += [s.flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     (tmp_path / "rest.toml").write_text(_toml(toml_only))
-    from_flags = _spec_from_cli(["--config", str(tmp_path / "rest.toml"), *argv], monkeypatch)
+    from_flags = sweep_spec_from_cli(["--config", str(tmp_path / "rest.toml"), *argv], monkeypatch)
     assert from_flags == from_toml
     assert from_toml.worker == WorkerSettings(**EVERY["worker"]) and from_toml.effective_bits == (14.0, 12.5)
 
 
 def test_a_flag_updates_the_toml_table_it_belongs_to(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "s.toml").write_text(f'name = "k"\nmodel_dir = "{tiny_model_dir}"\n[worker]\npristine = "cpu"\n')
-    spec = _spec_from_cli(["--config", str(tmp_path / "s.toml"), "--keep-workers", "--batch-size", "2"], monkeypatch)
+    spec = sweep_spec_from_cli(["--config", str(tmp_path / "s.toml"), "--keep-workers", "--batch-size", "2"],
+                               monkeypatch)
     assert (spec.worker.keep, spec.worker.pristine, spec.batch_size) == (True, "cpu", 2)
-    plain = _spec_from_cli(["--config", str(tmp_path / "s.toml")], monkeypatch)
+    plain = sweep_spec_from_cli(["--config", str(tmp_path / "s.toml")], monkeypatch)
     assert (plain.worker.keep, plain.worker.pristine, plain.batch_size) == (False, "cpu", 8)
 
 
@@ -182,7 +169,7 @@ def test_round_trip_and_normal_forms(tmp_path, tiny_model_dir):
 
 def test_flag_lists_parse_as_before(tmp_path, tiny_model_dir, monkeypatch, capsys):
     base = ["--name", "l", "--model-dir", str(tiny_model_dir), "--storage-path", str(tmp_path)]
-    spec = _spec_from_cli([*base, "--schemes", " fp8_autoquant_top25, fp8_autoquant_full,", "--effective-bits",
+    spec = sweep_spec_from_cli([*base, "--schemes", " fp8_autoquant_top25, fp8_autoquant_full,", "--effective-bits",
                            "14,12", "--num-score-steps", "4, 8"], monkeypatch)
     assert spec.schemes == ("fp8_autoquant_top25", "fp8_autoquant_full") and spec.num_score_steps == (4, 8)
     assert spec.effective_bits == (14.0, 12.0)

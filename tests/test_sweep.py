@@ -226,8 +226,8 @@ def test_sweep_shares_scoring_records_failures_and_writes_tables(ray_cluster, ti
 def test_restore_leaves_no_trace(ray_cluster, tiny_model_dir, tmp_path):
     import ray
 
-    from auto_quantize_model.sweep.driver import start_workers
     from auto_quantize_model.sweep.spec import expand_grid
+    from auto_quantize_model.sweep.workers import start_workers
 
     spec = _spec(tiny_model_dir, tmp_path, name="restore", effective_bits=(8.0,), worker={"num_gpus": 1, "num_cpus": 0.5})
     pool, workers, _, _ = start_workers(spec, 1)
@@ -255,7 +255,7 @@ def test_worker_runs_the_drivers_scheme_without_the_schemes_file(ray_cluster, ti
     """Old code: the worker resolved the trial again from the schemes file on its node; gone, the trial failed."""
     import ray
 
-    from auto_quantize_model.sweep.driver import start_workers
+    from auto_quantize_model.sweep.workers import start_workers
 
     f = tmp_path / "mine.toml"
     f.write_text(MINE)

@@ -40,12 +40,12 @@ def test_worker_gets_the_clusters_cpus_as_host_threads(ray_cluster, tiny_model_d
     """One worker on the 2-CPU test cluster runs torch with 2 threads (Ray alone would give it 1)."""
     import ray
 
-    from auto_quantize_model.sweep.driver import _fit_to_cluster, start_workers
+    from auto_quantize_model.sweep.workers import fit_to_cluster, start_workers
 
     spec = load_sweep_spec(None, {"name": "t", "model_dir": str(tiny_model_dir), "storage_path": str(tmp_path),
                                   "captions_path": "demo", "max_calib_samples": 8, "batch_size": 4,
                                   "calib_seq_len": 16, "num_workers": 1, "worker": {"num_gpus": 0}})
-    fitted, n = _fit_to_cluster(spec)
+    fitted, n = fit_to_cluster(spec)
     assert n == 1 and fitted.worker.num_threads == 2
     pool, workers, _, _ = start_workers(fitted, n)
     try:
@@ -54,5 +54,5 @@ def test_worker_gets_the_clusters_cpus_as_host_threads(ray_cluster, tiny_model_d
         for w in workers:
             ray.kill(w)
         ray.kill(pool)
-    explicit, _ = _fit_to_cluster(dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_threads=1)))
+    explicit, _ = fit_to_cluster(dataclasses.replace(spec, worker=dataclasses.replace(spec.worker, num_threads=1)))
     assert explicit.worker.num_threads == 1

@@ -39,7 +39,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_release_workers(args: argparse.Namespace) -> int:
     """Stop the model workers that sweeps with --keep-workers left on a running cluster."""
-    from auto_quantize_model.sweep.driver import release_kept_workers
+    from auto_quantize_model.sweep.workers import release_kept_workers
 
     names, busy = release_kept_workers(args.address, force=args.force)
     print(f"released {len(names)} kept worker(s)" + (f": {', '.join(names)}" if names else ""))

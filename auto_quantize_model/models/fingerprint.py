@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from auto_quantize_model.io_utils import atomic_write_json, sha256_file, sha256_json
+from auto_quantize_model.io_utils import atomic_write_json, sha256_file, sha256_json, user_cache_file
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +31,7 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def _cache_path() -> Path:
-    env = os.environ.get("AUTOQUANT_FINGERPRINT_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "auto_quantize_model" / "file-hashes.json"
+    return user_cache_file("AUTOQUANT_FINGERPRINT_CACHE", "file-hashes.json")
 
 
 def _stat_key(path: Path) -> str:
