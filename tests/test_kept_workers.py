@@ -155,7 +155,7 @@ def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, ti
         for pool in (busy, other):
             ray.kill(pool)
     finally:
-        release_kept_workers(None)
+        release_kept_workers(None, force=True)
 
 
 @pytest.mark.timeout(600)
@@ -183,4 +183,4 @@ def test_a_kept_worker_whose_caption_file_changed_is_replaced(ray_cluster, tiny_
         assert info["pid"] != pid and info["sweeps_served"] == 1  # a new worker loaded the new captions
         assert all(r["scored"] for r in second["rows"])  # new data, new scoring key: nothing reused
     finally:
-        release_kept_workers(None)
+        release_kept_workers(None, force=True)
