@@ -184,3 +184,19 @@ def test_a_kept_worker_whose_caption_file_changed_is_replaced(ray_cluster, tiny_
         assert all(r["scored"] for r in second["rows"])  # new data, new scoring key: nothing reused
     finally:
         release_kept_workers(None, force=True)
+
+
+def test_room_check_waits_for_what_a_killed_worker_is_releasing(tiny_model_dir, tmp_path, monkeypatch):
+    """Ray shows a killed actor's GPUs as free a little later: the check waits for them instead of refusing."""
+    import ray
+
+    from auto_quantize_model.sweep import workers
+
+    spec = _spec(tiny_model_dir, tmp_path, worker={"num_gpus": 1, "num_cpus": 0.5, "keep": True})
+    answers = iter([{"GPU": 0.0, "CPU": 2.0}, {"GPU": 0.0, "CPU": 2.0}, {"GPU": 1.0, "CPU": 2.0}])
+    monkeypatch.setattr(ray, "available_resources", lambda: next(answers))
+    workers._check_room(spec, 1, 1, ["autoquant-keep-other-0"])  # the third answer has the GPU: no refusal
+    monkeypatch.setattr(ray, "available_resources", lambda: {"GPU": 0.0, "CPU": 2.0})
+    monkeypatch.setattr(workers, "ROOM_WAIT_S", 0.0)
+    with pytest.raises(UserError, match="hold the cluster's GPUs"):
+        workers._check_room(spec, 1, 1, ["autoquant-keep-other-0"])

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "autoquant"
 # Trials only lease and wait; they need a sliver of a CPU (Tune refuses 0) and no GPU.
 TRIAL_RESOURCES = {"cpu": 0.01}
+ROOM_WAIT_S = 10.0  # how long to wait for resources a killed worker is releasing before refusing a sweep
 
 
 def fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
@@ -96,15 +97,21 @@ def _check_room(spec: SweepSpec, new_workers: int, n: int, others: list[str]) ->
     workers need their GPUs and CPUs, and its ``n`` concurrent Tune trials a CPU sliver each."""
     if not others:
         return
-    free = ray.available_resources()
     need = {"GPU": new_workers * spec.worker.num_gpus,
             "CPU": new_workers * spec.worker.num_cpus + n * TRIAL_RESOURCES["cpu"]}
-    for resource, amount in need.items():
-        have = float(free.get(resource, 0))
-        if amount > have + 1e-6:
-            raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's "
-                            f"{resource}s ({have:g} free, {amount:g} needed): free them with `autoquant "
-                            "release-workers --address ...`")
+    # Resources of a worker killed a moment ago (a stale kept one replaced above) show as free a little later.
+    deadline = time.monotonic() + ROOM_WAIT_S
+    while True:
+        free = ray.available_resources()
+        short = [(r, float(free.get(r, 0)), amount) for r, amount in need.items()
+                 if amount > float(free.get(r, 0)) + 1e-6]
+        if not short or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for resource, have, amount in short:
+        raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's "
+                        f"{resource}s ({have:g} free, {amount:g} needed): free them with `autoquant "
+                        "release-workers --address ...`")
 
 
 def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
