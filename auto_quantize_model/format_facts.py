@@ -12,6 +12,7 @@ the file: the name alone does not identify their config.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -27,7 +28,7 @@ from auto_quantize_model.io_utils import atomic_write_json, user_cache_file
 log = logging.getLogger(__name__)
 FACTS_VERSION = 1
 # The modules whose code turns a ModelOpt config into these facts (their source is part of the stamp).
-_DERIVING_MODULES = ("modelopt_configs.py", "format_facts.py", "configs/exclusions.py")
+_DERIVING_MODULES = ("modelopt_configs.py", "format_facts.py")
 _MODELOPT_FILES = ("torch/quantization/config.py", "torch/quantization/algorithms.py")
 
 
@@ -60,8 +61,10 @@ def _cache_path() -> Path:
     return user_cache_file("AUTOQUANT_FORMAT_CACHE", "format-facts.json")
 
 
+@functools.cache
 def stamp() -> str:
-    """What the facts derive from: installed ModelOpt and this project's deriving code (no ModelOpt import)."""
+    """What the facts derive from: installed ModelOpt and this project's deriving code (no ModelOpt import).
+    Computed once per process: the grid asks for facts per format and trial."""
     spec = importlib.util.find_spec("modelopt")  # finds the package without running it
     parts: list[str] = [f"facts v{FACTS_VERSION}"]
     try:

@@ -2,9 +2,10 @@
 
 A trial with a new scoring key starts from a fresh copy of the pristine model (kept in pinned CPU memory
 by default, so a worker holds one copy of the weights on its GPU; uploaded straight from the pinned pages),
-checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time. A trial with the same scoring key as the worker's
-last search re-solves on that searched model (``resolve_budget``): every group's quantizer choice is
-set from the new solution, which a test shows equals a fresh search from the checkpoint bit for bit.
+checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
+A trial with the same scoring key as the worker's last search re-solves on that searched model
+(``resolve_budget``): every group's quantizer choice is set from the new solution, which a test shows equals a
+fresh search from the checkpoint bit for bit.
 
 Kept workers (``[worker] keep`` on a running cluster) outlive their sweep as detached actors; the next sweep with
 the same model, data and worker settings attaches them to its pool (:meth:`ModelWorker.attach`) instead of
@@ -246,7 +247,7 @@ class ModelWorker:
             error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
             if not isinstance(exc, UserError):
                 log.exception("trial %s failed", tid)
-            write_trial_error(out["tables"], self.spec.name, trial, error)
+            write_trial_error(out["tables"], sweep_id, trial, error)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})
             return {"status": "error", "error": error[:300], "trial": tid, "worker": self.name}
         metrics: dict[str, Any] = {}
