@@ -75,7 +75,7 @@ def test_keeping_workers_needs_a_running_cluster(tiny_model_dir, tmp_path, monke
 def test_load_signature_ignores_only_per_sweep_settings(tiny_model_dir, tmp_path):
     base = WorkerSpec.from_sweep_dict(_spec(tiny_model_dir, tmp_path).to_dict())
     other_sweep = _spec(tiny_model_dir, tmp_path, name="other", schemes=("fp8_autoquant_top25",),
-                        schemes_file=None, worker={"num_gpus": 0, "keep": False})
+                        worker={"num_gpus": 0, "keep": False})
     assert WorkerSpec.from_sweep_dict(other_sweep.to_dict()).load_signature() == base.load_signature()
     for changed in ({"batch_size": 2}, {"calib_seq_len": 16}, {"seed": 1}, {"evaluate": True},
                     {"worker": {"num_gpus": 0, "keep": True, "pristine": "cpu"}}):

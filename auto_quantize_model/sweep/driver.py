@@ -12,7 +12,6 @@ Layout under ``<storage_path>/<name>/`` (Tune's experiment directory)::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from auto_quantize_model.sweep.trial import finished_result, run_unit
 from auto_quantize_model.sweep.workers import (  # noqa: F401 - start_workers, release_kept_workers: public here too
     NAMESPACE,
     TRIAL_RESOURCES,
+    cluster_address,
     fit_to_cluster,
     release_kept_workers,
     start_workers,
@@ -66,7 +66,7 @@ def _connect(spec: SweepSpec) -> bool:
     if ray.is_initialized():
         return False
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
-    address = spec.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(spec.address)
     if address:
         ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
         return False
@@ -80,7 +80,7 @@ def _preflight(spec: SweepSpec, resume: bool) -> list[Trial]:
     from auto_quantize_model.models.loading import read_checkpoint_config
     from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
 
-    if spec.worker.keep and not (spec.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    if spec.worker.keep and not (cluster_address(spec.address) or ray.is_initialized()):
         raise UserError("keeping workers needs a running Ray cluster (a local Ray started by the sweep stops with "
                         "it): pass --address or set RAY_ADDRESS, or drop --keep-workers")
     check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)

@@ -58,6 +58,11 @@ def fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
 KEEP_PREFIX = "autoquant-keep-"
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The running cluster to join: ``address`` (``--address``), else RAY_ADDRESS; None: none given."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
 def _kept_worker_names() -> list[str]:
     """Names of kept (detached) model workers on the cluster, from any earlier sweep."""
     from ray.util import list_named_actors
@@ -80,12 +85,16 @@ def _attach_kept(spec: SweepSpec, name: str, pool_name: str, signature: str) -> 
         raise UserError(f"the kept worker {name} did not answer in 120 s; free it with `autoquant release-workers "
                         "--force` or drop --keep-workers") from exc
     except ray.exceptions.RayError as exc:
-        if "WorkerBusyError" in str(exc):
+        from auto_quantize_model.actors.worker import StaleWorkerError, WorkerBusyError
+
+        cause = getattr(exc, "cause", None)  # what attach raised, for a RayTaskError
+        if isinstance(cause, WorkerBusyError):
             raise UserError(f"the kept worker {name} for these settings is serving another sweep; wait for it to end "
                             "or drop --keep-workers") from exc
-        if "StaleWorkerError" not in str(exc) and not isinstance(exc, ray.exceptions.RayActorError):
+        stale = isinstance(cause, StaleWorkerError)
+        if not stale and not isinstance(exc, ray.exceptions.RayActorError):
             raise
-        why = "holds other code, settings or input files" if "StaleWorkerError" in str(exc) else "is dead"
+        why = "holds other code, settings or input files" if stale else "is dead"
         log.warning("kept worker %s %s; starting a new one", name, why)
         ray.kill(worker, no_restart=True)
         return None
@@ -108,7 +117,8 @@ def _check_room(spec: SweepSpec, new_workers: int, n: int, others: list[str]) ->
         if not short or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    for resource, have, amount in short:
+    if short:
+        resource, have, amount = short[0]
         raise UserError(f"{len(others)} kept worker(s) of other settings or code hold the cluster's "
                         f"{resource}s ({have:g} free, {amount:g} needed): free them with `autoquant "
                         "release-workers --address ...`")
@@ -195,10 +205,11 @@ def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
 def release_kept_workers(address: str | None, force: bool = False) -> tuple[list[str], list[str]]:
     """Kill the kept model workers on the cluster at ``address`` (or RAY_ADDRESS) that no sweep is using (with
     ``force``, all of them). Returns the names released and the names left serving a running sweep."""
-    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    address = cluster_address(address)
+    if not (address or ray.is_initialized()):
         raise UserError("release-workers needs the running cluster: pass --address or set RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address or os.environ["RAY_ADDRESS"], namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     released, busy = [], []
     for name in _kept_worker_names():
         try:
