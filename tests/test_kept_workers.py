@@ -113,6 +113,37 @@ def test_copy_to_device_keeps_a_tied_weight_tied():
     assert len(list(work.parameters())) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA (run on the GPU machine)")
+def test_move_to_pinned_host_keeps_values_ties_and_aliases():
+    """The pristine copy moved into pinned blocks: same values, Parameter objects kept (ties stay tied), buffer
+    aliases follow, every tensor pinned; a working copy made from it is bit-identical."""
+    from auto_quantize_model.models.copies import move_to_pinned_host
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(7, 6)
+            self.mid = nn.Linear(6, 6).to(torch.bfloat16)
+            self.head = nn.Linear(6, 7, bias=False)
+            self.head.weight = self.embed.weight
+            self.register_buffer("scale", torch.arange(6.0), persistent=False)
+            self.alias = self.scale
+
+    model = Tied().cuda()
+    before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    params = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    pinned = move_to_pinned_host(model)
+    assert pinned > 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        assert p is params[name] and p.device.type == "cpu" and p.is_pinned()
+    assert model.head.weight is model.embed.weight and model.alias is model.scale and model.scale.is_pinned()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    work = copy_to_device(model, "cuda")
+    for k, v in work.state_dict().items():
+        assert v.is_cuda and torch.equal(v.cpu(), before[k]), k
+
+
 @pytest.mark.timeout(600)
 def test_kept_workers_of_other_settings_or_code_are_never_reused(ray_cluster, tiny_model_dir, tmp_path):
     """A kept worker holding both (fake) GPUs: a sweep with other settings is refused in one line instead of

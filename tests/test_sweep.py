@@ -334,9 +334,19 @@ def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_m
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep, as with a lost SSH session
     proc.wait(30)
+    # Ray reaps the dead job's actors a moment later; a trial in flight meanwhile may still finish. What is finished
+    # once the job's pool and workers are gone is what the resumed sweep must not run again.
+    import ray
+    from ray.util import list_named_actors
+
+    deadline = time.time() + 60
+    while time.time() < deadline and any(a["name"].startswith(("autoquant-pool-resume", "autoquant-worker-resume"))
+                                         for a in list_named_actors(all_namespaces=True)):
+        time.sleep(0.2)
+    time.sleep(1)
+    assert ray.is_initialized()
     done_before = {p.parent.name: p.stat().st_mtime_ns for p in trials_dir.glob("*/result.json")}
     assert 2 <= len(done_before) < 8
-    time.sleep(2)  # let Ray reap the dead job's actors
     spec = load_sweep_spec(None, {"name": "resume", "model_dir": str(tiny_model_dir), "storage_path": str(storage),
                                   "captions_path": "demo", "schemes": ("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"),
                                   "effective_bits": (15.0, 13.0, 11.0, 9.0), "max_calib_samples": 16, "calib_seq_len": 32})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -32,13 +33,43 @@ class WorkerPool:
         self.scored: set[str] = set()  # keys with a finished scoring pass
         self.passes: dict[str, int] = {}  # scoring passes actually run, per key
         self.reuses = 0
+        # Each Tune trial's sweep trials with their scoring keys, published by the driver once the first worker has
+        # loaded (the keys need its model and data identity), so Tune can start while the workers still load.
+        self.units: dict[str, list[dict[str, Any]]] | None = None
+        self.start_error: str | None = None  # the workers failed to start: waiting Tune trials end quietly
+        # Wall-clock times (time.time()) for the sweep's statistics: when each worker joined, and when the first
+        # Tune trial asked for its unit (before any worker is ready when Tune's start overlaps the load).
+        self.registered_at: dict[str, float] = {}
+        self.first_unit_request_at: float | None = None
         self.cond = asyncio.Condition()
+
+    async def publish(self, units: dict[str, list[dict[str, Any]]]) -> None:
+        """The sweep's trials, keyed, by Tune trial (unit) id."""
+        async with self.cond:
+            self.units = units
+            self.cond.notify_all()
+
+    async def fail(self, error: str) -> None:
+        """The workers did not start (the driver reports why): release every Tune trial waiting for its unit."""
+        async with self.cond:
+            self.start_error = error
+            self.cond.notify_all()
+
+    async def unit_trials(self, unit_id: str) -> list[dict[str, Any]] | None:
+        """Block until the trials of ``unit_id`` are published; None once the start has failed."""
+        if self.first_unit_request_at is None:
+            self.first_unit_request_at = time.time()
+        async with self.cond:
+            while self.units is None and self.start_error is None:
+                await self.cond.wait()
+            return None if self.units is None else self.units[unit_id]
 
     async def register(self, name: str, warm_keys: list[str] | tuple[str, ...] = ()) -> None:
         """Add a worker (once it has loaded its model). ``warm_keys``: scoring keys whose searched model it still
         holds from an earlier sweep (a kept worker), so trials of those keys go to it first."""
         async with self.cond:
             self.workers[name] = {"busy": False, "trial": None, "keys": set(warm_keys), "lease": 0}
+            self.registered_at[name] = time.time()
             self.cond.notify_all()
 
     def _pick(self, key: str | None) -> tuple[str | None, bool]:
@@ -109,4 +140,5 @@ class WorkerPool:
         """Scoring passes per key, reuses, and who is busy (for tests and the summary)."""
         return {"passes": dict(self.passes), "reuses": self.reuses, "scored_keys": sorted(self.scored),
                 "busy": {n: w["trial"] for n, w in self.workers.items() if w["busy"]},
-                "workers": sorted(self.workers)}
+                "workers": sorted(self.workers), "registered_at": dict(self.registered_at),
+                "first_unit_request_at": self.first_unit_request_at}

@@ -40,6 +40,22 @@ class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
 
+class _Phases:
+    """Seconds per step of a worker's load, for its log line and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._last, 3)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+
+
 # ``attach``, ``busy`` and ``info`` answer while a trial runs (their own thread): a second sweep must learn at once
 # that a kept worker is taken, not queue behind a scoring pass.
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
@@ -47,6 +63,8 @@ class ModelWorker:
     """Holds ``LoadedModel`` + calibration (+ evaluation) data; runs one trial per call."""
 
     def __init__(self, spec_dict: dict[str, Any], name: str, pool_name: str, namespace: str) -> None:
+        t = time.perf_counter()
+        phases = _Phases()
         import torch
 
         from auto_quantize_model.actors.settings import WorkerSpec
@@ -63,15 +81,17 @@ class ModelWorker:
         self.pool = self._find_pool(pool_name, namespace)
         self.pool_name: str | None = pool_name if self.pool is not None else None
         self.sweeps_served = 1
-        t = time.perf_counter()
+        phases.done("imports")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_language_model(self.spec.model_dir, device=device, dtype=self.spec.dtype)
+        phases.done("load")
         self.calib = build_calibration_set(
             self.loaded.tokenizer, read_captions(self.spec.captions_path), max_samples=self.spec.max_calib_samples,
             batch_size=self.spec.batch_size, seq_len=self.spec.calib_seq_len, seed=self.spec.seed,
             device=self.loaded.device, chat_template=self.spec.chat_template,
         )
         self.eval_data = self._eval_data() if self.spec.evaluate else None
+        phases.done("data")
         self.meter = None  # opt-in measured cost; refuses a worker without an FP8-capable GPU, before any trial
         if self.spec.measure:
             from auto_quantize_model.inference.measure_run import CostMeter
@@ -84,14 +104,23 @@ class ModelWorker:
         # The probe comes from the model as loaded, before it may move to the host: every fresh copy is checked
         # against it, so an error in making copies cannot hide behind a probe taken from a copy.
         self.probe = self._logits(self.loaded.model)
+        phases.done("probe")
         self.pristine_on = self._place_pristine()
+        phases.done("pristine")
         # What a kept worker holds, fixed now: the code it imported and the inputs it read (see attach).
         self.signature = self.spec.load_signature()
         self.inputs = self._inputs_stamp()
+        phases.done("stamp")
+        # Every trial needs ModelOpt: import it (and the kernels it loads) here, where the sweep overlaps the
+        # workers' load with Tune's start, rather than in the first trial.
+        import modelopt.torch.quantization  # noqa: F401
+
+        phases.done("modelopt")
         self.load_seconds = time.perf_counter() - t
+        self.load_phases = phases.seconds
         self._init_metrics()
-        log.info("worker %s ready on %s in %.2fs (pristine copy on %s, %d host threads)", name, device,
-                 self.load_seconds, self.pristine_on, torch.get_num_threads())
+        log.info("worker %s ready on %s in %.2fs (%s; pristine copy on %s, %d host threads)", name, device,
+                 self.load_seconds, phases, self.pristine_on, torch.get_num_threads())
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -126,9 +155,9 @@ class ModelWorker:
         if self.loaded.device.type != "cuda":
             return "device"  # a CPU worker: the working copy is on the host anyway
         if want in ("cpu", "auto"):
-            self.loaded.model.to("cpu")
-            for p in self.loaded.model.parameters():
-                p.data = p.data.pin_memory()
+            from auto_quantize_model.models.copies import move_to_pinned_host
+
+            move_to_pinned_host(self.loaded.model)
             return "host"
         return "device"
 
@@ -252,9 +281,12 @@ class ModelWorker:
             return {"status": "error", "error": error[:300], "trial": tid, "worker": self.name}
         metrics: dict[str, Any] = {}
         eval_s = 0.0
+        # The unquantized model on the GPU, for evaluation and measurement alike: one upload per trial at most.
+        reference = None
+        if self.eval_data is not None or self.meter is not None:
+            reference = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
         if self.eval_data is not None:
             t = time.perf_counter()
-            reference = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
             ev = evaluate_run(result.model, reference, self.eval_data, result.manifest, forward=self.loaded.forward_step)
             write_evaluation(trial_dir, ev)
             metrics = ev["metrics"]
@@ -264,9 +296,8 @@ class ModelWorker:
             eval_s = time.perf_counter() - t
         cost = None
         if self.meter is not None:  # real-FP8 prefill/decode tokens/s and weight bytes; writes measurement.json
-            on_device = self.loaded.model if self.pristine_on == "device" else self._fresh_model()
-            cost = self.meter.measure(on_device, result.model, result.manifest, trial_dir)
-            del on_device
+            cost = self.meter.measure(reference, result.model, result.manifest, trial_dir)
+        del reference
         m = result.manifest
         # One row, built once: the trials table, Tune's report and the summary read the same fields.
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=tid, metrics=metrics,
@@ -289,6 +320,7 @@ class ModelWorker:
             "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_write": m["timings"].get("write_restore", 0.0),
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
+            "worker_load_phases": self.load_phases,
         }
 
     def _inputs_stamp(self) -> list[str | None]:
@@ -358,5 +390,5 @@ class ModelWorker:
                 "num_threads": torch.get_num_threads(), "sweeps_served": self.sweeps_served,
                 # The scoring key of the searched model it keeps: the pool prefers it for trials of that key.
                 "warm_keys": [last.manifest["score_cache"]["key"]] if last is not None else [],
-                "pristine_on": self.pristine_on, "load_seconds": self.load_seconds,
+                "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}

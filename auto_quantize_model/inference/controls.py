@@ -81,8 +81,11 @@ def build_uniform_ptq(
     steps = len(calib.batches) if num_calib_steps is None else min(num_calib_steps, len(calib.batches))
     batches = calib.batches[:steps]
     t = time.perf_counter()
-    # The sweep worker may keep its pristine model in pinned host memory: compute where the batches are.
-    model = copy.deepcopy(loaded.model).to(loaded.device)
+    from auto_quantize_model.models.copies import copy_to_device
+
+    # The sweep worker may keep its pristine model in pinned host memory: compute where the batches are (uploaded
+    # straight from the host tensors, without a second host copy first).
+    model = copy_to_device(loaded.model, loaded.device)
 
     def forward_loop(m: nn.Module) -> None:
         for batch in batches:

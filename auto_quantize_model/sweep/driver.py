@@ -12,6 +12,7 @@ Layout under ``<storage_path>/<name>/`` (Tune's experiment directory)::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +25,46 @@ from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.sweep.lock import sweep_lock
 from auto_quantize_model.sweep.signals import SweepInterrupted, stop_on_signals
-from auto_quantize_model.sweep.spec import SweepSpec, assign_scoring_keys, expand_grid, group_units
+from auto_quantize_model.sweep.spec import (
+    SweepSpec,
+    assign_scoring_keys,
+    expand_grid,
+    group_units,
+    keyed_units,
+    provisional_identity,
+)
 from auto_quantize_model.sweep.trial import finished_result, run_unit
 from auto_quantize_model.sweep.workers import (  # noqa: F401 - start_workers, release_kept_workers: public here too
     NAMESPACE,
     TRIAL_RESOURCES,
+    BackgroundStart,
     cluster_address,
     fit_to_cluster,
+    launch_workers,
     release_kept_workers,
     start_workers,
 )
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"
+
+
+# Start failures by pool name: Tune pickles its run config (stopper included), and an Event does not pickle.
+_START_FAILED: dict[str, threading.Event] = {}
+
+
+class _StopOnStartFailure(tune.Stopper):
+    """Ends the Tune experiment at once when the workers fail to start (the driver then raises why)."""
+
+    def __init__(self, pool_name: str) -> None:
+        self.pool_name = pool_name
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        failed = _START_FAILED.get(self.pool_name)
+        return failed is not None and failed.is_set()
 
 
 class ProgressLine(tune.Callback):
@@ -139,26 +167,39 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str,
         with stop_on_signals() as stop:
             try:
                 spec, n = fit_to_cluster(spec)
-                pool, workers, pool_name, identity = start_workers(spec, n)
+                launch = launch_workers(spec, n)
+                start: BackgroundStart | None = None
                 try:
-                    context["pool"] = pool_name
-                    # One scoring identity for the lease pool, the cache file names and the tables
-                    # (autoquant/identity.py), from the model and data the workers loaded.
-                    trials = assign_scoring_keys(trials, identity)
-                    units = group_units([t for t in trials if t.error is None], n)
+                    context["pool"] = launch.pool_name
+                    # Tune trials group the sweep's trials by keys from a stand-in identity, so Tune can start while
+                    # the workers load; the real keys (autoquant/identity.py: the model and data the workers loaded)
+                    # are published to the pool when the first worker is ready, before it takes any lease.
+                    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec))
+                                         if t.error is None], n)
                     atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
                                                                       "num_trials": len(trials),
                                                                       "num_tune_trials": len(units)})
                     log.info("%d trials in %d Tune trials (one per lease key, split to feed %d workers)",
                              len(trials), len(units), n)
+                    keyed: list[list[Trial]] = []
+
+                    def publish(identity: dict[str, Any]) -> None:
+                        keyed.append(assign_scoring_keys(trials, identity))
+                        ray.get(launch.pool.publish.remote(keyed_units(units, keyed[0])))
+
+                    start = BackgroundStart(launch, publish)
+                    _START_FAILED[launch.pool_name] = start.failed
                     trainable = tune.with_resources(tune.with_parameters(run_unit, context=context), TRIAL_RESOURCES)
                     run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
                                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                                callbacks=[progress])
+                                                callbacks=[progress], stop=_StopOnStartFailure(launch.pool_name))
                     if resume:
                         log.info("resuming %s: finished trials report their result.json; the rest run", sweep_dir)
+                    param_space = {"unit": tune.grid_search([{"unit_id": u["unit_id"],
+                                                              "trial_ids": [t["trial_id"] for t in u["trials"]]}
+                                                             for u in units])}
                     tuner = tune.Tuner(
-                        trainable, param_space={"unit": tune.grid_search(units)}, run_config=run_config,
+                        trainable, param_space=param_space, run_config=run_config,
                         # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
                         tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
                                                     trial_dirname_creator=lambda t: t.config["unit"]["unit_id"],
@@ -167,18 +208,14 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str,
                     stop.in_fit = True
                     grid = tuner.fit()
                     stop.in_fit = False
+                    if start.error is not None:
+                        raise start.error
+                    trials = keyed[0] if keyed else trials
                     interrupted = stop.signal_name
-                    stats = ray.get(pool.stats.remote())
+                    stats = ray.get(launch.pool.stats.remote())
                 finally:
-                    if spec.worker.keep:  # they stay loaded for the next sweep, free to attach (release-workers)
-                        try:
-                            ray.get([w.detach.remote() for w in workers], timeout=60)
-                        except ray.exceptions.RayError as exc:
-                            log.warning("could not detach every kept worker (%s)", exc.__class__.__name__)
-                    else:
-                        for w in workers:
-                            ray.kill(w)
-                    ray.kill(pool)
+                    _START_FAILED.pop(launch.pool_name, None)
+                    launch.stop(spec.worker.keep, failed=start is None or start.error is not None)
             except SweepInterrupted:
                 interrupted = stop.signal_name
     finally:
@@ -229,8 +266,8 @@ def _rows(grid: Any, trials: list[Trial], seen: dict[str, dict[str, Any]]) -> li
     for res in grid:
         if res.error is not None:
             msg = str(res.error).strip().splitlines()[-1][:300]
-            for t in (res.config or {}).get("unit", {}).get("trials", []):
-                unit_error[t["trial_id"]] = {"status": "error", "error": msg, "tune_error": True}
+            for trial_id in (res.config or {}).get("unit", {}).get("trial_ids", []):
+                unit_error[trial_id] = {"status": "error", "error": msg, "tune_error": True}
     rows = []
     for t in trials:
         if t.error is not None:

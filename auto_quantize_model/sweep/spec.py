@@ -286,3 +286,26 @@ def group_units(trials: list[Trial], num_workers: int) -> list[dict[str, Any]]:
         units[big:big] = [u[:half], u[half:]]
     return [{"unit_id": f"u{i:03d}-{u[0].trial_id}", "lease_key": u[0].lease_key, "trials": [t.to_dict() for t in u]}
             for i, u in enumerate(units)]
+
+
+def provisional_identity(spec: SweepSpec) -> dict[str, Any]:
+    """A stand-in for the workers' model and data identity, from the settings alone, so that Tune can start while
+    the workers load. Grouping trials by keys computed from it only shapes the Tune trials: the keys the trials
+    run, cache and lease under come from the real identity (:func:`keyed_units`)."""
+    from auto_quantize_model.autoquant.identity import DataIdentity
+
+    return DataIdentity(weights_fingerprint="pending", config_hash="pending", dtype=spec.dtype, scope="pending",
+                        calibration_hash="pending", num_batches=-(-spec.max_calib_samples // spec.batch_size),
+                        batch_size=spec.batch_size).to_dict()
+
+
+def keyed_units(units: list[dict[str, Any]], keyed: list[Trial]) -> dict[str, list[dict[str, Any]]]:
+    """Each unit's trials with their real scoring keys (``assign_scoring_keys`` on the workers' identity), ordered
+    by lease key, then scoring key: one lease per lease key, and the same scoring key back to back."""
+    by_id = {t.trial_id: t for t in keyed}
+    out = {}
+    for u in units:
+        trials = sorted((by_id[t["trial_id"]] for t in u["trials"]),
+                        key=lambda t: (str(t.lease_key), str(t.scoring_key)))
+        out[u["unit_id"]] = [t.to_dict() for t in trials]
+    return out

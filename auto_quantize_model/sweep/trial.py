@@ -7,6 +7,7 @@ unfinished even if Tune's own experiment state lags behind.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -47,26 +48,36 @@ def _wait_until_back(worker: Any, timeout: float = 900.0) -> None:
 
 
 def run_unit(config: dict[str, Any], context: dict[str, str]) -> None:
-    """Tune function trainable: ``config["unit"]`` is one lease key's trials (``spec.group_units``), run in order
-    on one leased worker, each reported as it finishes; ``context`` names actors and dirs."""
-    unit = config["unit"]
+    """Tune function trainable: ``config["unit"]`` names one group of the sweep's trials (``spec.group_units``);
+    their scoring keys come from the pool (published once the first worker has loaded). They run in order on
+    leased workers, one lease per lease key, each reported as it finishes; ``context`` names actors and dirs."""
+    unit_id = config["unit"]["unit_id"]
+    pool = ray.get_actor(context["pool"], namespace=context["namespace"])
+    published = ray.get(pool.unit_trials.remote(unit_id))
+    if published is None:
+        return  # the workers failed to start: the driver says why
     pending = []
-    for trial in map(Trial.from_dict, unit["trials"]):
+    for trial in map(Trial.from_dict, published):
         done = finished_result(context["trials"], trial)
         if done is not None:
             tune.report({**done, "from_previous_run": True})
         else:
             pending.append(trial)
-    if not pending:
-        return
-    pool = ray.get_actor(context["pool"], namespace=context["namespace"])
+    # Published in lease-key order: one lease per run of equal keys (a unit is one key unless the workers' data
+    # merged searches the driver's provisional grouping kept apart).
+    runs = [list(g) for _, g in itertools.groupby(pending, key=lambda t: t.lease_key)]
+    for run in runs:
+        _run_leased(pool, unit_id, run, context)
+
+
+def _run_leased(pool: Any, unit_id: str, trials: list[Trial], context: dict[str, str]) -> None:
     # The unit's id is the lease's owner: a retry of this unit (its process died) frees what the dead one held.
-    lease = ray.get(pool.acquire.remote(unit["unit_id"], unit["lease_key"]))
+    lease = ray.get(pool.acquire.remote(unit_id, trials[0].lease_key))
     worker = ray.get_actor(lease["worker"], namespace=context["namespace"])
-    for i, trial in enumerate(pending):
+    for i, trial in enumerate(trials):
         try:
             # The worker hands the lease back itself after the last trial, even if this process dies meanwhile.
-            result = ray.get(worker.run_trial.remote(trial, lease, context, release=i == len(pending) - 1))
+            result = ray.get(worker.run_trial.remote(trial, lease, context, release=i == len(trials) - 1))
         except ray.exceptions.RayActorError:
             # The worker died mid-trial (Ray restarts it and it reloads); free the lease and let Tune retry the unit
             # (its finished trials report their result.json).

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import ray
@@ -124,8 +127,32 @@ def _check_room(spec: SweepSpec, new_workers: int, n: int, others: list[str]) ->
                         "release-workers --address ...`")
 
 
-def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
-    """Pool plus ``n`` named workers, each registered once its model is loaded.
+@dataclass
+class WorkerLaunch:
+    """A sweep's lease pool and model workers: started, not necessarily loaded yet (:func:`await_workers`)."""
+
+    pool: Any
+    pool_name: str
+    workers: list[Any]
+    kept: list[bool]  # attached from an earlier sweep: loaded already
+    created: list[Any] = field(default_factory=list)  # started by this sweep: stopped again if the start fails
+
+    def stop(self, keep: bool, failed: bool = False) -> None:
+        """End of the sweep: kept workers detach (they stay loaded for the next sweep), others are killed; after a
+        failed start the workers this sweep created are killed even when kept. The pool goes last."""
+        if keep and not failed:
+            try:
+                ray.get([w.detach.remote() for w in self.workers], timeout=60)
+            except ray.exceptions.RayError as exc:
+                log.warning("could not detach every kept worker (%s)", exc.__class__.__name__)
+        else:
+            for w in (self.created if keep else self.workers):
+                ray.kill(w, no_restart=True)
+        ray.kill(self.pool)
+
+
+def launch_workers(spec: SweepSpec, n: int) -> WorkerLaunch:
+    """Pool plus ``n`` named workers, returned while new workers still import and load (nothing waits here).
 
     With ``[worker] keep`` the workers are detached actors named by their load settings: those an earlier sweep
     left on the cluster are attached to this sweep's pool instead of loading again; missing ones are started.
@@ -138,18 +165,16 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     # cast: a Ray actor class gets .options from @ray.remote, which the type checker cannot see
     pool = cast(Any, WorkerPool).options(name=pool_name, namespace=NAMESPACE, scheduling_strategy=here).remote()
-    created: list[Any] = []  # actors this call started: stopped again if the start fails (kept ones included)
+    launch = WorkerLaunch(pool, pool_name, [], [])
     try:
-        return _start_workers(spec, n, tag, pool, pool_name, created)
+        _launch(spec, n, tag, launch)
     except BaseException:
-        ray.kill(pool)
-        for w in created:
-            ray.kill(w, no_restart=True)
+        launch.stop(spec.worker.keep, failed=True)
         raise
+    return launch
 
 
-def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
-                   created: list[Any]) -> tuple[Any, list[Any], str, dict[str, Any]]:
+def _launch(spec: SweepSpec, n: int, tag: str, launch: WorkerLaunch) -> None:
     from auto_quantize_model.actors.settings import WorkerSpec
     from auto_quantize_model.actors.worker import ModelWorker
 
@@ -162,44 +187,105 @@ def _start_workers(spec: SweepSpec, n: int, tag: str, pool: Any, pool_name: str,
         names = [f"{KEEP_PREFIX}{signature}-{i}" for i in range(n)]
     else:
         names = [f"autoquant-worker-{tag}-{i}" for i in range(n)]
-    attached = {name: _attach_kept(spec, name, pool_name, signature) for name in names} if keep else {}
+    attached = {name: _attach_kept(spec, name, launch.pool_name, signature) for name in names} if keep else {}
     others = [k for k in _kept_worker_names() if k not in names]
     if others:
         log.warning("%d kept worker(s) of other settings or code are on this cluster (%s); free them with "
                     "`autoquant release-workers`", len(others), ", ".join(others))
     _check_room(spec, sum(attached.get(name) is None for name in names), n, others)
-    workers, reused = [], []
     for name in names:
         worker = attached.get(name)
-        reused.append(worker is not None)
+        launch.kept.append(worker is not None)
         if worker is None:
             try:
                 worker = cast(Any, ModelWorker).options(
                     name=name, namespace=NAMESPACE, num_gpus=spec.worker.num_gpus, num_cpus=spec.worker.num_cpus,
                     runtime_env=threads_env, lifetime="detached" if keep else None,
-                ).remote(spec.to_dict(), name, pool_name, NAMESPACE)
+                ).remote(spec.to_dict(), name, launch.pool_name, NAMESPACE)
             except ValueError as exc:  # the name is taken: another driver started this kept worker a moment ago
                 raise UserError(f"another sweep is starting the kept worker {name} right now; run this sweep again "
                                 "once it has started") from exc
-            created.append(worker)
-        workers.append(worker)
+            launch.created.append(worker)
+        launch.workers.append(worker)
+
+
+def await_workers(launch: WorkerLaunch, on_first: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Wait for the workers to load; each joins the lease pool as soon as it is ready. Returns their common model and
+    data identity (``autoquant/identity.py``).
+
+    ``on_first(identity)`` runs once, when the first worker is ready and before it takes any lease (the driver
+    publishes the trials' scoring keys there). A worker that fails to load, or loaded other weights or data than
+    the first, is refused with a ``UserError``.
+    """
+    pending = {w.info.remote(): (w, kept) for w, kept in zip(launch.workers, launch.kept, strict=True)}
+    identity: dict[str, Any] | None = None
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        worker, was_kept = pending.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            last = str(cause).strip().splitlines()[-1].removeprefix("auto_quantize_model.errors.UserError: ")
+            raise UserError(f"a model worker failed to start: {last}") from exc
+        mine = ray.get(worker.identity.remote())
+        if identity is None:
+            identity = mine
+            if on_first is not None:
+                on_first(identity)
+        elif mine != identity:
+            raise UserError("model workers loaded different weights or data (their identities differ); give every "
+                            "node the same --model-dir and captions")
+        ray.get(launch.pool.register.remote(info["name"], info["warm_keys"]))
+        how = f"kept from an earlier sweep (serving its sweep {info['sweeps_served']})" if was_kept else \
+            f"load {info['load_seconds']:.1f}s ({_phases(info)})"
+        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), %s, pristine on %s, %d host threads", info["name"],
+                 info["device"], info["cuda_visible_devices"], how, info["pristine_on"], info["num_threads"])
+    assert identity is not None  # at least one worker
+    return identity
+
+
+def _phases(info: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1f}s" for k, v in info.get("load_phases", {}).items())
+
+
+class BackgroundStart:
+    """:func:`await_workers` on a thread, so Tune sets up while the workers import and load.
+
+    A failure is kept for the driver (``error``) and announced to the pool, which releases every Tune trial waiting
+    for its unit; ``failed`` lets a Tune stopper end the experiment at once.
+    """
+
+    def __init__(self, launch: WorkerLaunch, on_first: Callable[[dict[str, Any]], None]) -> None:
+        self.launch, self.on_first = launch, on_first
+        self.identity: dict[str, Any] | None = None
+        self.error: Exception | None = None
+        self.failed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="autoquant-worker-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.identity = await_workers(self.launch, self.on_first)
+        except Exception as exc:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            self.error = exc
+            self.failed.set()
+            try:
+                self.launch.pool.fail.remote(str(exc))
+            except Exception as late:  # noqa: BLE001 - the sweep has already ended and stopped its pool (or Ray)
+                log.debug("worker start failed after the sweep ended: %s", late)
+
+
+def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
+    """:func:`launch_workers` and :func:`await_workers` in one blocking call: the pool, the loaded workers, the
+    pool's name and their identity. Stops what it started if any worker fails to load."""
+    launch = launch_workers(spec, n)
     try:
-        infos = ray.get([w.info.remote() for w in workers])
-    except ray.exceptions.RayActorError as exc:
-        cause = getattr(exc, "cause", None) or exc
-        last = str(cause).strip().splitlines()[-1].removeprefix("auto_quantize_model.errors.UserError: ")
-        raise UserError(f"a model worker failed to start: {last}") from exc
-    identities = ray.get([w.identity.remote() for w in workers])
-    if any(i != identities[0] for i in identities[1:]):
-        raise UserError("model workers loaded different weights or data (their identities differ); give every node "
-                        "the same --model-dir and captions")
-    ray.get([pool.register.remote(i["name"], i["warm_keys"]) for i in infos])
-    for i, was_kept in zip(infos, reused, strict=True):
-        how = f"kept from an earlier sweep (serving its sweep {i['sweeps_served']})" if was_kept else \
-            f"load {i['load_seconds']:.1f}s"
-        log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), %s, pristine on %s, %d host threads", i["name"],
-                 i["device"], i["cuda_visible_devices"], how, i["pristine_on"], i["num_threads"])
-    return pool, workers, pool_name, identities[0]
+        identity = await_workers(launch)
+    except BaseException:
+        launch.stop(spec.worker.keep, failed=True)
+        raise
+    return launch.pool, launch.workers, launch.pool_name, identity
 
 
 def release_kept_workers(address: str | None, force: bool = False) -> tuple[list[str], list[str]]:

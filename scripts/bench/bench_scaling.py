@@ -57,18 +57,37 @@ def run_one(args: argparse.Namespace, workers: int, per_gpu: int, label: str) ->
             "process_wall_s": wall, "after_ray_start_s": res["after_ray_start_s"],
             "scoring_passes": len(res["scoring_passes"]), "worker_load_s": res["worker_load_s"],
             "sum_over_trials_s": res["sum_over_trials_s"], "gpu_peak_gib": res["gpu_peak_gib"],
-            "fresh_copy_s": res.get("fresh_copy_s"), "device": res["device"]}
+            "fresh_copy_s": res.get("fresh_copy_s"), "device": res["device"],
+            "worker_load_phases": res.get("worker_load_phases"),
+            "first_tune_request_s": res.get("first_tune_request_s"), "workers_ready_s": res.get("workers_ready_s")}
+
+
+def evict_page_cache(model_dir: str) -> int:
+    """Drop the checkpoint's files from the OS page cache (clean pages; no root needed), so the next sweep reads
+    them from disk as on a machine that just started. Returns the bytes advised away."""
+    import os
+
+    total = 0
+    for f in Path(model_dir).iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            total += f.stat().st_size
+    return total
 
 
 def efficiencies(runs: list[dict]) -> list[dict]:
     """Weak-scaling efficiency of every W-worker run against the 1-worker run with the same trials per GPU."""
-    base = {r["per_gpu"]: r for r in runs if r.get("workers") == 1 and "error" not in r}
+    base = {(r.get("tag"), r["per_gpu"]): r for r in runs if r.get("workers") == 1 and "error" not in r}
     out = []
     for r in runs:
-        b = base.get(r["per_gpu"])
+        b = base.get((r.get("tag"), r["per_gpu"]))
         if r["workers"] == 1 or b is None or "error" in r:
             continue
-        out.append({"workers": r["workers"], "per_gpu": r["per_gpu"],
+        out.append({"workers": r["workers"], "per_gpu": r["per_gpu"], "tag": r.get("tag"),
                     "efficiency_end_to_end": b["process_wall_s"] / r["process_wall_s"],
                     "efficiency_after_ray_start": b["after_ray_start_s"] / r["after_ray_start_s"]})
     return out
@@ -83,6 +102,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=0, help="skip runs that start after this many seconds")
     p.add_argument("--tag", default="warm", help="recorded with each run (e.g. cold after dropping caches)")
+    p.add_argument("--evict-page-cache", action="store_true",
+                   help="before each run, drop the checkpoint's files from the page cache (a cold read)")
     p.add_argument("--work", default="/tmp/bench_scaling")
     p.add_argument("--json-out", required=True)
     args = p.parse_args()
@@ -96,7 +117,8 @@ def main() -> None:
             print(f"skipped {step}: past --budget-s", flush=True)
             continue
         label = f"{args.tag}-w{workers}-p{per_gpu}"
-        res = {**run_one(args, workers, per_gpu, label), "tag": args.tag,
+        evicted = evict_page_cache(args.model_dir) if args.evict_page_cache else 0
+        res = {**run_one(args, workers, per_gpu, label), "tag": args.tag, "evicted_bytes": evicted,
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         runs.append(res)
         print(json.dumps(res), flush=True)

@@ -149,6 +149,7 @@ def sweep(args: argparse.Namespace) -> dict:
 
     spec = _spec(args, args.name)
     t = time.perf_counter()
+    t_wall = time.time()
     res = run_sweep(spec)
     wall = time.perf_counter() - t
     ok = [r for r in res["rows"] if r.get("status") == "ok"]
@@ -163,7 +164,11 @@ def sweep(args: argparse.Namespace) -> dict:
             "worker_load_s": [x[1] for x in loads], "sum_over_trials_s": split,
             "gpu_peak_gib": max((r.get("gpu_peak_bytes") or 0) for r in ok) / 2**30 if ok else None,
             # Seconds to make (and check) each new search's working copy from the pristine one.
-            "fresh_copy_s": restores, "pristine_on": args.pristine}
+            "fresh_copy_s": restores, "pristine_on": args.pristine,
+            "worker_load_phases": sorted({json.dumps(r.get("worker_load_phases")) for r in ok}),
+            # From the run_sweep call: when the first Tune trial asked for work and when each worker was ready.
+            "first_tune_request_s": (res["stats"]["first_unit_request_at"] or t_wall) - t_wall,
+            "workers_ready_s": sorted(v - t_wall for v in res["stats"]["registered_at"].values())}
 
 
 def compare(args: argparse.Namespace, argv: list[str]) -> dict:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Before timing on a fresh GPU machine: build ModelOpt's FP8 extension, warm NVFP4 fake quantization, and write the
-full-size random-weight 3B checkpoint (``make_full_size_checkpoint.py``) unless it is there. Prints what each took.
+"""Before timing on a fresh GPU machine: build ModelOpt's FP8 extension, warm the formats' fake quantization and
+their facts (``format_facts.py``), and write the full-size random-weight 3B checkpoint
+(``make_full_size_checkpoint.py``) unless it is there. Prints what each took.
 
     python scripts/bench/gpu_setup.py --model-dir /tmp/qwen3b
 """
@@ -39,6 +40,14 @@ def main() -> None:
         lin(x).float().sum().backward()
         torch.cuda.synchronize()
         out[f"warmup_{name}_s"] = time.perf_counter() - t
+    # Each format's bits, signature and disables, remembered for the sweep driver's preflight (format_facts.py), as
+    # any first run on the machine leaves them: the driver then resolves schemes without importing ModelOpt.
+    from auto_quantize_model.format_facts import format_facts
+
+    t = time.perf_counter()
+    for name in args.formats.split(","):
+        format_facts(name)
+    out["format_facts_s"] = time.perf_counter() - t
     if not (Path(args.model_dir) / "config.json").exists():
         t = time.perf_counter()
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_full_size_checkpoint.py")), "--output-dir",
