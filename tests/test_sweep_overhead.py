@@ -49,7 +49,12 @@ def test_worker_gets_the_clusters_cpus_as_host_threads(ray_cluster, tiny_model_d
     assert n == 1 and fitted.worker.num_threads == 2
     pool, workers, _, _ = start_workers(fitted, n)
     try:
-        assert ray.get(workers[0].info.remote())["num_threads"] == 2
+        info = ray.get(workers[0].info.remote())
+        assert info["num_threads"] == 2
+        # Fixed OpenMP/MKL teams: a dynamic team on a busy host changed CPU logits between the load-time probe and a
+        # fresh copy, and the pristine check refused every trial (seen when Tune started beside a loading worker).
+        assert info["thread_env"] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_DYNAMIC": "FALSE",
+                                      "MKL_DYNAMIC": "FALSE"}
     finally:
         for w in workers:
             ray.kill(w)

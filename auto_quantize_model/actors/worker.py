@@ -28,6 +28,9 @@ from auto_quantize_model.actors.trial import Trial, write_trial_error
 log = logging.getLogger(__name__)
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_DYNAMIC", "MKL_DYNAMIC")  # reported by info()
+
+
 class StaleWorkerError(RuntimeError):
     """A kept worker asked to serve a sweep whose load settings or code differ from its own."""
 
@@ -391,4 +394,5 @@ class ModelWorker:
                 # The scoring key of the searched model it keeps: the pool prefers it for trials of that key.
                 "warm_keys": [last.manifest["score_cache"]["key"]] if last is not None else [],
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}}

@@ -180,7 +180,11 @@ def _launch(spec: SweepSpec, n: int, tag: str, launch: WorkerLaunch) -> None:
 
     # Set before the worker process imports torch (Ray leaves an explicit OMP_NUM_THREADS alone).
     threads = str(spec.worker.num_threads or 1)
-    threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+    # Fixed thread teams: with dynamic teams the OpenMP/MKL runtime may run a parallel region on fewer threads when
+    # the host is busy (Tune starts beside a loading worker), which changes CPU reduction order and thus logits, and
+    # the pristine-copy check compares logits bit for bit.
+    threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE",
+                                "MKL_DYNAMIC": "FALSE"}}
     keep = spec.worker.keep
     signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
     if keep:
