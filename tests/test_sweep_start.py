@@ -84,8 +84,14 @@ def test_units_from_the_stand_in_identity_get_the_workers_keys(tiny_model_dir, t
     trials = expand_grid(spec)
     real = {"weights_fingerprint": "w" * 8, "config_hash": "c", "dtype": "float32", "scope": "language_model",
             "calibration_hash": "t" * 8, "num_batches": 4, "batch_size": 4}
-    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec)) if t.error is None], 1)
+    stand_in = provisional_identity(spec, num_captions=13)  # 13 captions, 16 asked for: 4 batches of 4, as loaded
+    assert stand_in["num_batches"] == real["num_batches"]
+    units = group_units([t for t in assign_scoring_keys(trials, stand_in) if t.error is None], 1)
     waited = {t.trial_id: t for t in assign_scoring_keys(trials, real)}
+    # With the right batch count the stand-in groups exactly as the real keys do: one Tune trial per lease key.
+    real_units = group_units([t for t in waited.values() if t.error is None], 1)
+    assert sorted(sorted(t["trial_id"] for t in u["trials"]) for u in units) == \
+        sorted(sorted(t["trial_id"] for t in u["trials"]) for u in real_units)
     published = keyed_units(units, list(waited.values()))
     assert sorted(published) == sorted(u["unit_id"] for u in units)
     seen = []

@@ -114,11 +114,6 @@ class ModelWorker:
         self.signature = self.spec.load_signature()
         self.inputs = self._inputs_stamp()
         phases.done("stamp")
-        # Every trial needs ModelOpt: import it (and the kernels it loads) here, where the sweep overlaps the
-        # workers' load with Tune's start, rather than in the first trial.
-        import modelopt.torch.quantization  # noqa: F401
-
-        phases.done("modelopt")
         self.load_seconds = time.perf_counter() - t
         self.load_phases = phases.seconds
         self._init_metrics()

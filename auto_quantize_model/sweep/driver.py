@@ -102,8 +102,9 @@ def _connect(spec: SweepSpec) -> bool:
     return True
 
 
-def _preflight(spec: SweepSpec, resume: bool) -> list[Trial]:
-    """Every input check that needs no Ray and no model; returns the grid. Refuses a grid with no runnable trial."""
+def _preflight(spec: SweepSpec, resume: bool) -> tuple[list[Trial], int]:
+    """Every input check that needs no Ray and no model; returns the grid and the number of calibration captions.
+    Refuses a grid with no runnable trial."""
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.models.loading import read_checkpoint_config
     from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
@@ -114,7 +115,7 @@ def _preflight(spec: SweepSpec, resume: bool) -> list[Trial]:
     check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)
     read_checkpoint_config(spec.model_dir)
     check_checkpoint_files(spec.model_dir)
-    read_captions(spec.captions_path)
+    num_captions = len(read_captions(spec.captions_path).captions)
     if spec.eval_captions:
         read_captions(spec.eval_captions)
     trials = expand_grid(spec)
@@ -130,7 +131,7 @@ def _preflight(spec: SweepSpec, resume: bool) -> list[Trial]:
     ours = spec.sweep_dir / "autoquant"
     if not resume and (ours / "trials").exists():
         raise UserError(f"sweep {spec.sweep_dir} already exists; pass --resume to continue it or choose another --name")
-    return trials
+    return trials, num_captions
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
@@ -141,13 +142,13 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
     SIGINT/SIGTERM stop the sweep: the result has ``interrupted`` set (the signal's name) and unfinished rows
     have status ``interrupted``.
     """
-    trials = _preflight(spec, resume)
+    trials, num_captions = _preflight(spec, resume)
     sweep_dir = spec.sweep_dir
     with sweep_lock(sweep_dir):
-        return _run_locked(spec, trials, resume)
+        return _run_locked(spec, trials, num_captions, resume)
 
 
-def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str, Any]:
+def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume: bool) -> dict[str, Any]:
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
     context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(Path(spec.cache_dir).resolve() if spec.cache_dir else ours / "cache"),
@@ -169,12 +170,13 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str,
                 spec, n = fit_to_cluster(spec)
                 launch = launch_workers(spec, n)
                 start: BackgroundStart | None = None
+                start_error: Exception | None = None
                 try:
                     context["pool"] = launch.pool_name
                     # Tune trials group the sweep's trials by keys from a stand-in identity, so Tune can start while
                     # the workers load; the real keys (autoquant/identity.py: the model and data the workers loaded)
                     # are published to the pool when the first worker is ready, before it takes any lease.
-                    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec))
+                    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec, num_captions))
                                          if t.error is None], n)
                     atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
                                                                       "num_trials": len(trials),
@@ -208,14 +210,18 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], resume: bool) -> dict[str,
                     stop.in_fit = True
                     grid = tuner.fit()
                     stop.in_fit = False
-                    if start.error is not None:
-                        raise start.error
+                    # Read once: a worker dying after this point (the sweep is done) must not fail the sweep.
+                    start_error = start.error
+                    if start_error is not None:
+                        raise start_error
                     trials = keyed[0] if keyed else trials
                     interrupted = stop.signal_name
                     stats = ray.get(launch.pool.stats.remote())
                 finally:
                     _START_FAILED.pop(launch.pool_name, None)
-                    launch.stop(spec.worker.keep, failed=start is None or start.error is not None)
+                    launch.stop(spec.worker.keep, failed=start is None or start_error is not None)
+                    if start is not None:
+                        start.join(timeout=10)
             except SweepInterrupted:
                 interrupted = stop.signal_name
     finally:

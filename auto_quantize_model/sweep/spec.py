@@ -288,14 +288,17 @@ def group_units(trials: list[Trial], num_workers: int) -> list[dict[str, Any]]:
             for i, u in enumerate(units)]
 
 
-def provisional_identity(spec: SweepSpec) -> dict[str, Any]:
-    """A stand-in for the workers' model and data identity, from the settings alone, so that Tune can start while
-    the workers load. Grouping trials by keys computed from it only shapes the Tune trials: the keys the trials
-    run, cache and lease under come from the real identity (:func:`keyed_units`)."""
+def provisional_identity(spec: SweepSpec, num_captions: int) -> dict[str, Any]:
+    """A stand-in for the workers' model and data identity, from the settings and the caption count alone, so that
+    Tune can start while the workers load. Grouping trials by keys computed from it only shapes the Tune trials: the
+    keys the trials run, cache and lease under come from the real identity (:func:`keyed_units`). Its batch count is
+    the calibration set's (``max_calib_samples`` captions at most, in batches of ``batch_size``), because steps past
+    the end of the data make searches equal."""
     from auto_quantize_model.autoquant.identity import DataIdentity
 
+    samples = min(spec.max_calib_samples, num_captions)
     return DataIdentity(weights_fingerprint="pending", config_hash="pending", dtype=spec.dtype, scope="pending",
-                        calibration_hash="pending", num_batches=-(-spec.max_calib_samples // spec.batch_size),
+                        calibration_hash="pending", num_batches=-(-samples // spec.batch_size),
                         batch_size=spec.batch_size).to_dict()
 
 

@@ -63,16 +63,17 @@ def run_unit(config: dict[str, Any], context: dict[str, str]) -> None:
             tune.report({**done, "from_previous_run": True})
         else:
             pending.append(trial)
-    # Published in lease-key order: one lease per run of equal keys (a unit is one key unless the workers' data
-    # merged searches the driver's provisional grouping kept apart).
+    # Published in lease-key order: one lease per run of equal keys. A unit holds one lease key unless the real keys
+    # split what the driver's stand-in grouping put together.
     runs = [list(g) for _, g in itertools.groupby(pending, key=lambda t: t.lease_key)]
-    for run in runs:
-        _run_leased(pool, unit_id, run, context)
+    for i, run in enumerate(runs):
+        _run_leased(pool, f"{unit_id}#{i}", run, context)
 
 
-def _run_leased(pool: Any, unit_id: str, trials: list[Trial], context: dict[str, str]) -> None:
-    # The unit's id is the lease's owner: a retry of this unit (its process died) frees what the dead one held.
-    lease = ray.get(pool.acquire.remote(unit_id, trials[0].lease_key))
+def _run_leased(pool: Any, owner: str, trials: list[Trial], context: dict[str, str]) -> None:
+    # The owner (unit id and run) names the lease: a retry of this unit (its process died) frees what the dead one
+    # held, while the unit's next run does not take back a lease the worker is still handing back.
+    lease = ray.get(pool.acquire.remote(owner, trials[0].lease_key))
     worker = ray.get_actor(lease["worker"], namespace=context["namespace"])
     for i, trial in enumerate(trials):
         try:

@@ -141,10 +141,13 @@ class WorkerLaunch:
         """End of the sweep: kept workers detach (they stay loaded for the next sweep), others are killed; after a
         failed start the workers this sweep created are killed even when kept. The pool goes last."""
         if keep and not failed:
-            try:
-                ray.get([w.detach.remote() for w in self.workers], timeout=60)
-            except ray.exceptions.RayError as exc:
-                log.warning("could not detach every kept worker (%s)", exc.__class__.__name__)
+            # A kept worker still loading (the sweep ended or was interrupted first) answers only once loaded; it
+            # needs no detach anyway: its pool is gone, so the next sweep may attach it. Wait briefly, never block.
+            refs = [w.detach.remote() for w in self.workers]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+            if len(done) < len(refs):
+                log.info("%d kept worker(s) still loading; they stay on the cluster for the next sweep",
+                         len(refs) - len(done))
         else:
             for w in (self.created if keep else self.workers):
                 ray.kill(w, no_restart=True)
@@ -272,12 +275,19 @@ class BackgroundStart:
         try:
             self.identity = await_workers(self.launch, self.on_first)
         except Exception as exc:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            if not isinstance(exc, UserError):  # a Ray error's text spans lines: keep its last one
+                last = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+                exc = UserError(f"the sweep's workers did not start: {last}")
             self.error = exc
             self.failed.set()
             try:
                 self.launch.pool.fail.remote(str(exc))
             except Exception as late:  # noqa: BLE001 - the sweep has already ended and stopped its pool (or Ray)
                 log.debug("worker start failed after the sweep ended: %s", late)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the thread (it ends once every worker is ready or gone) before Ray shuts down."""
+        self._thread.join(timeout)
 
 
 def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[str, Any]]:
