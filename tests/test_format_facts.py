@@ -75,7 +75,7 @@ spec = load_sweep_spec(None, {{"name": "x", "model_dir": {str(tiny_model_dir)!r}
     "storage_path": {str(cache_file.parent / "sweeps")!r}, "effective_bits": [12.0, 10.0],
     "schemes": ["fp8_autoquant_full", "int4w_fp8_autoquant_mix", "fp8_autoquant_all_layers_fp8"],
     "worker": {{"num_gpus": 0}}}})
-trials = _preflight(spec, False)
+trials, _ = _preflight(spec, False)
 print(len(trials), "modelopt" in sys.modules)
 """
     env = {**os.environ, "AUTOQUANT_FORMAT_CACHE": str(cache_file)}

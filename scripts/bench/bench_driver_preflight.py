@@ -27,7 +27,7 @@ t1 = time.perf_counter()
 spec = load_sweep_spec(None, {"name": "p", "model_dir": sys.argv[1], "captions_path": "demo",
     "storage_path": sys.argv[2], "schemes": sys.argv[3].split(","),
     "effective_bits": [15.0, 14.0, 12.0, 10.0, 8.0], "worker": {"num_gpus": 0}})
-trials = _preflight(spec, False)
+trials, _ = _preflight(spec, False)
 t2 = time.perf_counter()
 print("RESULT " + json.dumps({"import_s": t1 - t0, "preflight_s": t2 - t1, "trials": len(trials),
                               "modelopt_imported": "modelopt" in sys.modules}))
