@@ -36,6 +36,7 @@ Read from the vllm 0.34.0 wheel (PyPI, ``vllm/_version.py``: 0.34.0, commit g62d
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fnmatch import fnmatch
 
 from .loadcheck import Delivery, ShardId, Slot, add_module, check_deliveries
@@ -193,6 +194,17 @@ def check(view: ExportView) -> LoadPlan:
         return plan
     raw, plan.kv_cache_fp8 = cfg
     plan.exclusions = excl = map_exclusions(raw)
+
+    def decide(name: str, linear: Linear) -> bool:
+        return not is_layer_excluded(name, excl) and not any(v in name for v in VISION_FALLBACK)
+
+    return plan_loading(view, plan, decide)
+
+
+def plan_loading(view: ExportView, plan: LoadPlan, decide: Callable[[str, Linear], bool]) -> LoadPlan:
+    """The part of vLLM's load that does not depend on the quantization format: which Linears exist, where
+    each stored tensor goes, and what the parameters accept. ``decide(module name, linear)`` says whether the
+    format's config builds that Linear FP8 (raising :class:`ShardMismatch` where vLLM raises)."""
     dims = Dims.of(view)
     tied = tie_word_embeddings(view) and not any(n.endswith("lm_head.weight") for n in view.tensors)
     plan.lm_head_tied = tied
@@ -200,9 +212,9 @@ def check(view: ExportView) -> LoadPlan:
     for linear in linears(dims):
         name = module_name(linear)
         try:
-            quantized = not is_layer_excluded(name, excl) and not any(v in name for v in VISION_FALLBACK)
+            quantized = decide(name, linear)
         except ShardMismatch as exc:
-            plan.add("fused-shard-mismatch", name, REFUSED, f"{exc} (quant_utils.is_layer_skipped)")
+            plan.add("fused-shard-mismatch", name, REFUSED, f"{exc} (vLLM raises while building the model)")
             quantized = False
         if linear.tower == "head" and tied:
             if quantized:
