@@ -8,7 +8,7 @@ model's real exports cannot show (a 12-layer model, ModelOpt's own wildcard summ
 from __future__ import annotations
 
 import pytest
-from engine_rules import REFUSED, SILENT, check_all, sglang_modelopt, vllm_compressed_tensors, vllm_modelopt
+from engine_rules import REFUSED, SILENT, TensorMeta, check_all, sglang_modelopt, vllm_compressed_tensors, vllm_modelopt
 from engine_rules.synthetic import build, language_modules
 
 FP8_ARGS = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
@@ -137,3 +137,37 @@ def test_missing_config_is_refused():
     del view.config["quantization_config"]
     for engine in (vllm_modelopt, sglang_modelopt):
         assert [(f.rule, f.effect) for f in engine.check(view).findings] == [("no-quant-config", REFUSED)]
+
+
+def _modelopt(ignore):
+    return {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": list(ignore)}
+
+
+def test_quantized_vision_tower_loads_through_the_vision_path():
+    """A whole-VLM run that makes vision Linears FP8 (stored qkv whole, gate/up as shards, merger) is loadable when
+    the vision tower is not excluded: both engines build those Linears FP8 from the stored scales."""
+    vision = {"visual.blocks.0.attn.qkv", "visual.blocks.0.attn.proj", "visual.blocks.0.mlp.gate_proj",
+              "visual.blocks.0.mlp.up_proj", "visual.blocks.0.mlp.down_proj", "visual.merger.mlp.0",
+              "visual.merger.mlp.2"}
+    fp8 = language_modules() | vision
+    view = build(fp8, _modelopt(["lm_head", "model.embed_tokens"]), tie=True)
+    for engine in (vllm_modelopt, sglang_modelopt):
+        plan = engine.check(view)
+        assert plan.ok and plan.served_fp8() == fp8, plan.summary()
+
+
+def test_fp8_patch_embed_is_never_served():
+    """The patch embedding is a Conv3d built without the quantization config in both engines: an FP8 copy of it
+    (what a whole-VLM search may pick) is cast unscaled and its scales have nowhere to go."""
+    view = build(language_modules(), _modelopt(["lm_head", "visual*", "model.embed_tokens"]), tie=True)
+    view.tensors["visual.patch_embed.proj.weight"] = TensorMeta("F8_E4M3", (32, 3, 2, 14, 14))
+    view.tensors["visual.patch_embed.proj.weight_scale"] = TensorMeta("F32", (), 0.01)
+    assert vllm_modelopt.check(view).rules() == {"fp8-into-bf16", "unexpected-tensor"}
+    assert sglang_modelopt.check(view).rules() == {"fp8-into-bf16", "ignored-tensor"}
+
+
+def test_a_missing_plain_weight_is_caught():
+    view = build(language_modules(), _modelopt(["lm_head", "visual*", "model.embed_tokens"]), tie=True)
+    del view.tensors["model.layers.1.post_attention_layernorm.weight"]
+    for engine in (vllm_modelopt, sglang_modelopt):
+        assert [(f.rule, f.effect) for f in engine.check(view).findings] == [("missing-weight", SILENT)]

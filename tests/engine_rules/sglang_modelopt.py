@@ -1,6 +1,6 @@
 """SGLang 0.5.23's loader rules for a ModelOpt FP8 checkpoint of Qwen2.5-VL, where they differ from vLLM's.
 
-Read from the sglang 0.5.23 wheel (PyPI). Files and functions:
+Read from the sglang 0.5.23 wheel (github.com/sgl-project/sglang; PyPI wheel), paths under ``sglang/srt/``:
 - config: ``model_loader/weight_utils.py`` ``get_quant_config`` (config.json ``quantization_config`` via
   ``checkpoint_quantization.py`` ``resolve_checkpoint_quant_spec``, else ``hf_quant_config.json``),
   ``layers/quantization/modelopt_quant.py`` ``ModelOptFp8Config.from_config``: the flat form is used when it has
@@ -180,7 +180,8 @@ def check(view: ExportView) -> LoadPlan:
             if tname == "lm_head.weight":
                 plan.add("tied-lm-head-dropped", tname, SILENT,
                          "tie_word_embeddings: SGLang's head is model.embed_tokens; this tensor is copied into the "
-                         "shared embedding (FP8 codes unscaled if FP8) and lm_head scales are skipped")
+                         "shared embedding tensor (FP8 codes unscaled; the embedding's own load overwrites them if it "
+                         "comes later) and lm_head scales are skipped: the stored head is never served")
             else:
                 plan.add("ignored-tensor", tname, IGNORED, "the tied head has no such parameter; skipped")
             continue

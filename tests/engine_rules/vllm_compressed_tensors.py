@@ -1,8 +1,9 @@
 """vLLM 0.34.0's rules for a compressed-tensors FP8 (static, per-tensor) checkpoint of Qwen2.5-VL.
 
 Same loader as the ModelOpt rules (``vllm_modelopt.plan_loading``: names, parameters, tied head, KV-cache
-scales); what differs is how the config picks the FP8 Linears. Read from the vllm 0.34.0 wheel and
-compressed-tensors 0.17.0 (the version vLLM 0.34.0 pins):
+scales); what differs is how the config picks the FP8 Linears. Read from the vllm 0.34.0 wheel
+(github.com/vllm-project/vllm, paths under ``vllm/model_executor/``) and compressed-tensors 0.17.0
+(github.com/neuralmagic/compressed-tensors; the version vLLM 0.34.0 pins):
 - config: ``transformers_utils/model_arch_config_convertor.py`` (quant_method ``compressed_tensors`` normalised to
   ``compressed-tensors``); ``layers/quantization/compressed_tensors/compressed_tensors.py``
   ``CompressedTensorsConfig.from_config`` (config groups whose only target ends in ``Attention`` dropped; ``ignore``;

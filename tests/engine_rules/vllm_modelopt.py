@@ -1,6 +1,7 @@
 """vLLM 0.34.0's loader rules for a ModelOpt FP8 checkpoint of Qwen2.5-VL, applied to an export's headers.
 
-Read from the vllm 0.34.0 wheel (PyPI, ``vllm/_version.py``: 0.34.0, commit g62d4bc3c7). Files and functions:
+Read from the vllm 0.34.0 wheel (github.com/vllm-project/vllm; PyPI wheel, ``vllm/_version.py``: 0.34.0, commit
+g62d4bc3c7), paths under ``vllm/model_executor/`` unless they start with ``config/`` or ``transformers_utils/``:
 - config: ``transformers_utils/config.py`` ``get_config`` (config.json ``quantization_config`` first, else
   ``hf_quant_config.json``), ``transformers_utils/model_arch_config_convertor.py``
   ``_normalize_quantization_config`` (quant_method lower-cased), ``config/model.py`` ``_verify_quantization``
