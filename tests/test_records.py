@@ -52,10 +52,10 @@ def test_docs_field_list_is_the_typeddict():
 
 
 def test_checker_names_missing_undeclared_and_mistyped_keys():
-    problems = manifest_problems({"schema_version": 2, "run_id": None, "extra": 1})
+    problems = manifest_problems({"schema_version": 3, "run_id": None, "extra": 1})
     assert "manifest.extra: not declared in records.manifest.Manifest" in problems
     assert "manifest.scheme: missing" in problems
-    assert any(p.startswith("manifest.schema_version: 2 is not one of") for p in problems)
+    assert any(p.startswith("manifest.schema_version: 3 is not one of") for p in problems)
 
 
 @pytest.fixture(scope="module")

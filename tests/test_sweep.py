@@ -137,22 +137,26 @@ def test_summary_reads_the_budget_from_one_float_field(tiny_model_dir, tmp_path)
                  effective_bits=(12, 10.5))
     ok, interrupted, nope, _ = expand_grid(spec)
     row = TrialOutcome(trial_id=ok.trial_id, effective_bits_target=12.0, effective_bits_achieved=11.875,
-                       num_quantized_layers=9, num_layers=28, budget_met=True, kl_mean=0.0123).to_row()
+                       effective_bits_all_layers=12.64, num_quantized_layers=9, num_layers=28, budget_met=True,
+                       kl_mean=0.0123, exportable=True).to_row()
     row.pop("trial_id")
     row.pop("equivalent_schemes")  # as the worker reports it: the trial holds the list
     rows = [{**ok.to_dict(), **row, "scored": True}, {**interrupted.to_dict(), "status": INTERRUPTED},
             {**nope.to_dict(), "status": "error"}]
     assert all(type(r["effective_bits_target"]) is float for r in rows)
     text = render_summary(spec, rows, {"passes": {"k": 1}, "reuses": {}}, 12.34, 2)
-    assert text.splitlines()[2:] == [
+    # Both bits bases, side by side (old code: the budget basis alone, so full@8 and all_layers@8 both read 8.000).
+    assert text.splitlines()[2:-2] == [
         "3 trials (1 ok) on 2 worker(s) in 12.3 s; scoring passes per key: {'k': 1}; reuses: {}", "",
-        "| trial | scheme | bits target | achieved | quantized layers | met | scores | ppl | KL mean | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {ok.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 12 | 11.875 | 9/28 | True | computed | - | "
-        "0.0123 | ok |",
-        f"| {interrupted.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 10.5 | - | - | - | - | - | - | "
-        "interrupted |",
-        f"| {nope.trial_id} | nope | 12 | - | - | - | - | - | - | ERROR: {nope.error[:120]} |"]
+        "| trial | scheme | bits target | achieved (budget) | all LM Linears | quantized layers | met | scores | ppl "
+        "| KL mean | exportable | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {ok.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 12 | 11.875 | 12.640 | 9/28 | True | computed "
+        "| - | 0.0123 | yes | ok |",
+        f"| {interrupted.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 10.5 | - | - | - | - | - | - | - | - "
+        "| interrupted |",
+        f"| {nope.trial_id} | nope | 12 | - | - | - | - | - | - | - | - | ERROR: {nope.error[:120]} |"]
+    assert text.splitlines()[-1].startswith(f"Ship a trial: `autoquant ship {spec.sweep_dir} --trial ID")
 
 
 def test_spec_from_toml_with_overrides(tiny_model_dir, tmp_path):
