@@ -366,13 +366,39 @@ def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_m
     assert len(load_layers(res["tables"])) == 8 * 29
 
 
+def _readme_excerpts():
+    """scripts/readme_excerpts.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_excerpts", REPO / "scripts" / "readme_excerpts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_excerpt_blocks_round_trip():
+    ex = _readme_excerpts()
+    text = "a\n<!-- excerpt:demo -->\n```\nold 1.5 s\n```\n<!-- /excerpt -->\nb\n"
+    assert ex.excerpts(text) == {"demo": "old 1.5 s"}
+    new = ex.replace_excerpts(text, {"demo": "new 2.0 s"})
+    assert new == text.replace("old 1.5 s", "new 2.0 s") and ex.normalized("in 2.0 s") == ex.normalized("in 31.5 s")
+    assert set(ex.excerpts((REPO / "README.md").read_text())) == {"demo", "compare"}
+
+
 @pytest.mark.timeout(420)
 def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
     from auto_quantize_model.cli import main
 
-    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
+    # One worker, as `bash scripts/demo.sh` has on a machine without GPUs (this test's Ray has 2 fake ones).
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "12 trials (12 ok)" in out and "scoring passes per key" in out
+    # README.md's demo excerpt is what the demo prints, wall-clock times aside: rerun scripts/readme_excerpts.py
+    # whenever this fails.
+    ex = _readme_excerpts()
+    readme = ex.excerpts((REPO / "README.md").read_text(encoding="utf-8"))["demo"]
+    assert ex.normalized(readme) == ex.normalized(ex.demo_excerpt(out, tmp_path / "demo")), \
+        "README.md's demo excerpt is stale: run python scripts/readme_excerpts.py"
     assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
     trials = load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")
     assert len(trials) == 13 and trials["is_control"].fillna(False).astype(bool).sum() == 1  # 12 + the control
