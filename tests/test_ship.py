@@ -91,6 +91,21 @@ def test_limits_printed_for_commands_admit_the_trial_they_come_from():
                         9.28125)
 
 
+def test_pareto_points_are_labelled_and_non_exportable_ones_hollow():
+    import matplotlib.pyplot as plt
+
+    from auto_quantize_model.analysis.plots import _draw_front
+
+    fig, ax = plt.subplots()
+    labels = _draw_front(ax, ROWS, "effective_bits_all_layers", "kl_mean")
+    plt.close(fig)
+    # The front of all trials (mix@8, full@12) and of the exportable ones (full@8, all@10, full@12), numbered by bits.
+    assert labels == ["1: mix@7.7 [mix@8] (not exportable)", "2: full@8 [full@8]", "3: all@9.8 [all@10]",
+                      "4: full@12 [full@12]"]
+    hollow = [c for c in ax.collections if len(c.get_offsets()) and not c.get_facecolors()[:, 3].any()]
+    assert [list(c.get_offsets()[0]) for c in hollow] == [[9.0, 1.5e-4]]
+
+
 # --- a finished sweep, shipped ----------------------------------------------------------------------------------
 
 
@@ -163,6 +178,10 @@ def test_ship_refuses_in_one_line_and_writes_nothing(sweep, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
         assert not out.exists()
+    full10 = _ok(sweep["trials"]).query("exportable == True")["trial_id"].iloc[0]
+    assert main(["ship", sweep["dir"], "--trial", full10, "--model-dir", str(tmp_path / "nowhere"),
+                 "--output-dir", str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
     out.mkdir()
     (out / "x").write_text("keep")
     assert main(["ship", sweep["dir"], "--max-kl", "1", "--exportable-only", "--output-dir", str(out)]) == 2
