@@ -102,6 +102,18 @@ def test_trial_outcome_is_the_trials_table_row(runs):
     assert isinstance(failed.effective_bits_target, float)
 
 
+def test_all_layer_bits_stay_on_their_basis_for_manifests_without_the_field(runs):
+    """A manifest written before ``measured_all_layers`` existed gets it recomputed from its layers (old code fell
+    back to the budget-basis ``measured``, mixing two bases in one column)."""
+    from auto_quantize_model.records.outcome import TrialOutcome
+
+    m = runs["fresh"].manifest
+    every, budget = m["effective_bits"]["measured_all_layers"], m["effective_bits"]["measured"]
+    assert every != pytest.approx(budget)  # lm_head is outside fp8_autoquant_top50's budget
+    old = {**m, "effective_bits": {k: v for k, v in m["effective_bits"].items() if k != "measured_all_layers"}}
+    assert TrialOutcome.from_run(old).effective_bits_all_layers == pytest.approx(every)
+
+
 def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch, tiny_model_dir, tmp_path, runs):
     from auto_quantize_model.configs import load_schemes_file
     from auto_quantize_model.records.outcome import TrialOutcome
