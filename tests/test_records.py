@@ -52,10 +52,10 @@ def test_docs_field_list_is_the_typeddict():
 
 
 def test_checker_names_missing_undeclared_and_mistyped_keys():
-    problems = manifest_problems({"schema_version": 2, "run_id": None, "extra": 1})
+    problems = manifest_problems({"schema_version": 3, "run_id": None, "extra": 1})
     assert "manifest.extra: not declared in records.manifest.Manifest" in problems
     assert "manifest.scheme: missing" in problems
-    assert any(p.startswith("manifest.schema_version: 2 is not one of") for p in problems)
+    assert any(p.startswith("manifest.schema_version: 3 is not one of") for p in problems)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,18 @@ def test_trial_outcome_is_the_trials_table_row(runs):
     failed = TrialOutcome.failed(trial_id="t2", effective_bits_target=12, method="gradient", error="x")
     assert (failed.status, failed.effective_bits_target, failed.num_quantized_layers) == ("error", 12.0, None)
     assert isinstance(failed.effective_bits_target, float)
+
+
+def test_all_layer_bits_stay_on_their_basis_for_manifests_without_the_field(runs):
+    """A manifest written before ``measured_all_layers`` existed gets it recomputed from its layers (old code fell
+    back to the budget-basis ``measured``, mixing two bases in one column)."""
+    from auto_quantize_model.records.outcome import TrialOutcome
+
+    m = runs["fresh"].manifest
+    every, budget = m["effective_bits"]["measured_all_layers"], m["effective_bits"]["measured"]
+    assert every != pytest.approx(budget)  # lm_head is outside fp8_autoquant_top50's budget
+    old = {**m, "effective_bits": {k: v for k, v in m["effective_bits"].items() if k != "measured_all_layers"}}
+    assert TrialOutcome.from_run(old).effective_bits_all_layers == pytest.approx(every)
 
 
 def test_effective_bits_is_one_float_from_the_cli_to_the_trials_row(monkeypatch, tiny_model_dir, tmp_path, runs):

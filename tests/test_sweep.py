@@ -137,22 +137,26 @@ def test_summary_reads_the_budget_from_one_float_field(tiny_model_dir, tmp_path)
                  effective_bits=(12, 10.5))
     ok, interrupted, nope, _ = expand_grid(spec)
     row = TrialOutcome(trial_id=ok.trial_id, effective_bits_target=12.0, effective_bits_achieved=11.875,
-                       num_quantized_layers=9, num_layers=28, budget_met=True, kl_mean=0.0123).to_row()
+                       effective_bits_all_layers=12.64, num_quantized_layers=9, num_layers=28, budget_met=True,
+                       kl_mean=0.0123, exportable=True).to_row()
     row.pop("trial_id")
     row.pop("equivalent_schemes")  # as the worker reports it: the trial holds the list
     rows = [{**ok.to_dict(), **row, "scored": True}, {**interrupted.to_dict(), "status": INTERRUPTED},
             {**nope.to_dict(), "status": "error"}]
     assert all(type(r["effective_bits_target"]) is float for r in rows)
     text = render_summary(spec, rows, {"passes": {"k": 1}, "reuses": {}}, 12.34, 2)
-    assert text.splitlines()[2:] == [
+    # Both bits bases, side by side (old code: the budget basis alone, so full@8 and all_layers@8 both read 8.000).
+    assert text.splitlines()[2:-2] == [
         "3 trials (1 ok) on 2 worker(s) in 12.3 s; scoring passes per key: {'k': 1}; reuses: {}", "",
-        "| trial | scheme | bits target | achieved | quantized layers | met | scores | ppl | KL mean | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {ok.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 12 | 11.875 | 9/28 | True | computed | - | "
-        "0.0123 | ok |",
-        f"| {interrupted.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 10.5 | - | - | - | - | - | - | "
-        "interrupted |",
-        f"| {nope.trial_id} | nope | 12 | - | - | - | - | - | - | ERROR: {nope.error[:120]} |"]
+        "| trial | scheme | bits target | achieved (budget) | all LM Linears | quantized layers | met | scores | ppl "
+        "| KL mean | exportable | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {ok.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 12 | 11.875 | 12.640 | 9/28 | True | computed "
+        "| - | 0.0123 | yes | ok |",
+        f"| {interrupted.trial_id} | fp8_autoquant_top25 = fp8_autoquant_top50 | 10.5 | - | - | - | - | - | - | - | - "
+        "| interrupted |",
+        f"| {nope.trial_id} | nope | 12 | - | - | - | - | - | - | - | - | ERROR: {nope.error[:120]} |"]
+    assert text.splitlines()[-1].startswith(f"Ship a trial: `autoquant ship {spec.sweep_dir} --trial ID")
 
 
 def test_spec_from_toml_with_overrides(tiny_model_dir, tmp_path):
@@ -362,13 +366,39 @@ def test_resume_after_interrupted_sweep_runs_only_unfinished(ray_cluster, tiny_m
     assert len(load_layers(res["tables"])) == 8 * 29
 
 
+def _readme_excerpts():
+    """scripts/readme_excerpts.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_excerpts", REPO / "scripts" / "readme_excerpts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_excerpt_blocks_round_trip():
+    ex = _readme_excerpts()
+    text = "a\n<!-- excerpt:demo -->\n```\nold 1.5 s\n```\n<!-- /excerpt -->\nb\n"
+    assert ex.excerpts(text) == {"demo": "old 1.5 s"}
+    new = ex.replace_excerpts(text, {"demo": "new 2.0 s"})
+    assert new == text.replace("old 1.5 s", "new 2.0 s") and ex.normalized("in 2.0 s") == ex.normalized("in 31.5 s")
+    assert set(ex.excerpts((REPO / "README.md").read_text())) == {"demo", "compare"}
+
+
 @pytest.mark.timeout(420)
 def test_demo_command_is_a_sweep_with_analysis(ray_cluster, tmp_path, capsys):
     from auto_quantize_model.cli import main
 
-    assert main(["demo", "--output-dir", str(tmp_path / "demo")]) == 0
+    # One worker, as `bash scripts/demo.sh` has on a machine without GPUs (this test's Ray has 2 fake ones).
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--num-workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "12 trials (12 ok)" in out and "scoring passes per key" in out
+    # README.md's demo excerpt is what the demo prints, wall-clock times aside: rerun scripts/readme_excerpts.py
+    # whenever this fails.
+    ex = _readme_excerpts()
+    readme = ex.excerpts((REPO / "README.md").read_text(encoding="utf-8"))["demo"]
+    assert ex.normalized(readme) == ex.normalized(ex.demo_excerpt(out, tmp_path / "demo")), \
+        "README.md's demo excerpt is stale: run python scripts/readme_excerpts.py"
     assert (tmp_path / "demo" / "analysis" / "analysis.md").is_file()
     trials = load_trials(tmp_path / "demo" / "sweeps" / "demo" / "autoquant" / "tables")
     assert len(trials) == 13 and trials["is_control"].fillna(False).astype(bool).sum() == 1  # 12 + the control

@@ -302,12 +302,13 @@ class ModelWorker:
             cost = self.meter.measure(reference, result.model, result.manifest, trial_dir)
         del reference
         m = result.manifest
+        exportable = _exportable(result)
         # One row, built once: the trials table, Tune's report and the summary read the same fields.
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=tid, metrics=metrics,
                                         manifest_path=str(result.manifest_path), measurement=cost,
-                                        equivalent_schemes=",".join(trial.equivalent_schemes))
+                                        equivalent_schemes=",".join(trial.equivalent_schemes), exportable=exportable)
         write_trial(out["tables"], m, metrics=metrics, manifest_path=str(result.manifest_path), measurement=cost,
-                    equivalent_schemes=",".join(trial.equivalent_schemes), **common)
+                    equivalent_schemes=",".join(trial.equivalent_schemes), exportable=exportable, **common)
         peak = torch.cuda.max_memory_allocated() if self.loaded.device.type == "cuda" else 0
         tags = {"worker": self.name}
         scored = result.scored or pass_ran
@@ -396,3 +397,17 @@ class ModelWorker:
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}}
+
+
+def _exportable(result: Any) -> bool:
+    """Whether `autoquant export` takes the run's formats (export's own check; the trials table's ``exportable``)."""
+    from auto_quantize_model.autoquant.rebuild import RunArtifacts
+    from auto_quantize_model.errors import UserError
+    from auto_quantize_model.export.hf import check_exportable
+
+    try:
+        run_dir = Path(result.manifest_path).parent
+        check_exportable(RunArtifacts(run_dir, result.manifest, Path(result.restore_path or run_dir)))
+    except UserError:
+        return False
+    return True

@@ -56,7 +56,7 @@ def find_manifest_files(sources: list[str]) -> Collected:
     return out
 
 
-def _read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None, str | None]:
+def read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None, str | None]:
     """(path, manifest, metrics, error) for one file; never raises for bad content."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -75,6 +75,26 @@ def _read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | 
     return str(path), manifest, metrics, None
 
 
+def export_blocker(manifest: dict[str, Any], manifest_path: str | Path) -> str | None:
+    """Why `autoquant export` would refuse this run's formats (export.hf.check_exportable's line), None if it takes
+    them. Only the formats are judged here; the checkpoint is checked when the export runs."""
+    from auto_quantize_model.autoquant.rebuild import RunArtifacts
+    from auto_quantize_model.export.hf import check_exportable
+
+    run_dir = Path(manifest_path).parent
+    restore = run_dir / str(manifest.get("artifacts", {}).get("restore", ""))
+    try:
+        check_exportable(RunArtifacts(run_dir, manifest, restore))
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def is_exportable(manifest: dict[str, Any], manifest_path: str | Path) -> bool:
+    """True when `autoquant export` takes the run's formats (the trials table's ``exportable``)."""
+    return export_blocker(manifest, manifest_path) is None
+
+
 # What a manifest that passes the shape check but holds wrong types raises while becoming rows.
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, pa.ArrowException)
 
@@ -82,11 +102,12 @@ MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, pa.Arr
 def _convert(path: Path, tables_root: str) -> tuple[str, str | None, str | None]:
     """Read one manifest and write its table files (a worker-process task); a bad file is skipped, by name."""
     try:
-        src, manifest, metrics, error = _read_one(path)
+        src, manifest, metrics, error = read_one(path)
         if manifest is None:
             return src, None, error
         trial_id = write_trial(tables_root, manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
-                               manifest_path=src, measurement=read_measurement(path.parent))
+                               manifest_path=src, measurement=read_measurement(path.parent),
+                               exportable=is_exportable(manifest, src))
     except MALFORMED as exc:
         return str(path), None, f"malformed manifest ({exc.__class__.__name__}: {str(exc)[:120]})"
     return src, trial_id, None
@@ -112,6 +133,30 @@ def _controls(sources: list[str], tables_root: str) -> dict[str, str]:
             write_table_file(tables_root, "trials", CONTROL_NAME, record["trial_id"], table)
             out[str(f)] = record["trial_id"]
     return out
+
+
+def trial_rows(sources: list[str]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Trials-table rows (plus ``scheme``) of every valid manifest under ``sources``, read in memory (no table is
+    written), and the sources skipped with the reason. One row per trial id: the first found."""
+    from auto_quantize_model.records.outcome import TrialOutcome
+
+    found = find_manifest_files(sources)
+    rows: dict[str, dict[str, Any]] = {}
+    skipped = list(found.skipped)
+    for path in found.files:
+        try:
+            src, manifest, metrics, error = read_one(path)
+            if manifest is None:
+                skipped.append((src, error or "invalid"))
+                continue
+            row = TrialOutcome.from_run(manifest, sweep_id=manifest.get("sweep_id"), metrics=metrics,
+                                        manifest_path=src, measurement=read_measurement(path.parent),
+                                        exportable=is_exportable(manifest, src)).to_row()
+        except MALFORMED as exc:
+            skipped.append((str(path), f"malformed manifest ({exc.__class__.__name__})"))
+            continue
+        rows.setdefault(row["trial_id"], {**row, "scheme": manifest["scheme"]["name"]})
+    return list(rows.values()), skipped
 
 
 def aggregate(sources: list[str], tables_root: str | Path, workers: int = 1) -> dict[str, Any]:

@@ -18,9 +18,17 @@ def sensitivity_grid(layers: pd.DataFrame, scheme: str) -> pd.DataFrame:
     return grid[order + [c for c in grid.columns if c not in order]]
 
 
+def quantized(layers: pd.DataFrame) -> pd.Series:
+    """Per layers row: quantized in some format (``dtype`` a format label, not an unquantized dtype such as ``bf16``
+    or ``fp32``; tables written from version-1 manifests say ``bf16`` for every unquantized layer)."""
+    from auto_quantize_model.autoquant.layers import UNQUANTIZED_LABELS
+
+    return ~layers["dtype"].isin(UNQUANTIZED_LABELS)
+
+
 def inclusion_curve(layers: pd.DataFrame) -> pd.DataFrame:
     """Per scheme and effective-bits target: share of layers and of weights that are quantized."""
-    df = layers.assign(quantized=layers["dtype"] != "bf16")
+    df = layers.assign(quantized=quantized(layers))
     df = df.assign(qparams=df["num_params"] * df["quantized"])
     g = df.groupby(["scheme", "effective_bits_target"], observed=True)
     out = pd.DataFrame({
@@ -34,7 +42,7 @@ def inclusion_curve(layers: pd.DataFrame) -> pd.DataFrame:
 def flip_budgets(layers: pd.DataFrame) -> pd.DataFrame:
     """Per scheme and layer: the highest bits target at which it is quantized (NaN = never), and how
     often it is quantized across that scheme's targets."""
-    df = layers.assign(quantized=layers["dtype"] != "bf16")
+    df = layers.assign(quantized=quantized(layers))
     g = df.groupby(["scheme", "layer"], observed=True)
     flip = df[df["quantized"]].groupby(["scheme", "layer"], observed=True)["effective_bits_target"].max()
     out = pd.DataFrame({"inclusion_rate": g["quantized"].mean(), "flip_budget": flip,
@@ -55,31 +63,80 @@ def pareto_front(trials: pd.DataFrame, x: str = "effective_bits_achieved", y: st
     return df.loc[keep]
 
 
-def scoring_configs(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
-    """Group-level sensitivity per scoring configuration (one column per distinct score cache key).
-
-    Trials that share calibration, method, steps and formats share scores; each configuration is
-    labelled "scheme / method / n=samples / steps=score steps" after its first trial.
-    """
-    t = trials.dropna(subset=["score_cache_key"]).drop_duplicates("score_cache_key")
-    cols = {}
-    for _, row in t.iterrows():
-        label = f"{row['scheme']} / {row['method']} / n={row['calib_num_samples']} / steps={row['num_score_steps']}"
-        if "calib_seed" in row and pd.notna(row["calib_seed"]) and row["calib_seed"]:
-            label += f" / seed={int(row['calib_seed'])}"
-        sub = layers[layers["trial_id"] == row["trial_id"]]
-        cols[label] = sub.groupby("search_group")["sensitivity"].first()
-    return pd.DataFrame(cols)
+# What makes two scorings of one format the same computation: equal values here give equal scores (the candidate
+# set and the scheme's name do not change a group's score for a format; shared scoring passes compute it once).
+SCORING_INPUTS = ("method", "num_score_steps", "weights_fingerprint", "calibration_hash")
+# Calibration settings that tell two independent scorings' data apart (anything else: other caption files).
+DATA_SETTINGS = (("calib_seed", "seed"), ("calib_num_samples", "samples"), ("calib_chat_template", "chat template"))
 
 
-def rank_agreement(configs: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
-    """Pairwise Spearman correlation and top-k overlap of group sensitivity between configurations."""
+def format_scores(layers: pd.DataFrame) -> pd.DataFrame:
+    """Long form of the searched groups' scores: trial_id, search_group, format, score (``NONE`` and groups kept
+    out of the search left out)."""
+    cols = ["trial_id", "search_group", "format", "score"]
+    df = layers.dropna(subset=["search_group"]).drop_duplicates(["trial_id", "search_group"])
+    rows = [(t, g, f, s) for t, g, fmts, scores in zip(df["trial_id"], df["search_group"], df["candidate_formats"],
+                                                        df["candidate_scores"])
+            if fmts is not None and len(fmts) > 1
+            for f, s in zip(fmts, scores) if f != "NONE" and s is not None and not pd.isna(s)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def independent_scorings(layers: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct scoring of a format: the format, its ``SCORING_INPUTS`` and data settings, the first
+    trial that carries it, and a label. Trials whose scores are the same computation (same inputs) count once."""
+    _, t = split_controls(trials)
+    need = ["trial_id", *SCORING_INPUTS, *(c for c, _ in DATA_SETTINGS)]
+    if t.empty or not set(need) <= set(t.columns):
+        return pd.DataFrame(columns=["format", *need, "label"])
+    per = format_scores(layers)[["trial_id", "format"]].drop_duplicates().merge(t[need], on="trial_id")
+    per = per.dropna(subset=["calibration_hash"]).sort_values("trial_id")
+    per = per.drop_duplicates(["format", *SCORING_INPUTS], keep="first").reset_index(drop=True)
+
+    def label(r: Any) -> str:
+        seed = "-" if pd.isna(r.calib_seed) else int(r.calib_seed)
+        return (f"{r.format} / {r.method} / steps={int(r.num_score_steps)} / n={int(r.calib_num_samples)} / "
+                f"seed={seed} / data {str(r.calibration_hash)[:8]}")
+
+    return per.assign(label=[label(r) for r in per.itertuples()])
+
+
+def rank_agreement(layers: pd.DataFrame, trials: pd.DataFrame, top_fraction: float = 0.25) -> pd.DataFrame:
+    """Spearman and top-k overlap of group scores between independent scorings of the same format: same format,
+    method, steps and weights, different calibration data (another seed, sample count, chat template or caption
+    file). Scorings on the same data are the same computation (their agreement is 1 by construction) and scores of
+    different formats measure different errors, so neither is compared."""
+    cols = ["format", "scoring_a", "scoring_b", "differs", "groups", "spearman", "top_k", "top_k_overlap"]
+    sc = independent_scorings(layers, trials)
+    if len(sc) < 2:
+        return pd.DataFrame(columns=cols)
+    scores = format_scores(layers)
     rows = []
-    for a, b in itertools.combinations(configs.columns, 2):
-        pair = _pair_agreement(configs, a, b, top_fraction)
-        if pair is not None:
-            rows.append({"config_a": a, "config_b": b, **pair})
-    return pd.DataFrame(rows, columns=["config_a", "config_b", "groups", "spearman", "top_k", "top_k_overlap"])
+    same = ["format", "method", "num_score_steps", "weights_fingerprint"]
+    for _, group in sc.groupby(same, dropna=False):
+        for a, b in itertools.combinations(group.itertuples(), 2):
+            col = {}
+            for r in (a, b):
+                s = scores[(scores["trial_id"] == r.trial_id) & (scores["format"] == r.format)]
+                col[r.label] = s.set_index("search_group")["score"]
+            pair = _pair_agreement(pd.DataFrame(col), a.label, b.label, top_fraction)
+            if pair is None:
+                continue
+            differs = [word for c, word in DATA_SETTINGS if getattr(a, c) != getattr(b, c)] or ["captions"]
+            rows.append({"format": a.format, "scoring_a": a.label, "scoring_b": b.label,
+                         "differs": ", ".join(differs), **pair})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def agreement_matrix(agreement: pd.DataFrame) -> pd.DataFrame:
+    """The pairs of :func:`rank_agreement` as a symmetric Spearman matrix (NaN: not comparable, 1 on the diagonal)."""
+    labels = list(dict.fromkeys([*agreement["scoring_a"], *agreement["scoring_b"]]))
+    m = pd.DataFrame(np.nan, index=labels, columns=labels)
+    for r in agreement.itertuples():
+        m.loc[r.scoring_a, r.scoring_b] = m.loc[r.scoring_b, r.scoring_a] = r.spearman
+    for lab in labels:
+        m.loc[lab, lab] = 1.0
+    return m
 
 
 def _pair_agreement(scores: pd.DataFrame, a: Any, b: Any, top_fraction: float) -> dict[str, Any] | None:

@@ -1,7 +1,9 @@
 """What each LM Linear is (block index, kind) and what the quantized model really runs it in.
 
 The dtype of a layer is read from its live quantizers, never from the search result: a layer is FP8
-when its weight quantizer is enabled with ``num_bits == (4, 3)``. A test cross-checks the two.
+when its weight quantizer is enabled with ``num_bits == (4, 3)``. A test cross-checks the two. A layer left
+unquantized runs in the model's own dtype, and the manifest says which (``bf16``, ``fp16``, ``fp32``): a float32
+CPU run's unquantized layers are ``fp32``, not ``bf16``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,22 @@ KINDS = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "lm_head": "lm_head",
 }
-UNQUANTIZED = "bf16"
+# What a live quantizer that is off is labelled; the manifest replaces it by the run's dtype (unquantized_label).
+UNQUANTIZED = "unquantized"
+# torch dtype name -> the label of a layer that runs unquantized in it.
+_DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+UNQUANTIZED_LABELS = frozenset(_DTYPE_LABELS.values()) | {UNQUANTIZED}
+
+
+def unquantized_label(dtype: Any) -> str:
+    """The label of a layer left unquantized in a model of ``dtype`` (``torch.float32``/``"float32"``: ``fp32``)."""
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_LABELS.get(name, name)
+
+
+def is_quantized_label(label: str) -> bool:
+    """True for a quantized format label (fp8, nvfp4, int4+fp8, ...), false for an unquantized dtype label."""
+    return label not in UNQUANTIZED_LABELS
 
 
 def block_index(name: str) -> int | None:
@@ -68,7 +85,7 @@ def _label(bits: Any, block_sizes: Any) -> str:
 
 
 def quantizer_label(quantizer: Any) -> str:
-    """What a quantizer does: fp8, nvfp4, mxfp8, int8, int4, ... or bf16 when off.
+    """What a quantizer does: fp8, nvfp4, mxfp8, int8, int4, ... or ``UNQUANTIZED`` when off.
 
     A ``SequentialQuantizer`` (e.g. W4A8 AWQ: int4 then fp8 on the weight) is labelled by its enabled
     stages joined with ``+`` (``int4+fp8``).

@@ -16,17 +16,22 @@ from torch import nn
 from auto_quantize_model.autoquant.layers import (
     UNQUANTIZED,
     block_index,
+    is_quantized_label,
     layer_kind,
     layer_tower,
     linear_layers,
     live_layer_formats,
+    unquantized_label,
 )
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json
 from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.provenance import git_revision, versions
 
-SCHEMA_VERSION = 1
+# 2: a layer left unquantized is labelled by the run's dtype (bf16, fp16, fp32), no longer always "bf16".
+SCHEMA_VERSION = 2
+# Older versions this tool still reads (upgraded in memory by upgrade_manifest).
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 MANIFEST_SUFFIX = "_quant_manifest.json"
 # Written beside a manifest by the sweep or the demo: evaluation metrics that the tables pick up.
 EVALUATION_FILE = "evaluation.json"
@@ -103,8 +108,10 @@ def sensitivity_table(search_state: dict[str, Any], format_names: dict[str, str]
     return out
 
 
-def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Per LM Linear: dtype read from its live quantizers, plus its group, block, kind and size."""
+def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits: dict[str, float],
+                unquantized: str) -> dict[str, dict[str, Any]]:
+    """Per LM Linear: dtype read from its live quantizers (``unquantized``, the run's dtype label, where they are
+    off), plus its group, block, kind and size."""
     group_of = {m: g for g, info in groups.items() for m in info["module_names"]}
     live = live_layer_formats(model)
     layers = linear_layers(model)
@@ -113,8 +120,8 @@ def layer_table(model: nn.Module, groups: dict[str, dict[str, Any]], format_bits
         group = group_of.get(lname)
         chosen = groups[group]["chosen_format"] if group else None
         out[lname] = {
-            "dtype": fmt["weight"],
-            "input_dtype": fmt["input"],
+            "dtype": unquantized if fmt["weight"] == UNQUANTIZED else fmt["weight"],
+            "input_dtype": unquantized if fmt["input"] == UNQUANTIZED else fmt["input"],
             "format": chosen if fmt["weight"] != UNQUANTIZED else NO_QUANT,
             "search_group": group,
             "block_index": block_index(lname),
@@ -134,7 +141,7 @@ def tower_summary(layers: dict[str, dict[str, Any]], groups: dict[str, dict[str,
                                           "summed_score": 0.0, "groups": 0})
         t["layers"] += 1
         t["params"] += lay["num_params"]
-        if lay["dtype"] != UNQUANTIZED:
+        if is_quantized_label(lay["dtype"]):
             t["quantized_layers"] += 1
             t["quantized_params"] += lay["num_params"]
     for info in groups.values():
@@ -212,7 +219,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Assemble the manifest dict from a finished search and the live quantized model."""
     groups = sensitivity_table(search_state, format_names)
-    layers = layer_table(model, groups, format_bits)
+    layers = layer_table(model, groups, format_bits, unquantized_label(model_info["dtype"]))
     # Modules AutoQuant did not search (e.g. convolutions it skips) are not part of the study.
     searched = {m for info in groups.values() for m in info["module_names"]}
     layers = {n: lay for n, lay in layers.items() if n in searched or lay["kind"] in KINDS_ALWAYS}
@@ -242,7 +249,7 @@ def build_manifest(
         # the exact boundary (every searched group at its cheapest format) while the result meets the target;
         # its own flag stays in autoquant_state.best.is_satisfied.
         "budget_met": achieved is not None and achieved <= target + 1e-6,
-        "num_quantized_layers": sum(1 for lay in layers.values() if lay["dtype"] != UNQUANTIZED),
+        "num_quantized_layers": sum(1 for lay in layers.values() if is_quantized_label(lay["dtype"])),
         "num_layers": len(layers),
         "towers": tower_summary(layers, groups),
         "exclusions": exclusions,
@@ -257,15 +264,38 @@ def build_manifest(
     }
 
 
+def upgrade_manifest(data: dict[str, Any]) -> dict[str, Any]:
+    """A manifest of an older readable version as the current version says it (a new dict; ``data`` is kept).
+
+    Version 1 labelled every unquantized layer ``bf16`` whatever the run's dtype: such a layer is relabelled by the
+    run's ``model.dtype`` (a float32 CPU run's become ``fp32``).
+    """
+    if data.get("schema_version") == SCHEMA_VERSION:
+        return data
+    dtype = (data.get("model") or {}).get("dtype") if isinstance(data.get("model"), dict) else None
+    label = unquantized_label(dtype) if dtype else "bf16"
+    layers = {}
+    for name, lay in data["layers"].items():
+        if isinstance(lay, dict):
+            lay = {**lay, **{k: label for k in ("dtype", "input_dtype") if lay.get(k) == "bf16"}}
+        layers[name] = lay
+    return {**data, "schema_version": SCHEMA_VERSION, "layers": layers}
+
+
 def validate_manifest(data: Any, source: str = "manifest") -> dict[str, Any]:
-    """Check a manifest's shape; raise UserError naming the first problem."""
+    """Check a manifest's shape; raise UserError naming the first problem. Returns it in the current version
+    (an older readable version upgraded in memory, see :func:`upgrade_manifest`)."""
     if not isinstance(data, dict):
         raise UserError(f"{source} is not a JSON object; it is not an autoquant manifest")
     version = data.get("schema_version")
     if version is None or "layers" not in data:
         raise UserError(f"{source} is not an autoquant manifest (no schema_version/layers)")
-    if version != SCHEMA_VERSION:
-        raise UserError(f"{source} has manifest schema_version {version}; this tool reads version {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise UserError(f"{source} has manifest schema_version {version}; this tool reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if not isinstance(data["layers"], dict):
+        raise UserError(f"{source} is corrupt: field 'layers' is missing or not a dict")
+    data = upgrade_manifest(data)
     for key, typ in REQUIRED_KEYS.items():
         if not isinstance(data.get(key), typ):
             raise UserError(f"{source} is corrupt: field {key!r} is missing or not a {typ.__name__}")

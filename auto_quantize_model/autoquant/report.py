@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.autoquant.layers import is_quantized_label
 from auto_quantize_model.models.scope import Scope
 
 REPORT_NAME = "layer-sensitivity-report.md"
@@ -100,7 +101,7 @@ def _rollup(m: dict[str, Any], key: str, title: str) -> list[str]:
         a = agg[k]
         a["layers"] += 1
         a["params"] += lay["num_params"]
-        if lay["dtype"] != "bf16":
+        if is_quantized_label(lay["dtype"]):
             a["quantized"] += 1
             a["qparams"] += lay["num_params"]
     score: dict[Any, float] = defaultdict(float)

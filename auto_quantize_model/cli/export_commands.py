@@ -1,8 +1,10 @@
-"""``autoquant export``: a run's scheme as a deployable Hugging Face checkpoint (ModelOpt unified format)."""
+"""``autoquant export`` (a run as a deployable Hugging Face checkpoint, ModelOpt unified format) and
+``autoquant ship`` (pick a trial of a sweep by a rule, export it, print how to serve it)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -16,6 +18,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    """Pick a trial by the rule, export it, print why it won and how to serve it (refusals: one line, exit 2)."""
+    from auto_quantize_model.analysis.pick import ShipRule
+    from auto_quantize_model.analysis.ship import ship, ship_command
+
+    rule = ShipRule(max_bits=args.max_bits, bits_basis=args.bits_basis, min_prefill_speedup=args.min_prefill_speedup,
+                    max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase, trial=args.trial,
+                    exportable_only=args.exportable_only)
+    done = ship(args.sources, rule, args.output_dir, model_dir=args.model_dir, device=args.device,
+                export_format=args.format, dry_run=args.dry_run)
+    print(f"ship: {done.pick.line()}")
+    if done.output_dir is None:
+        trial = str(done.pick.winner["trial_id"])
+        target = args.output_dir or f"exports/{trial}"
+        print(f"dry run, nothing written; to export it: {ship_command(args.sources, rule, target)}")
+        return 0
+    layers = done.export_info.get("layers") or {}
+    detail = f" ({layers['fp8']}/{layers['total']} LM layers FP8)" if {"fp8", "total"} <= set(layers) else ""
+    print(f"export: {done.output_dir}{detail}")
+    for engine, line in zip(("vLLM", "SGLang"), done.serve):
+        print(f"serve ({engine}, not run here): {line}")
+    print(f"check it here: autoquant infer --exported {shlex.quote(str(done.output_dir))} --prompt \"Describe a photo.\"")
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands."""
     p = sub.add_parser("export", help="write a run's scheme as a Hugging Face FP8 checkpoint (ModelOpt format)")
@@ -24,3 +51,30 @@ def register(sub) -> None:
     p.add_argument("--output-dir", required=True, help="new directory for the exported checkpoint")
     p.add_argument("--device", default="cpu", help="where to run the export: cpu (default), cuda, auto")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ship", help="pick a sweep's trial by a rule and export it (prints why, and how to serve it)",
+                       description="Pick one trial of a sweep by a rule and export it. With --max-bits or "
+                       "--min-prefill-speedup the lowest KL wins; with only --max-kl/--max-ppl-increase the fewest "
+                       "bits win; ties go to the other measure (fewer bits, resp. lower KL), then to the smaller "
+                       "trial id. A winner that export cannot take is refused, naming the best trial it can.")
+    p.add_argument("sources", nargs="+", help="a sweep directory (or run directories, manifest files, globs)")
+    g = p.add_argument_group("rule: one or more limits, or --trial")
+    g.add_argument("--max-bits", type=float, help="at most this many effective bits (basis: --bits-basis); "
+                   "the lowest KL wins")
+    g.add_argument("--bits-basis", choices=("all-layers", "budget"), default="all-layers",
+                   help="bits over every LM Linear, excluded layers at 16 (all-layers, default: what ships and the "
+                   "basis the uniform FP8 control shares), or over the layers the search's budget counts (budget)")
+    g.add_argument("--min-prefill-speedup", type=float, help="at least this prefill speed-up over BF16, as the sweep "
+                   "measured it (--measure); the lowest KL wins")
+    g.add_argument("--max-kl", type=float, help="at most this mean KL vs the unquantized model; the fewest bits win")
+    g.add_argument("--max-ppl-increase", type=float, metavar="PCT",
+                   help="perplexity at most PCT percent above the unquantized model's; the fewest bits win")
+    g.add_argument("--trial", help="ship this trial (its id, or a unique part of it) instead of a rule")
+    g.add_argument("--exportable-only", action="store_true",
+                   help="apply the rule among exportable trials only (default: refuse a winner export cannot take)")
+    p.add_argument("--output-dir", help="new directory for the exported checkpoint (required unless --dry-run)")
+    p.add_argument("--model-dir", help="the checkpoint (default: the one the trial's manifest records)")
+    p.add_argument("--device", default="cpu", help="where to run the export: cpu (default), cuda, auto")
+    p.add_argument("--format", default=None, help="export format, where export offers more than one")
+    p.add_argument("--dry-run", action="store_true", help="print the pick and the command, write nothing")
+    p.set_defaults(func=cmd_ship)

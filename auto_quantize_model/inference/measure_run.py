@@ -49,7 +49,9 @@ def check_can_measure(device: torch.device, settings: MeasureSettings) -> None:
 
 def fp8_layer_names(manifest: dict[str, Any]) -> list[str]:
     """The run's FP8 layers; refuses a run with any other quantized format (only FP8/BF16 are measured)."""
-    other = sorted({lay["dtype"] for lay in manifest["layers"].values()} - {"fp8", "bf16"})
+    from auto_quantize_model.autoquant.layers import is_quantized_label
+
+    other = sorted({lay["dtype"] for lay in manifest["layers"].values() if is_quantized_label(lay["dtype"])} - {"fp8"})
     if other:
         raise UserError(f"measure runs per-tensor FP8 and BF16 layers only; this run has {', '.join(other)} "
                         "layers: drop measure for this scheme")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auto_quantize_model.autoquant.layers import linear_layers, quantizer_label
+from auto_quantize_model.autoquant.layers import UNQUANTIZED, linear_layers, quantizer_label
 from auto_quantize_model.models.steps import ForwardStep
 
 
@@ -78,7 +78,7 @@ def _layer_error_hooks(model: nn.Module, sums: dict[str, list[float]]) -> Iterat
 
     handles = []
     for name, mod in linear_layers(model).items():
-        quantized = any(quantizer_label(getattr(mod, q, None)) != "bf16" for q in ("weight_quantizer", "input_quantizer"))
+        quantized = any(quantizer_label(getattr(mod, q, None)) != UNQUANTIZED for q in ("weight_quantizer", "input_quantizer"))
         if quantized:
             sums[name] = [0.0, 0.0]
             handles.append(mod.register_forward_hook(hook(name)))

@@ -192,15 +192,24 @@ def _train_language_model(model, tokenizer, texts: list[str], steps: int, seed: 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        idx = torch.randint(len(texts), (16,), generator=g).tolist()
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # One thread: a multi-threaded CPU reduction sums in an order that depends on the thread count, and 200 steps
+    # turn that rounding into other weights, so the demo's numbers (README excerpts) would depend on the machine's
+    # core count. Single-threaded, the same seed gives the same checkpoint on any core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            idx = torch.randint(len(texts), (16,), generator=g).tolist()
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return float(loss.detach())
 

@@ -1,10 +1,10 @@
-"""The run manifest (``<scheme>_quant_manifest.json``, schema version 1) as types: one comment per key.
+"""The run manifest (``<scheme>_quant_manifest.json``, schema version 2) as types: one comment per key.
 
 ``autoquant/manifest.py:build_manifest`` writes it and ``load_manifest`` reads it; docs/manifest.md explains each
 field at length. tests/test_records.py checks that docs/manifest.md's field list and a real manifest of the tiny
 model carry exactly these keys, so this module, the writer and the docs cannot drift apart. ``NotRequired`` marks
-keys that only some runs write (whole-VLM, image captions, in-memory re-solves) or that older manifests of
-schema 1 lack.
+keys that only some runs write (whole-VLM, image captions, in-memory re-solves) or that older manifests
+lack.
 
 No ``from __future__ import annotations`` here: TypedDict reads ``NotRequired`` from evaluated annotations.
 """
@@ -183,8 +183,8 @@ class Tower(TypedDict):
 class LayerRecord(TypedDict):
     """One searched Linear, by module name."""
 
-    dtype: str  # weight format read from the live quantizers: fp8, nvfp4, int8, ... or bf16 (not quantized)
-    input_dtype: str  # activation quantizer's format
+    dtype: str  # weight format from the live quantizers: fp8, nvfp4, int8, ...; unquantized: the run's bf16/fp16/fp32
+    input_dtype: str  # activation quantizer's format (not quantized: the run's dtype, as for dtype)
     format: str  # chosen format name, NONE when unquantized
     search_group: str | None  # its search group (layer_sensitivity key)
     block_index: int | None  # decoder/vision block, null for lm_head
@@ -278,9 +278,9 @@ Versions = TypedDict(
 
 
 class Manifest(TypedDict):
-    """``<scheme>_quant_manifest.json``, schema version 1 (docs/manifest.md)."""
+    """``<scheme>_quant_manifest.json``, schema version 2 (docs/manifest.md)."""
 
-    schema_version: Literal[1]  # bumped on any incompatible change
+    schema_version: Literal[2]  # bumped on any incompatible change (version 1 is read, upgraded in memory)
     run_id: str | None  # sweep trial id; null for single runs
     sweep_id: str | None  # sweep name; null for single runs
     scheme: SchemeRecord  # the resolved scheme

@@ -21,6 +21,17 @@ METRICS = ("perplexity", "reference_perplexity", "kl_mean", "kl_max", "top1_agre
 TIMINGS = ("load", "calibrate", "score", "solve", "total")
 
 
+def all_layer_bits(manifest: dict[str, Any]) -> float:
+    """Effective bits over every LM Linear of a manifest (layers outside the search or budget at their ``bits``,
+    16): the manifest's ``measured_all_layers``, recomputed from its layers for manifests written before it."""
+    bits = manifest["effective_bits"]
+    if bits.get("measured_all_layers") is not None:
+        return float(bits["measured_all_layers"])
+    layers = list(manifest["layers"].values())
+    total = sum(lay["num_params"] for lay in layers)
+    return sum(lay["num_params"] * lay["bits"] for lay in layers) / total if total else 16.0
+
+
 def trial_id_for(manifest: dict[str, Any]) -> str:
     """The sweep's run id, else a content id: the same search result aggregated twice is one trial."""
     if manifest.get("run_id"):
@@ -42,7 +53,9 @@ class TrialOutcome:
     sweep_id: str | None = None
     trial_id: str
     effective_bits_target: float | None = None  # the budget asked for
-    effective_bits_achieved: float | None = None  # ModelOpt's solver figure (controls: measured bits)
+    # Two bases, one per column: the budget's (the layers the budget counts; null for the control, which has no
+    # budget) and every LM Linear's (excluded layers at 16): the one trials of any scheme and the control share.
+    effective_bits_achieved: float | None = None  # ModelOpt's solver figure, over the layers the budget counts
     effective_bits_all_layers: float | None = None  # over every LM Linear, excluded layers at their real width
     method: str | None = None
     calibration_hash: str | None = None  # the calibration's token_hash
@@ -74,6 +87,7 @@ class TrialOutcome:
     status: str = "ok"  # ok or error
     error: str | None = None
     manifest_path: str | None = None
+    exportable: bool | None = None  # `autoquant export` takes its formats (export.hf.check_exportable); null: unknown
     equivalent_schemes: str | None = None  # comma-joined scheme names run as this trial
     written_at: float = dataclasses.field(default_factory=time.time)
     is_control: bool = False
@@ -95,9 +109,9 @@ class TrialOutcome:
     def from_run(cls, manifest: dict[str, Any], *, sweep_id: str | None = None, trial_id: str | None = None,
                  metrics: dict[str, Any] | None = None, status: str = "ok", error: str | None = None,
                  manifest_path: str | None = None, equivalent_schemes: str | None = None,
-                 measurement: Any = None) -> TrialOutcome:
-        """From a run's manifest, its evaluation metrics (``evaluation.json``'s ``metrics``) and its measured cost
-        (a ``records.cost.TrialCost``, when measured)."""
+                 measurement: Any = None, exportable: bool | None = None) -> TrialOutcome:
+        """From a run's manifest, its evaluation metrics (``evaluation.json``'s ``metrics``), its measured cost
+        (a ``records.cost.TrialCost``, when measured) and whether export takes it (the caller asks export)."""
         m, metrics = manifest, metrics or {}
         bits, timings, cache = m["effective_bits"], m.get("timings", {}), m.get("score_cache")
         measured: dict[str, Any] = {**{k: metrics.get(k) for k in METRICS},
@@ -108,7 +122,7 @@ class TrialOutcome:
             trial_id=trial_id or trial_id_for(m),
             effective_bits_target=bits["target"],
             effective_bits_achieved=bits["achieved"],
-            effective_bits_all_layers=bits.get("measured_all_layers", bits.get("measured")),
+            effective_bits_all_layers=all_layer_bits(m),
             method=m["scheme"]["method"],
             calibration_hash=m["calibration"].get("token_hash"),
             model_id=m["model"]["config_hash"],
@@ -129,6 +143,7 @@ class TrialOutcome:
             status=status,
             error=error,
             manifest_path=manifest_path,
+            exportable=exportable,
             equivalent_schemes=equivalent_schemes or None,
             reference_dtype=m["model"].get("dtype"),
             calib_seed=m["calibration"].get("seed"),
@@ -146,12 +161,13 @@ class TrialOutcome:
 
     @classmethod
     def from_control(cls, record: dict[str, Any], manifest_path: str | None = None) -> TrialOutcome:
-        """The uniform-PTQ control (``*_control.json``): no target, no scores; achieved = its measured bits."""
+        """The uniform-PTQ control (``*_control.json``): no target, no scores, no budget (``effective_bits_achieved``
+        null); its measured bits count every LM Linear (excluded ones at 16), the all-layer basis."""
         c, metrics = record["control"], record.get("metrics") or {}
         measured: dict[str, Any] = {k: metrics.get(k) for k in METRICS}
         return cls(
             sweep_id=record.get("sweep_id"), trial_id=record["trial_id"],
-            effective_bits_achieved=c["effective_bits"], effective_bits_all_layers=c["effective_bits"],
+            effective_bits_all_layers=c["effective_bits"],
             calibration_hash=c["calibration_hash"], model_id=record["model"]["config_hash"],
             quantization_formats=c["quant_format"], num_calib_steps=c["num_calib_steps"],
             model_path=record["model"]["path"], num_quantized_layers=c["num_quantized_layers"],

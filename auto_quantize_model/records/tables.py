@@ -21,13 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from auto_quantize_model.io_utils import set_default_mode
-from auto_quantize_model.records.outcome import METRICS, TIMINGS, TrialOutcome, trial_id_for
+from auto_quantize_model.records.outcome import METRICS, TIMINGS, TrialOutcome, all_layer_bits, trial_id_for
 
 if TYPE_CHECKING:
     from auto_quantize_model.records.cost import TrialCost
 
 # 2: trials column num_fp8_layers renamed num_quantized_layers (it counts every quantized format).
-TABLES_SCHEMA_VERSION = 2
+# 3: one bits basis per column (the control's effective_bits_achieved is null: it has no budget), layers' dtype of an
+#    unquantized layer is the run's dtype (manifest schema 2), trials column exportable.
+TABLES_SCHEMA_VERSION = 3
 PARTITION = "scheme"
 
 _KEY = [
@@ -96,6 +98,7 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
         pa.field("manifest_path", pa.string()),
+        pa.field("exportable", pa.bool_()),
         pa.field("equivalent_schemes", pa.string()),
         pa.field("written_at", pa.float64()),
         # Added for the uniform-FP8 control, honest reference labels and seed-variance checks.
@@ -115,7 +118,7 @@ def _key_values(m: dict[str, Any], sweep_id: str | None, trial_id: str) -> dict[
         "trial_id": trial_id,
         "effective_bits_target": m["effective_bits"]["target"],
         "effective_bits_achieved": m["effective_bits"]["achieved"],
-        "effective_bits_all_layers": m["effective_bits"].get("measured_all_layers", m["effective_bits"].get("measured")),
+        "effective_bits_all_layers": all_layer_bits(m),
         "method": m["scheme"]["method"],
         "calibration_hash": m["calibration"].get("token_hash"),
         "model_id": m["model"]["config_hash"],
@@ -168,9 +171,11 @@ def trials_table(
     effective_bits_target: float | None = None,
     equivalent_schemes: str | None = None,
     measurement: TrialCost | None = None,
+    exportable: bool | None = None,
 ) -> pa.Table:
     """One row for a trial; ``m`` is None for a failed trial (then ``method`` and ``effective_bits_target`` say
-    what its settings asked for); ``measurement`` fills the measured-cost columns."""
+    what its settings asked for); ``measurement`` fills the measured-cost columns; ``exportable`` is export's
+    verdict on its formats (``analysis.ship.exportable``)."""
     if m is None:
         if trial_id is None:
             raise ValueError("a failed trial needs an explicit trial_id")
@@ -180,7 +185,8 @@ def trials_table(
     else:
         outcome = TrialOutcome.from_run(m, sweep_id=sweep_id, trial_id=trial_id, metrics=metrics, status=status,
                                         error=error, manifest_path=manifest_path,
-                                        equivalent_schemes=equivalent_schemes, measurement=measurement)
+                                        equivalent_schemes=equivalent_schemes, measurement=measurement,
+                                        exportable=exportable)
     return pa.Table.from_pylist([outcome.to_row()], schema=TRIALS_SCHEMA)
 
 

@@ -12,6 +12,7 @@ Layout under ``<storage_path>/<name>/`` (Tune's experiment directory)::
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -294,22 +295,33 @@ def render_summary(spec: SweepSpec, rows: list[dict[str, Any]], stats: dict[str,
         lines += [f"**Interrupted by {interrupted}**: {left} trial(s) did not finish; continue with `--resume`.", ""]
     lines += [f"{len(rows)} trials ({ok} ok) on {n} worker(s) in {wall:.1f} s; scoring passes per key: "
               f"{stats.get('passes')}; reuses: {stats.get('reuses')}", "",
-             "| trial | scheme | bits target | achieved | quantized layers | met | scores | ppl | KL mean | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              # Two bits bases, one per column: the budget's (the target's basis: the layers the search's budget
+              # counts) and every LM Linear's (excluded layers such as a BF16 lm_head at 16: what ships).
+              "| trial | scheme | bits target | achieved (budget) | all LM Linears | quantized layers | met | scores | ppl "
+              "| KL mean | exportable | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # A trial that stands for several scheme names (same resolved experiment) is reported under all.
         scheme = " = ".join([r["scheme"], *r.get("equivalent_schemes", [])])
         if r.get("status") == INTERRUPTED:
-            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | "
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | - | - | "
                          f"{INTERRUPTED} |")
             continue
         if r.get("status") != "ok":
-            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | "
+            lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | - | - | - | - | - | - | - | - | "
                          f"ERROR: {str(r.get('error', ''))[:120]} |")
             continue
         ppl = f"{r['perplexity']:.4g}" if r.get("perplexity") is not None else "-"
         kl = f"{r['kl_mean']:.3g}" if r.get("kl_mean") is not None else "-"
+        every = f"{r['effective_bits_all_layers']:.3f}" if r.get("effective_bits_all_layers") is not None else "-"
+        export = "-" if r.get("exportable") is None else ("yes" if r["exportable"] else "no")
         scores = "previous run" if r.get("from_previous_run") else ("computed" if r["scored"] else "reused")
         lines.append(f"| {r['trial_id']} | {scheme} | {r['effective_bits_target']:g} | {r['effective_bits_achieved']:.3f} | "
-                     f"{r['num_quantized_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | {kl} | ok |")
+                     f"{every} | {r['num_quantized_layers']}/{r['num_layers']} | {r['budget_met']} | {scores} | {ppl} | "
+                     f"{kl} | {export} | ok |")
+    if ok:
+        lines += ["", f"Ship a trial: `autoquant ship {shlex.quote(str(spec.sweep_dir))} --trial ID --output-dir DIR` "
+                  "(or a rule: `--max-bits`, `--max-kl`, `--max-ppl-increase`, `--min-prefill-speedup`); "
+                  f"`autoquant analyze {shlex.quote(str(spec.sweep_dir))} --output-dir DIR` names the trial to ship "
+                  "under standard rules."]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,121 @@
+"""``autoquant ship``: from a sweep's answer to a served checkpoint in one command.
+
+Reads the trials of a sweep directory (or run directories, manifest files, globs) as the trials table's rows, picks
+one by a rule (analysis/pick.py), exports it with ``export.hf.export_run`` and says how to serve it. The sweep knows
+its checkpoint (each manifest records ``model.path``); ``--model-dir`` overrides it and the export's own check still
+refuses other weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from auto_quantize_model.analysis.aggregate import trial_rows
+from auto_quantize_model.analysis.pick import Pick, ShipRule, pick
+from auto_quantize_model.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The engines' own flags for a ModelOpt-format checkpoint (README, "Export"); a checkpoint whose quant_method an
+# engine detects from config.json (compressed-tensors) needs none.
+ENGINE_FLAG = {"modelopt": "--quantization modelopt"}
+
+
+@dataclass
+class Shipped:
+    """What ``ship`` did: the pick, and (unless a dry run) where the export went and how to serve it."""
+
+    pick: Pick
+    output_dir: Path | None = None
+    export_info: dict[str, Any] = field(default_factory=dict)
+    serve: list[str] = field(default_factory=list)
+
+
+def load_candidates(sources: list[str]) -> pd.DataFrame:
+    """The trials under ``sources`` as trials-table rows (read from their manifests, nothing written)."""
+    rows, skipped = trial_rows(sources)
+    for src, reason in skipped:
+        log.warning("skipped %s: %s", src, reason)
+    if not rows:
+        raise UserError(f"no valid manifest under {', '.join(sources)}; pass a sweep directory (its autoquant/trials "
+                        "hold the manifests) or run directories")
+    return pd.DataFrame(rows)
+
+
+def serve_commands(export_dir: str | Path, quant_method: str | None = "modelopt") -> list[str]:
+    """vLLM and SGLang command lines for an export (README's serving lines; not run here)."""
+    d = shlex.quote(str(export_dir))
+    flag = ENGINE_FLAG.get(quant_method or "", "")
+    tail = f" {flag}" if flag else ""
+    return [f"vllm serve {d}{tail}", f"python -m sglang.launch_server --model-path {d}{tail}"]
+
+
+def ship_command(sources: list[str], rule: ShipRule, output_dir: str | Path) -> str:
+    """The ``autoquant ship`` command line that ships ``rule``'s winner to ``output_dir``."""
+    return shlex.join(["autoquant", "ship", *sources, *rule.flags(), "--output-dir", str(output_dir)])
+
+
+def _quant_method(export_dir: Path) -> str | None:
+    """The export's ``quantization_config.quant_method`` (what an engine reads to choose its loader)."""
+    try:
+        cfg = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (cfg.get("quantization_config") or {}).get("quant_method")
+
+
+def _model_dir(row: pd.Series, override: str | Path | None) -> Path:
+    """``--model-dir`` if given, else the checkpoint the trial's manifest records."""
+    if override is not None:
+        return Path(override)
+    from auto_quantize_model.autoquant.manifest import load_manifest
+
+    path = Path(load_manifest(row["manifest_path"])["model"]["path"])
+    if not (path / "config.json").is_file():
+        raise UserError(f"trial {row['trial_id']} was made on {path}, which is not a checkpoint here; pass "
+                        "--model-dir with that checkpoint (its weights are checked against the run's)")
+    return path
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse before picking, so a refusal leaves nothing behind and a pick is never half-shipped."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export dir {out} exists and is not empty; pass a new --output-dir")
+
+
+def _export(run: str, model_dir: Path, out: Path, device: str, export_format: str | None) -> dict[str, Any]:
+    """``export_run`` with ``format=`` only when asked for and when this export has formats to choose from."""
+    from auto_quantize_model.export.hf import export_run
+
+    kwargs: dict[str, Any] = {"device": device}
+    if export_format is not None:
+        if "format" not in inspect.signature(export_run).parameters:
+            raise UserError("this version of export writes one format (ModelOpt's); drop --format")
+        kwargs["format"] = export_format
+    return dict(export_run(run, model_dir, out, **kwargs).info)
+
+
+def ship(sources: list[str], rule: ShipRule, output_dir: str | Path | None, *, model_dir: str | Path | None = None,
+         device: str = "cpu", export_format: str | None = None, dry_run: bool = False) -> Shipped:
+    """Pick ``rule``'s trial among ``sources`` and export it to ``output_dir`` (nothing is written on a dry run
+    or a refusal)."""
+    out = Path(output_dir) if output_dir is not None else None
+    if out is None and not dry_run:
+        raise UserError("--output-dir is required (a new directory for the export), unless --dry-run")
+    if out is not None and not dry_run:
+        _check_output_dir(out)
+    chosen = pick(load_candidates(sources), rule)
+    if dry_run or out is None:
+        return Shipped(chosen)
+    row = chosen.winner
+    ckpt = _model_dir(row, model_dir)
+    info = _export(str(row["manifest_path"]), ckpt, out, device, export_format)
+    return Shipped(chosen, out, info, serve_commands(out, _quant_method(out)))
