@@ -67,6 +67,7 @@ def _assert_identical(fast, slow) -> None:
 def test_fast_load_is_bit_identical_to_from_pretrained(tiny_model_dir, scope, dtype):
     fast = load_model(tiny_model_dir, scope, device="cpu", dtype=dtype)
     slow = load_model(tiny_model_dir, scope, device="cpu", dtype=dtype, via_from_pretrained=True)
+    assert (fast.loader, slow.loader) == ("safetensors", "from_pretrained")
     _assert_identical(fast, slow)
     ids = fast.tokenizer(["A red dog sitting on a wooden bench."], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -180,6 +181,7 @@ def test_sharded_and_bin_checkpoints_load_identically(tiny_model_dir, tmp_path):
     state = {k: v for k, v in full.state_dict().items() if k != "lm_head.weight"}
     torch.save(state, binary / "pytorch_model.bin")
     old = load_model(binary, Scope.LANGUAGE_MODEL, device="cpu")
+    assert old.loader == "from_pretrained"
     lm = _tensors(load_model(tiny_model_dir, Scope.LANGUAGE_MODEL, device="cpu").model)
     assert all(torch.equal(lm[k], v) for k, v in _tensors(old.model).items())
 

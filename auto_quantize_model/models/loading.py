@@ -70,6 +70,7 @@ class LoadedModel:
     image_processor: Any = None  # Scope.WHOLE_VLM: the checkpoint's image processor
     weights_fingerprint: str = ""  # models/fingerprint.py: the weight files' content hash
     load_bytes: int = 0  # the scope's tensor bytes the load read (or mapped, on the host), not the whole checkpoint's
+    loader: str = ""  # "safetensors" (models/weights.py) or "from_pretrained"
 
     @property
     def load_gb_per_s(self) -> float:
@@ -267,7 +268,8 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
                        model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
                        dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope=scope,
-                       image_processor=image_processor, weights_fingerprint=fingerprint, load_bytes=nbytes)
+                       image_processor=image_processor, weights_fingerprint=fingerprint, load_bytes=nbytes,
+                       loader="from_pretrained" if fast is None else "safetensors")
 
 
 def _read_fast(cls, model_dir: Path, scope: Scope, dtype: torch.dtype, device: torch.device):

@@ -145,12 +145,19 @@ def _refusal(model_dir: Path, missing: list[str], unexpected: list[str], mismatc
                      "checkpoint with the config it was trained with (save_pretrained) or fix config.json")
 
 
+@dataclass
+class _KeyReport:
+    """The two fields of transformers' ``LoadStateDictInfo`` that ``_adjust_missing_and_unexpected_keys`` reads and
+    rewrites (its other fields differ between 5.14 and 5.17)."""
+
+    missing_keys: set[str]
+    unexpected_keys: set[str]
+
+
 def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], names: dict[str, str | None],
            meta: dict[str, torch.Tensor], scope: set[str]) -> tuple[dict[str, tuple[SafetensorsHeader, str]], set[str]]:
     """What to load (model name -> file and checkpoint key) and which model names the checkpoint lacks; refuses a
     checkpoint with missing, unexpected or mis-shaped tensors in the scope."""
-    from transformers.utils.loading_report import LoadStateDictInfo
-
     found: dict[str, tuple[SafetensorsHeader, str]] = {}
     unexpected: set[str] = set()
     mismatched: list[str] = []
@@ -168,8 +175,7 @@ def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], n
     absent = set(meta) - set(found)
     tied = dict(getattr(full, "all_tied_weights_keys", {}) or {})
     covered = {a for a, b in tied.items() for x, y in ((a, b), (b, a)) if x in absent and y in found}
-    info = LoadStateDictInfo(missing_keys=(absent - covered) & scope, unexpected_keys=unexpected, mismatched_keys=set(),
-                             error_msgs=[], conversion_errors={})
+    info = _KeyReport((absent - covered) & scope, unexpected)
     full._adjust_missing_and_unexpected_keys(info)  # the model's own ignore rules (old rotary buffers, ...)
     if info.missing_keys or info.unexpected_keys or mismatched:
         raise _refusal(model_dir, sorted(info.missing_keys), sorted(info.unexpected_keys), mismatched)

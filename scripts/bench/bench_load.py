@@ -79,7 +79,8 @@ def _child(args: argparse.Namespace) -> dict:
     return {"path": args.child, "seconds": seconds, "bytes": loaded.load_bytes,
             "gb_per_s": loaded.load_bytes / 1e9 / seconds, "peak_rss_bytes": rss, "rss_rise_bytes": rss - rss0,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
-            "fingerprint": loaded.weights_fingerprint, "device": str(loaded.device), "dtype": str(loaded.dtype)}
+            "fingerprint": loaded.weights_fingerprint, "device": str(loaded.device), "dtype": str(loaded.dtype),
+            "loader": loaded.loader}
 
 
 def _check(args: argparse.Namespace) -> dict:
@@ -113,10 +114,30 @@ def _check(args: argparse.Namespace) -> dict:
             "identical": a.keys() == b.keys() and not differ and same_logits}
 
 
+def _reader(args: argparse.Namespace) -> dict:
+    """The GPU path's host side alone: ``read_into`` of the language model's tensors into host tensors (preadv into
+    staging buffers, then copies; on a GPU the copies are DMA uploads instead), page cache as it is."""
+    import torch
+
+    from auto_quantize_model.models.safetensors_read import read_header, read_into
+
+    plan, total = [], 0
+    for f in sorted(Path(args.model_dir).glob("*.safetensors")):
+        header = read_header(f)
+        dests = [(e, torch.empty(e.shape, dtype=e.dtype)) for e in header.tensors.values()
+                 if not e.name.startswith("visual.")]
+        for _, d in dests:
+            d.view(-1).view(torch.uint8)[::4096].zero_()  # fault the pages in: a GPU destination has none to fault
+        total += sum(e.end - e.start for e, _ in dests)
+        plan.append((f, dests))
+    stats = read_into(plan, torch.device("cpu"), [])
+    return {"bytes": total, "seconds": stats.seconds, "gb_per_s": stats.gb_per_s}
+
+
 def _spawn(args: argparse.Namespace, mode: str, cache: Path) -> dict:
     env = {**os.environ, "AUTOQUANT_FINGERPRINT_CACHE": str(cache)}
     cmd = [sys.executable, __file__, "--model-dir", args.model_dir, "--device", args.device, "--dtype", args.dtype,
-           "--scope", args.scope, *(["--child", args.path] if mode == "child" else ["--check"])]
+           "--scope", args.scope, *(["--child", args.path] if mode == "child" else [f"--{mode}"])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -134,9 +155,12 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each run")
     p.add_argument("--fresh-fingerprint", action="store_true", help="an empty fingerprint cache for every run")
     p.add_argument("--no-check", action="store_true", help="skip the bit-identity check")
+    p.add_argument("--reader", action="store_true",
+                   help="also time the GPU path's host side alone (read into host tensors), for CPU-only machines")
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", choices=sorted(PATHS), help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--read-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", default="new", help=argparse.SUPPRESS)  # the parent's: which path the next child runs
     args = p.parse_args()
     if args.child:
@@ -144,6 +168,9 @@ def main() -> None:
         return
     if args.check:
         print("RESULT " + json.dumps(_check(args)), flush=True)
+        return
+    if args.read_only:
+        print("RESULT " + json.dumps(_reader(args)), flush=True)
         return
     import torch
     import transformers
@@ -169,11 +196,14 @@ def main() -> None:
                 run = _spawn(args, "child", cache)
                 run.update(repeat=i, evicted=evicted)
                 res["runs"].append(run)
-                print(f"{name}: {run['seconds']:.2f}s {run['gb_per_s']:.2f} GB/s, peak RSS "
+                print(f"{name} ({run['loader']}): {run['seconds']:.2f}s {run['gb_per_s']:.2f} GB/s, peak RSS "
                       f"{run['peak_rss_bytes'] / 2**30:.2f} GiB (+{run['rss_rise_bytes'] / 2**30:.2f}), peak GPU "
                       f"{run['peak_gpu_bytes'] / 2**30:.2f} GiB", flush=True)
         if not args.no_check:
             res["check"] = _spawn(args, "check", warm_cache)
+        if args.reader:
+            res["reader"] = [_spawn(args, "read-only", warm_cache) for _ in range(args.repeats)]
+            print(f"reader (host side of the GPU path): {[round(r['gb_per_s'], 2) for r in res['reader']]} GB/s")
     for name in ("old", "new"):
         runs = [r for r in res["runs"] if r["path"] == name]
         res[f"{name}_median_s"] = statistics.median(r["seconds"] for r in runs)
