@@ -272,6 +272,15 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
                        loader="from_pretrained" if fast is None else "safetensors")
 
 
+def load_whole_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's whole Hugging Face model on ``device`` in ``dtype`` (what export rebuilds the run on): the
+    safetensors path where it applies, else ``from_pretrained``; weights that do not match config.json refused."""
+    _, cls = _model_class(read_checkpoint_config(model_dir))
+    fast = _read_fast(cls, Path(model_dir), Scope.WHOLE_VLM, dtype, device)
+    full = fast.full if fast is not None else _from_pretrained(cls, Path(model_dir), dtype)
+    return full.eval().requires_grad_(False).to(device)
+
+
 def _read_fast(cls, model_dir: Path, scope: Scope, dtype: torch.dtype, device: torch.device):
     """``weights.read_model`` for ``scope``, or None where the checkpoint needs ``from_pretrained``."""
     from auto_quantize_model.models.fingerprint import plan_fingerprint

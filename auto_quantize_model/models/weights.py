@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,8 @@ def _on_meta(modules: list[nn.Module]) -> str | None:
     return None
 
 
-def read_model(cls: Any, model_dir: Path, scope_of: Any, dtype: torch.dtype, device: torch.device,
-               fingerprint: FingerprintPlan) -> ReadModel:
+def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[nn.Module]], dtype: torch.dtype,
+               device: torch.device, fingerprint: FingerprintPlan) -> ReadModel:
     """Build ``cls`` from ``model_dir`` with the tensors of the modules ``scope_of(full)`` returns read onto
     ``device`` in ``dtype``; the fingerprint's unhashed files are hashed during the read."""
     files = safetensors_files(model_dir)

@@ -5,9 +5,10 @@ loader (only the scope's tensors, straight to the device), each in a fresh proce
     python scripts/bench/bench_load.py --model-dir /tmp/qwen3b [--device cuda] [--repeats 3] [--cold]
         [--fresh-fingerprint] [--scope language_model] [--json-out OUT.json]
 
-Per run, in a child process whose imports and CUDA start are done before the clock starts (the worker pays them
-in its ``imports`` phase): ``load_model`` seconds, GB/s (the scope's tensor bytes per second), peak host RSS and its
-rise over the load, peak GPU memory allocated. ``--cold`` evicts the checkpoint's files from the page cache before
+Per run, in a child process whose imports and CUDA start are done before the clock starts: ``load_model`` seconds,
+GB/s (the scope's tensor bytes per second), peak host RSS and its rise over the load, peak GPU memory allocated; and,
+timed apart, the model class's lazy import and the CUDA start, which a sweep worker's ``load`` phase also pays
+(``worker_phase_s`` = the three). ``--cold`` evicts the checkpoint's files from the page cache before
 each run (``posix_fadvise(DONTNEED)``, which needs no root; plus ``/proc/sys/vm/drop_caches`` where writable; both
 recorded). ``--fresh-fingerprint`` starts every run with an empty fingerprint cache (the loader then hashes the files
 alongside the read; the old path hashed them after it). Then one more child loads both ways and checks that every
@@ -61,13 +62,17 @@ def _child(args: argparse.Namespace) -> dict:
     from auto_quantize_model.models.loading import _model_class, load_model, read_checkpoint_config
     from auto_quantize_model.models.scope import Scope
 
-    _model_class(read_checkpoint_config(args.model_dir))  # the model class's lazy import
     _ = transformers.AutoTokenizer
+    t = time.perf_counter()
+    _model_class(read_checkpoint_config(args.model_dir))  # the model class's lazy import
+    class_import = time.perf_counter() - t
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    t = time.perf_counter()
     if cuda:
         torch.cuda.init()
         torch.empty(1, device=args.device if args.device != "auto" else "cuda")
         torch.cuda.reset_peak_memory_stats()
+    cuda_init = time.perf_counter() - t
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
     loaded = load_model(args.model_dir, Scope(args.scope), device=args.device, dtype=args.dtype,
@@ -76,7 +81,8 @@ def _child(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"path": args.child, "seconds": seconds, "bytes": loaded.load_bytes,
+    return {"path": args.child, "seconds": seconds, "bytes": loaded.load_bytes, "class_import_s": class_import,
+            "cuda_init_s": cuda_init, "worker_phase_s": class_import + cuda_init + seconds,
             "gb_per_s": loaded.load_bytes / 1e9 / seconds, "peak_rss_bytes": rss, "rss_rise_bytes": rss - rss0,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
             "fingerprint": loaded.weights_fingerprint, "device": str(loaded.device), "dtype": str(loaded.dtype),
@@ -196,7 +202,8 @@ def main() -> None:
                 run = _spawn(args, "child", cache)
                 run.update(repeat=i, evicted=evicted)
                 res["runs"].append(run)
-                print(f"{name} ({run['loader']}): {run['seconds']:.2f}s {run['gb_per_s']:.2f} GB/s, peak RSS "
+                print(f"{name} ({run['loader']}): {run['seconds']:.2f}s {run['gb_per_s']:.2f} GB/s (as the worker's "
+                      f"load phase, with the class import and CUDA start: {run['worker_phase_s']:.2f}s), peak RSS "
                       f"{run['peak_rss_bytes'] / 2**30:.2f} GiB (+{run['rss_rise_bytes'] / 2**30:.2f}), peak GPU "
                       f"{run['peak_gpu_bytes'] / 2**30:.2f} GiB", flush=True)
         if not args.no_check:
@@ -208,6 +215,7 @@ def main() -> None:
         runs = [r for r in res["runs"] if r["path"] == name]
         res[f"{name}_median_s"] = statistics.median(r["seconds"] for r in runs)
         res[f"{name}_median_gb_per_s"] = statistics.median(r["gb_per_s"] for r in runs)
+        res[f"{name}_median_worker_phase_s"] = statistics.median(r["worker_phase_s"] for r in runs)
     res["speedup"] = res["old_median_s"] / res["new_median_s"]
     print(f"median: old {res['old_median_s']:.2f}s, new {res['new_median_s']:.2f}s ({res['speedup']:.1f}x); "
           f"check: {res.get('check')}")
