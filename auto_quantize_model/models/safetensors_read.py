@@ -46,6 +46,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
 CHUNK = 16 << 20  # staging buffer size: big enough for full-speed reads and uploads, small enough to pin cheaply
+HASH_CHUNK = 1 << 20  # hashed while still in the CPU cache: 1 MiB reads hash about twice as fast as 16 MiB ones
 PIECE = 256 << 20  # ranges not hashed are split into pieces of about this size (at tensor boundaries) for threads
 
 
@@ -259,7 +260,7 @@ def _scatter(view: torch.Tensor, pos: int, dests: list[Destination], scratch: di
 def _hash_file(path: Path) -> tuple[str, int]:
     """SHA-256 of a whole file, streamed (``hashlib`` releases the GIL on large updates)."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = bytearray(HASH_CHUNK)
     mem = memoryview(buf)
     n = 0
     with open(path, "rb", buffering=0) as fh:
