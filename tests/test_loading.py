@@ -107,3 +107,19 @@ def test_bad_model_dirs(tmp_path, kind):
         (path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(UserError):
         load_language_model(path, device="cpu")
+
+
+def test_split_follows_modelopts_language_model_lineage(tiny_model_dir):
+    # split_language_model applies ModelOpt's rule without importing ModelOpt (seconds of every load): both must agree.
+    from modelopt.torch.export.model_utils import get_language_model_from_vl
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+    from auto_quantize_model.models.loading import split_language_model
+
+    with torch.device("meta"):
+        vlm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_pretrained(tiny_model_dir))
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1))
+    decoder, head = split_language_model(vlm)
+    assert decoder is get_language_model_from_vl(vlm)[-1] and head is vlm.lm_head
+    assert get_language_model_from_vl(lm) is None and split_language_model(lm) == (lm.model, lm.lm_head)

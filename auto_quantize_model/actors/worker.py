@@ -122,8 +122,9 @@ class ModelWorker:
         self.load_seconds = time.perf_counter() - t
         self.load_phases = phases.seconds
         self._init_metrics()
-        log.info("worker %s ready on %s in %.2fs (%s; pristine copy on %s, %d host threads)", name, device,
-                 self.load_seconds, phases, self.pristine_on, torch.get_num_threads())
+        log.info("worker %s ready on %s in %.2fs (%s; load read %.2f GB at %.2f GB/s; pristine copy on %s, "
+                 "%d host threads)", name, device, self.load_seconds, phases, self.loaded.load_bytes / 1e9,
+                 self.loaded.load_gb_per_s, self.pristine_on, torch.get_num_threads())
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -395,6 +396,7 @@ class ModelWorker:
                 # The scoring key of the searched model it keeps: the pool prefers it for trials of that key.
                 "warm_keys": [last.manifest["score_cache"]["key"]] if last is not None else [],
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
+                "load_bytes": self.loaded.load_bytes, "load_gb_per_s": self.loaded.load_gb_per_s,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}}
 

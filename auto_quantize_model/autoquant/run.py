@@ -99,7 +99,8 @@ def run_scheme(
     log.info("phase autoquant (%s): %.2fs %s", "re-solve from cache" if entry.reusable else "calibrate+score+solve",
              t_search_end - clock.start, {k: round(v, 3) for k, v in phases.items() if v is not None})
     return _finish(loaded, calib, scheme, output_dir, model, search_state,
-                   {"load": loaded.load_seconds, "copy_model": copy_seconds, **phases},
+                   {"load": loaded.load_seconds, "load_gb_per_s": round(loaded.load_gb_per_s, 3),
+                    "copy_model": copy_seconds, **phases},
                    {"key": key, "path": str(entry.final.resolve()), "reused": entry.reusable,
                     "derived_from": entry.marker.get("derived_from")},
                    t_start, write=write, run_id=run_id, sweep_id=sweep_id)
@@ -229,6 +230,7 @@ def resolve_budget(
     solve = time.perf_counter() - t_start
     log.info("phase autoquant (re-solve in memory): %.2fs, %.3f bits", solve, achieved)
     return _finish(loaded, calib, scheme, output_dir, model, new_state,
-                   {"load": loaded.load_seconds, "copy_model": 0.0, "calibrate": 0.0, "score": 0.0, "solve": solve},
+                   {"load": loaded.load_seconds, "load_gb_per_s": round(loaded.load_gb_per_s, 3), "copy_model": 0.0,
+                    "calibrate": 0.0, "score": 0.0, "solve": solve},
                    {**previous.manifest["score_cache"], "reused": True, "in_memory": True},
                    t_start, write=True, run_id=run_id, sweep_id=sweep_id)

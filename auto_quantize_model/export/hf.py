@@ -192,7 +192,12 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     from modelopt.torch.export import export_hf_checkpoint
 
     from auto_quantize_model.autoquant.restore import apply_restore_artifact
-    from auto_quantize_model.models.loading import _model_class, read_checkpoint_config, resolve_device
+    from auto_quantize_model.models.loading import (
+        _model_class,
+        load_whole_model,
+        read_checkpoint_config,
+        resolve_device,
+    )
 
     run = find_run(run_dir)
     check_exportable(run)
@@ -200,19 +205,15 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     _check_output_dir(out)
     src = Path(model_dir)
     config = read_checkpoint_config(src)
-    arch, cls = _model_class(config)
+    arch, _ = _model_class(config)
     ident = _check_checkpoint(run, config, src, arch)
     chash = ident["config_hash"]
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    try:
-        # ModelOpt's exporter divides the weight by its scale in bf16 (FP8 fake quant multiplies in
-        # float32), so ~2-4% of FP8 weights land one FP8 step away from the fake-quant model's; the export
-        # is what serving engines load, so it is kept as ModelOpt writes it (tolerance: tests/test_export.py).
-        full = cls.from_pretrained(str(src), dtype=torch.bfloat16)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"could not load weights from {src}: {str(exc).splitlines()[0]}") from exc
-    full.eval().requires_grad_(False).to(dev)
+    # ModelOpt's exporter divides the weight by its scale in bf16 (FP8 fake quant multiplies in
+    # float32), so ~2-4% of FP8 weights land one FP8 step away from the fake-quant model's; the export
+    # is what serving engines load, so it is kept as ModelOpt writes it (tolerance: tests/test_export.py).
+    full = load_whole_model(src, dev, torch.bfloat16)
     target = _quantized_target(full, Scope.of(run.manifest["model"]))
     apply_restore_artifact(target, run.restore_path, ident, run.manifest)
     t_load = time.perf_counter() - t0

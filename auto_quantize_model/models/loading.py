@@ -14,6 +14,7 @@ the evaluation and the sweep worker run any loaded model on its own batches the 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import time
@@ -68,6 +69,13 @@ class LoadedModel:
     scope: Scope = Scope.LANGUAGE_MODEL
     image_processor: Any = None  # Scope.WHOLE_VLM: the checkpoint's image processor
     weights_fingerprint: str = ""  # models/fingerprint.py: the weight files' content hash
+    load_bytes: int = 0  # the scope's tensor bytes the load read (or mapped, on the host), not the whole checkpoint's
+    loader: str = ""  # "safetensors" (models/weights.py) or "from_pretrained"
+
+    @property
+    def load_gb_per_s(self) -> float:
+        """The load phase's speed: tensor bytes read per second of ``load_seconds`` (decimal GB/s)."""
+        return self.load_bytes / 1e9 / self.load_seconds if self.load_seconds > 0 else 0.0
 
     def forward_step(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Logits of ``model`` (this model, or a searched or quantized copy of it) for a batch of its calibration
@@ -159,11 +167,18 @@ def _model_class(config: dict[str, Any]):
 
 
 def split_language_model(full: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Return (decoder, lm_head) of a VLM or causal LM, following ModelOpt's VLM lineage."""
-    from modelopt.torch.export.model_utils import get_language_model_from_vl
+    """Return (decoder, lm_head) of a VLM or causal LM, following ModelOpt's VLM lineage.
 
-    lineage = get_language_model_from_vl(full)
-    decoder = lineage[-1] if lineage else getattr(full, "model", None)
+    The rule of ``modelopt/torch/export/model_utils.py:get_language_model_from_vl`` (0.47.0): ``model.model
+    .language_model``, else ``model.language_model``; a causal LM's decoder is ``model.model``. Applied here rather than
+    imported: importing ModelOpt takes seconds that the load would pay before reading a byte, and its other pattern
+    (encoder-decoder VLMs) is not a model this loader supports. tests/test_loading.py checks both agree.
+    """
+    inner = getattr(full, "model", None)
+    if inner is not None and hasattr(inner, "language_model"):
+        decoder = inner.language_model
+    else:
+        decoder = getattr(full, "language_model", inner)
     # Some VLMs nest a whole causal LM (LLaVA's language_model has its own .model and .lm_head).
     if decoder is not None and hasattr(decoder, "lm_head") and hasattr(decoder, "model"):
         return decoder.model, decoder.lm_head
@@ -197,9 +212,16 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, device: str = "auto",
-               dtype: str = "auto") -> LoadedModel:
+               dtype: str = "auto", *, via_from_pretrained: bool = False) -> LoadedModel:
     """Load ``model_dir`` for a search over ``scope`` on ``device``: the language model and lm_head only, or the
-    whole VLM with its image processor (a checkpoint without a vision tower is refused for the latter)."""
+    whole VLM with its image processor (a checkpoint without a vision tower is refused for the latter).
+
+    Safetensors checkpoints are read by ``models/weights.py``: only the scope's tensors, straight to the device
+    (memory-mapped on the host, as ``from_pretrained`` does there), the fingerprint hashed alongside; the result is
+    bit-identical to ``from_pretrained`` (tests/test_fast_load.py).
+    Other checkpoints, and ``via_from_pretrained`` (the benchmarks' baseline), go through ``from_pretrained`` on the
+    host and then move. Both refuse weights that do not match config.json (missing, unexpected, mis-shaped).
+    """
     t0 = time.perf_counter()
     scope = Scope(scope)  # also takes the manifest string
     config = read_checkpoint_config(model_dir)
@@ -210,16 +232,21 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     torch_dtype = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(model_dir)
     image_processor = load_image_processor(model_dir) if scope is Scope.WHOLE_VLM else None
-    try:
-        full = cls.from_pretrained(str(model_dir), dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
-    fingerprint = weights_fingerprint(model_dir)
+    fast = None
+    if not via_from_pretrained:
+        fast = _read_fast(cls, Path(model_dir), scope, torch_dtype, dev)
+    if fast is not None:
+        full, read, fingerprint = fast.full, fast.stats, fast.fingerprint
+        parts = fast.scope_modules
+    else:
+        full = _from_pretrained(cls, Path(model_dir), torch_dtype)
+        fingerprint = weights_fingerprint(model_dir)
+        parts = [full] if scope is Scope.WHOLE_VLM else list(split_language_model(full))
     total = count_parameters(full)
     if scope is Scope.LANGUAGE_MODEL:
-        model: nn.Module = LanguageModelWithHead(*split_language_model(full))
-        # Dropping the full model frees the vision tower before anything moves to the GPU.
-        del full
+        model: nn.Module = LanguageModelWithHead(*parts)
+        # Dropping the full model frees the vision tower (on the host, or never materialised) before any upload.
+        del full, parts
         gc.collect()
     else:
         model = full
@@ -228,12 +255,78 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     counts = {"checkpoint_total": total, "language_model": searched, "left_out": total - searched,
               "searchable_linear_weights": linear_weight_count(model)}
     seconds = time.perf_counter() - t0
-    log.info("phase load: %s (%s) %s on %s/%s in %.2fs, %s", model_dir, arch,
-             "LM-only" if scope is Scope.LANGUAGE_MODEL else "whole VLM", dev, torch_dtype, seconds, counts)
+    if fast is None:
+        nbytes, how = _tensor_bytes(model), "from_pretrained"
+    else:
+        nbytes = fast.tensor_bytes
+        how = (f"{nbytes / 1e9:.2f} GB of tensors mapped, read on first use" if fast.mapped else
+               f"read {nbytes / 1e9:.2f} GB of tensors to {dev} in {read.seconds:.2f}s ({read.gb_per_s:.2f} GB/s)")
+        how += f", {read.bytes_hashed / 1e9:.2f} GB hashed alongside"
+    log.info("phase load: %s (%s) %s on %s/%s in %.2fs (%.2f GB/s; %s), %s", model_dir, arch,
+             "LM-only" if scope is Scope.LANGUAGE_MODEL else "whole VLM", dev, torch_dtype, seconds,
+             nbytes / 1e9 / seconds, how, counts)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
                        model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
                        dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope=scope,
-                       image_processor=image_processor, weights_fingerprint=fingerprint)
+                       image_processor=image_processor, weights_fingerprint=fingerprint, load_bytes=nbytes,
+                       loader="from_pretrained" if fast is None else "safetensors")
+
+
+def load_whole_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's whole Hugging Face model on ``device`` in ``dtype`` (what export rebuilds the run on): the
+    safetensors path where it applies, else ``from_pretrained``; weights that do not match config.json refused."""
+    _, cls = _model_class(read_checkpoint_config(model_dir))
+    fast = _read_fast(cls, Path(model_dir), Scope.WHOLE_VLM, dtype, device)
+    full = fast.full if fast is not None else _from_pretrained(cls, Path(model_dir), dtype)
+    return full.eval().requires_grad_(False).to(device)
+
+
+def _read_fast(cls, model_dir: Path, scope: Scope, dtype: torch.dtype, device: torch.device):
+    """``weights.read_model`` for ``scope``, or None where the checkpoint needs ``from_pretrained``."""
+    from auto_quantize_model.models.fingerprint import plan_fingerprint
+    from auto_quantize_model.models.weights import NotFastLoadable, read_model
+
+    def scope_of(full: nn.Module) -> list[nn.Module]:
+        return [full] if scope is Scope.WHOLE_VLM else list(split_language_model(full))
+
+    try:
+        return read_model(cls, model_dir, scope_of, dtype, device, plan_fingerprint(model_dir))
+    except NotFastLoadable as why:
+        log.info("%s: loading through from_pretrained (%s)", model_dir, why)
+        return None
+
+
+def _from_pretrained(cls, model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The whole model through ``from_pretrained`` on the host, refused if its weights do not match config.json."""
+    from transformers.utils import logging as hf_logging
+
+    from auto_quantize_model.models.weights import SHOWN
+
+    # Its progress bar and multi-line load report would surround the one-line refusal below on stderr.
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        # Mis-shaped tensors reported rather than raised: refused below with the others, in one line.
+        full, info = cls.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True,
+                                         ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"could not load weights from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    bad = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        shown = "; ".join(f"{len(v)} {k.replace('_', ' ')} ({', '.join(v[:SHOWN])})" for k, v in bad.items() if v)
+        raise UserError(f"the weights of {model_dir} do not match its config.json: {shown}; re-save the checkpoint "
+                        "with the config it was trained with (save_pretrained) or fix config.json")
+    return full
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    seen = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def load_language_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:

@@ -246,6 +246,7 @@ class Timings(TypedDict):
     """Seconds per phase (null: the phase did not run separately)."""
 
     load: float  # loading the checkpoint
+    load_gb_per_s: NotRequired[float]  # the load's speed: the scope's tensor bytes read per second of `load`
     copy_model: float  # fresh copy of the pristine model
     calibrate: float | None  # calibration
     score: float | None  # scoring

@@ -7,6 +7,9 @@ Also writes long calibration "captions" (demo captions joined ~14 at a time, ~25
 batches are 4 x ~256 tokens, the size the engine notes were measured at.
 
     python scripts/bench/make_full_size_checkpoint.py --output-dir /tmp/qwen3b-random
+
+``--text-layers N`` / ``--vision-depth N`` keep the full widths but fewer blocks (a CPU-sized stand-in for load
+benchmarks: the 3B's embedding and layer shapes, a fraction of its bytes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-layers", type=int, default=None, help="fewer decoder layers (full width)")
+    p.add_argument("--vision-depth", type=int, default=None, help="fewer vision blocks (full width)")
     args = p.parse_args()
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -48,6 +53,12 @@ def main() -> None:
         chat = (tiny / "chat_template.jinja").read_text()
     cfg = with_special_token_ids(copy.deepcopy(QWEN2_5_VL_3B_CONFIG),
                                  {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
+    if args.text_layers:
+        cfg.update(num_hidden_layers=args.text_layers, max_window_layers=args.text_layers)
+    if args.vision_depth:
+        cfg["vision_config"].update(depth=args.vision_depth,
+                                    fullatt_block_indexes=[i for i in cfg["vision_config"]["fullatt_block_indexes"]
+                                                           if i < args.vision_depth] or [args.vision_depth - 1])
     torch.manual_seed(args.seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(torch.bfloat16)
