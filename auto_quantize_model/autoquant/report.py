@@ -131,13 +131,14 @@ def _exclusions(m: dict[str, Any]) -> list[str]:
              f"{len(ex.get('disabled_layers', []))} search-exclusion and {len(ex.get('cost_excluded_layers', []))} "
              "budget-exclusion patterns; layers they matched (kept BF16 if out of the search; outside the "
              "effective-bits budget if out of the budget):", "",
-             "| layer | out of search by | out of budget by |", "|---|---|---|"]
+             "| layer | out of search by | out of budget by | note |", "|---|---|---|---|"]
 
     def cell(e: dict[str, str] | None) -> str:
         return "-" if e is None else f"`{e['pattern']}` ({e['source']})"
 
     for name, info in rows.items():
-        lines.append(f"| `{name}` | {cell(info['search'])} | {cell(info['budget'])} |")
+        note = info.get("note") or (info["search"] or {}).get("reason") or "-"
+        lines.append(f"| `{name}` | {cell(info['search'])} | {cell(info['budget'])} | {note} |")
     return lines + [""]
 
 
