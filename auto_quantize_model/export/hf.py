@@ -307,9 +307,11 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
                     "engines that fuse them requantize to the group's max (re-run the scheme to export shared scales)",
                     run.name)
     t0 = time.perf_counter()
+    from safetensors import SafetensorError
+
     try:
         full = cls.from_pretrained(str(src), dtype=torch.bfloat16)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"could not load weights from {src}: {str(exc).splitlines()[0]}") from exc
     full.eval().requires_grad_(False).to(dev)
     target = _quantized_target(full, plan.scope)
