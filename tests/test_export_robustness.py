@@ -257,3 +257,18 @@ def test_export_follows_the_umask(exported, tiny_model_dir, tmp_path):
     d = tmp_path / "out"
     assert d.stat().st_mode & 0o777 == 0o700
     assert {p.stat().st_mode & 0o777 for p in d.iterdir()} == {0o600}
+
+
+def test_a_run_made_before_served_semantics_still_exports(exported, tiny_model_dir, tmp_path, caplog):
+    """A manifest without a serving section (older runs calibrated separate scales): exported as evaluated, with a
+    warning that fusing engines requantize, and the export record says so."""
+    run = tmp_path / "run"
+    shutil.copytree(exported[0], run)
+    mf = next(run.glob("*_quant_manifest.json"))
+    m = json.loads(mf.read_text())
+    del m["serving"]
+    mf.write_text(json.dumps(m))
+    assert main(["export", str(run), "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]) == 0
+    info = json.loads((tmp_path / "out" / "autoquant_export.json").read_text())
+    assert info["serving"] == {**info["serving"], "fused_scales": "separate", "recorded_in_manifest": False}
+    assert "predates the manifest's serving section" in caplog.text

@@ -141,3 +141,17 @@ def test_separate_scales_are_not_what_engines_serve(served_runs, engine):
     _, fake_quant, export_dir = runs["separate"]
     assert requantized_codes_changed(export_dir, engine) > 0
     assert _kl(served_model(export_dir, engine), loaded, data) != _kl(fake_quant, loaded, data)
+
+
+def test_uniform_control_is_calibrated_as_served(loaded, calib):
+    """The uniform FP8 PTQ control (mtq.quantize) gets the same served semantics as every search."""
+    from auto_quantize_model.inference.controls import build_uniform_ptq
+
+    model = build_uniform_ptq(loaded, calib, 2).model
+    for group in fused_groups(model):
+        for attr in ("weight_quantizer", "input_quantizer"):
+            amaxes = {float(getattr(model.get_submodule(n), attr).amax) for n in group}
+            assert len(amaxes) == 1, (group, attr)
+    q = model.get_submodule("model.layers.0.mlp.down_proj").input_quantizer
+    scale, inv = fp8_scale_pair(q.amax)
+    assert q.amax.dtype == torch.float32 and torch.equal(1 / inv, scale)

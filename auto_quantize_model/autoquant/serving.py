@@ -126,7 +126,7 @@ def unify_fused_scales(model: nn.Module) -> list[tuple[str, ...]]:
         mods = [model.get_submodule(n) for n in group]
         touched = False
         for attr in ("weight_quantizer", "input_quantizer"):
-            qs = [getattr(m, attr, None) for m in mods]
+            qs: list[Any] = [getattr(m, attr, None) for m in mods]
             if not all(per_tensor_quantizer(q) for q in qs) or len({_bits(q) for q in qs}) != 1:
                 continue
             top = torch.stack([q.amax.detach().to(torch.float32).reshape(()) for q in qs]).max()
@@ -143,7 +143,7 @@ def exact_reciprocal_fp8(model: nn.Module) -> int:
     moved = 0
     for mod in model.modules():
         for attr in ("weight_quantizer", "input_quantizer"):
-            q = getattr(mod, attr, None)
+            q: Any = getattr(mod, attr, None)
             if not is_fp8_per_tensor(q):
                 continue
             current = q.amax.detach().to(torch.float32)
@@ -195,9 +195,9 @@ def serving_summary(model: nn.Module, fused_scales: str) -> dict[str, Any]:
         mods = [model.get_submodule(n) for n in group]
         shared = {}
         for attr in ("weight_quantizer", "input_quantizer"):
-            qs = [getattr(m, attr, None) for m in mods]
-            if all(per_tensor_quantizer(q) for q in qs):
-                shared[attr.split("_")[0]] = len({float(q.amax.float()) for q in qs}) == 1
+            members: list[Any] = [getattr(m, attr, None) for m in mods]
+            if all(per_tensor_quantizer(q) for q in members):
+                shared[attr.split("_")[0]] = len({float(q.amax.float()) for q in members}) == 1
         groups.append({"modules": list(group), "shared": shared})
     return {
         "fused_scales": fused_scales,

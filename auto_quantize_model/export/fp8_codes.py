@@ -21,6 +21,7 @@ overwritten with these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +54,8 @@ def fp8_layer_tensors(module: nn.Module) -> Fp8Tensors:
     """
     if not isinstance(module, nn.Linear):
         raise ValueError(f"is a {type(module).__name__}, not a Linear")
-    wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
+    wq: Any = getattr(module, "weight_quantizer", None)
+    iq: Any = getattr(module, "input_quantizer", None)
     if not is_fp8_per_tensor(wq) or not is_fp8_per_tensor(iq):
         raise ValueError("has no calibrated static per-tensor FP8 weight and input quantizers")
     _, w_inv = fp8_scale_pair(wq.amax)
