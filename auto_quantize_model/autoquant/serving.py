@@ -21,11 +21,11 @@ block, per-channel, dynamic and smoothed quantizers keep their own.
 
 Exact reciprocals. Fake quantization multiplies by ``S = fl(448 / amax)`` and dequantizes with
 ``I = fl(1 / S)`` (float32; ``tensor_quant.py`` ``_fp8_eager`` and ``tensor_quant_gpu_fp8.cu``). A checkpoint
-stores only ``I``; vLLM and SGLang quantize activations with ``fl(1 / I)`` (``static_scaled_fp8_quant_kernel``
-and ``per_tensor_quant_fp8_kernel`` invert the scale, then multiply; vLLM's ``QuantFP8.forward_native`` uses
+stores only ``I``; vLLM and SGLang quantize activations with ``fl(1 / I)`` (vLLM's ``scaled_fp8_quant_kernel``
+and SGLang's ``per_tensor_quant_fp8_kernel`` invert the scale, then multiply; vLLM's ``QuantFP8.forward_native`` uses
 ``scale.reciprocal()``), which is ``S`` for about 85 % of float32 values only. Every FP8 per-tensor amax is
-therefore stored in float32 and moved up by the fewest float32 ulps (0 for most, at most a handful: a
-relative change below 1e-6) that make ``fl(1 / fl(1 / S)) == S``: then the served activation codes are the
+therefore stored in float32 and moved up by the fewest float32 ulps (0 for most, a handful at most: a
+relative change of order 1e-6) that make ``fl(1 / fl(1 / S)) == S``: then the served activation codes are the
 evaluated ones exactly. ModelOpt's zero-amax rule (amax <= 2^-24 means scale 448) is left alone.
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,7 @@ FP8_BITS = (4, 3)
 # ModelOpt's fake quant treats amax <= 2^-24 as "all zeros" and uses scale 448 (tensor_quant.py, _fp8_eager).
 ZERO_AMAX = 1.0 / (1 << 24)
 _MAX_NUDGE_STEPS = 1000
+_PATCH_LOCK = threading.RLock()
 
 
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
@@ -98,7 +100,9 @@ def fp8_scale_pair(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def exact_reciprocal_amax(amax: torch.Tensor) -> torch.Tensor:
     """The smallest float32 amax >= ``amax`` whose fake-quant scale S survives the engines' round trip
     fl(1 / fl(1 / S)) == S (a zero amax is returned as is)."""
-    a = amax.detach().to(torch.float32).clone()
+    # On the host: a few scalar steps, no device syncs; CPU and CUDA float32 division both round correctly, and
+    # ModelOpt computes S with torch's own division on either.
+    a = amax.detach().to("cpu", torch.float32).clone()
     up = torch.full_like(a, float("inf"))
     for _ in range(_MAX_NUDGE_STEPS):
         if bool((a <= ZERO_AMAX).all()):
@@ -146,7 +150,7 @@ def exact_reciprocal_fp8(model: nn.Module) -> int:
             q: Any = getattr(mod, attr, None)
             if not is_fp8_per_tensor(q):
                 continue
-            current = q.amax.detach().to(torch.float32)
+            current = q.amax.detach().to("cpu", torch.float32)
             new = exact_reciprocal_amax(current)
             if q.amax.dtype != torch.float32 or not torch.equal(new, current):
                 moved += int(not torch.equal(new, current))
@@ -173,18 +177,20 @@ def serving_calibration(fused_scales: str) -> Iterator[None]:
 
     if fused_scales not in FUSED_SCALES_MODES:
         raise ValueError(f"fused_scales {fused_scales!r} is not one of {FUSED_SCALES_MODES}")
-    original = model_quant.calibrate
+    # The patch is process-wide: one search calibrates at a time, so two threads cannot swap each other's wrapper.
+    with _PATCH_LOCK:
+        original = model_quant.calibrate
 
-    def calibrate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out = original(model, *args, **kwargs)
-        apply_serving_semantics(model, fused_scales)
-        return out
+        def calibrate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            out = original(model, *args, **kwargs)
+            apply_serving_semantics(model, fused_scales)
+            return out
 
-    model_quant.calibrate = calibrate
-    try:
-        yield
-    finally:
-        model_quant.calibrate = original
+        model_quant.calibrate = calibrate
+        try:
+            yield
+        finally:
+            model_quant.calibrate = original
 
 
 def serving_summary(model: nn.Module, fused_scales: str) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 :class:`Fp8Linear` keeps the exported weight as ``float8_e4m3fn`` with its per-tensor ``weight_scale`` and static
 ``input_scale`` (the dequantization multipliers fake quantization used: ``export/fp8_codes.py``). It quantizes
 activations as vLLM and SGLang do, multiplying by the reciprocal of ``input_scale`` in float32 (vLLM's
-``static_scaled_fp8_quant_kernel`` computes ``1.0f / scale`` and multiplies; its ``QuantFP8.forward_native`` uses
-``scale.reciprocal()``); searches store exact-reciprocal scales (``autoquant/serving.py``), so that reciprocal is
-the multiplier fake quantization used. On a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper,
+``scaled_fp8_quant_kernel`` in ``csrc/quantization/fp8/common.cu`` computes ``1.0f / scale`` and multiplies; its
+``QuantFP8.forward_native`` uses ``scale.reciprocal()``); searches store exact-reciprocal scales
+(``autoquant/serving.py``), so that reciprocal is the multiplier fake quantization used. On a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper,
 Blackwell) it runs ``torch._scaled_mm``; elsewhere (CPU) it dequantizes both operands and runs an ordinary matmul
 in the activation dtype, which is exactly what ModelOpt's fake quantization computes, so CI can test it.
 
