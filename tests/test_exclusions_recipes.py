@@ -44,7 +44,10 @@ def test_format_exclusions_come_from_the_installed_modelopt():
     assert matching_pattern("lm_head", ex).pattern == "*lm_head*"
     setup = get_scheme("fp8_autoquant_top50").search_setup()
     assert "*lm_head*" in setup.disabled_layers and "*lm_head*" in setup.cost_excluded_layers
-    assert get_scheme("fp8_autoquant_all_layers_fp8").search_constraints() == {"effective_bits": 8.0}
+    # The all-layers format excludes nothing itself; only what the export cannot write (the patch embedding) is left
+    # out of every search, and (cost_exclude_disabled) out of its budget.
+    assert get_scheme("fp8_autoquant_all_layers_fp8").search_constraints() == {
+        "effective_bits": 8.0, "cost": {"excluded_module_name_patterns": ["*patch_embed*"]}}
 
 
 @pytest.mark.parametrize("bits", [10.0, 8.0])
@@ -123,7 +126,9 @@ def test_toml_schemes_use_recipe_field_names(tmp_path):
     assert (mix.quantization_formats, mix.effective_bits, mix.method, mix.score_size) == (
         ("INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "FP8_DEFAULT_CFG"), 6.0, "kl_div", 16)
     setup = mix.search_setup()
-    assert setup.disabled_layers == ["*layers.0.*"] and setup.cost_excluded_layers == ["*layers.1.*", "*layers.0.*"]
+    # Plus what no search offers because the export cannot write it (every scheme; configs/exclusions.py).
+    assert setup.disabled_layers == ["*layers.0.*", "*patch_embed*"]
+    assert setup.cost_excluded_layers == ["*layers.1.*", "*layers.0.*", "*patch_embed*"]
     assert "*lm_head*" in s["old"].search_setup().disabled_layers  # format exclusions are on by default
     f.write_text('[schemes.x]\ncandidate_formats = ["FP8_DEFAULT_CFG"]\nquantization_formats = ["FP8_DEFAULT_CFG"]\n'
                  'effective_bits = 12.0\n')

@@ -126,9 +126,9 @@ def test_meter_fills_every_figure(measured):
 
 @pytest.mark.parametrize("label", [r[0] for r in RUNS])
 def test_in_memory_fp8_copy_has_the_exports_layers_and_bytes(measured, tiny_model_dir, tmp_path, label):
-    """What is timed is what ``autoquant export`` writes: the same FP8 layers and the same weight bytes; and
-    it computes the run's fake-quant model bit for bit (CPU, bf16), closer than the export (whose exporter
-    also unifies the scales of layers sharing an input)."""
+    """What is timed is what ``autoquant export`` writes: the same FP8 layers, the same codes and scales (one
+    function computes both, export/fp8_codes.py), the same weight bytes; and it computes the run's fake-quant
+    model bit for bit (CPU, bf16), as the export does."""
     from auto_quantize_model.autoquant.rebuild import build_quantized_model, find_run
     from auto_quantize_model.export.hf import export_run
     from auto_quantize_model.inference.fp8_linear import load_exported_lm
@@ -144,9 +144,14 @@ def test_in_memory_fp8_copy_has_the_exports_layers_and_bytes(measured, tiny_mode
     assert ours == ex.fp8_layers
     assert all(copy.get_submodule(n).weight.dtype == torch.float8_e4m3fn for n in ours)
     assert weight_bytes(copy) == weight_bytes(ex.model)
+    for n in ours:
+        a, b = copy.get_submodule(n), ex.model.get_submodule(n)
+        assert torch.equal(a.weight.view(torch.uint8), b.weight.view(torch.uint8)), n
+        assert torch.equal(a.weight_scale, b.weight_scale) and torch.equal(a.input_scale, b.input_scale), n
     ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(copy(ids), fake_quant(ids))
+        assert torch.equal(ex.model(ids), fake_quant(ids))
 
 
 def test_trials_table_columns_and_throughput_plot(measured, tmp_path):

@@ -78,7 +78,7 @@ def test_grid_trials_are_resolved_once_and_carry_their_errors(tiny_model_dir, tm
             assert t.resolved is None and "between 8 and 16" in str(t.error)
         else:
             assert t.error is None and t.resolved == resolve_scheme(
-                get_scheme(t.scheme, f), effective_bits=12.0, method="gradient", num_score_steps=16, num_calib_steps=16)
+                get_scheme(t.scheme, f), effective_bits=12.0, method="gradient", num_score_steps=16)  # calib: all batches
     assert next(t for t in trials if t.scheme == "mine" and t.resolved).resolved.disabled_layers == ("*layers.0.*",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         trials[0].effective_bits_target = 10.0  # type: ignore[misc]
@@ -101,8 +101,9 @@ def test_trial_ids_are_those_of_earlier_sweeps(tiny_model_dir, monkeypatch):
         "int4w_fp8_lm_at_10bits-b7.5-gradient-s32-bd1b371a"]
     own = load_sweep_spec(None, {"name": "g", "model_dir": str(tiny_model_dir),
                                  "schemes": ("fp8_autoquant_top25", "examples/recipes/int4w_fp8_lm_at_10bits.yaml")})
-    assert [t.trial_id for t in expand_grid(own)] == ["fp8_autoquant_top25-b14-gradient-s16-01b7697a",
-                                                      "int4w_fp8_lm_at_10bits-b10-gradient-sauto-03b58c31"]
+    # Scheme defaults: calibration on every loaded batch (num_calib_steps None, was 16), a new experiment, so new ids.
+    assert [t.trial_id for t in expand_grid(own)] == ["fp8_autoquant_top25-b14-gradient-s16-d50971f1",
+                                                      "int4w_fp8_lm_at_10bits-b10-gradient-sauto-5fd47901"]
 
 
 def test_trial_round_trips_through_json_and_result_json(tiny_model_dir, tmp_path):

@@ -86,6 +86,9 @@ def test_whole_vlm_search_scores_both_towers(pairs, vlm, tmp_path):
     towers = {info["tower"] for info in m["layer_sensitivity"].values()}
     assert towers == {"vision", "merger", "language"}
     for group, info in m["layer_sensitivity"].items():
+        if "patch_embed" in group:  # never offered: the export writes it BF16 (configs/exclusions.py)
+            assert info["candidate_formats"] == ["NONE"]
+            continue
         assert info["scores"][0] > 0, f"{group} ({info['tower']}) has no sensitivity score"
     assert m["model"]["scope"] == "vision_language_model"
     # The calibration section says what an image-caption set is, and nothing of a caption-text set's.
@@ -152,3 +155,33 @@ def test_cli_image_caption_run(pairs, tiny_model_dir, tmp_path):
                  "--batch-size", "2", "--device", "cpu", "--effective-bits", "10"]) == 0
     m = json.loads((out / "fp8_autoquant_all_layers_fp8_quant_manifest.json").read_text())
     assert m["calibration"]["kind"] == "image_caption" and m["calibration"]["num_samples"] == 4
+
+
+@pytest.mark.slow
+def test_whole_vlm_run_exports(pairs, tiny_model_dir, tmp_path, capsys):
+    """A whole-VLM run is never offered the patch embedding (a Conv3d the FP8 export writes in BF16), so it exports
+    and passes the export's own check; a run that quantized it anyway (made before) is refused in one line."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "vlm"
+    assert main(["run", "--scheme-name", "fp8_autoquant_all_layers_fp8", "--model-dir", str(tiny_model_dir),
+                 "--output-dir", str(out), "--image-captions-path", str(pairs), "--max-calib-samples", "4",
+                 "--batch-size", "2", "--device", "cpu", "--effective-bits", "8"]) == 0
+    mf = out / "fp8_autoquant_all_layers_fp8_quant_manifest.json"
+    m = json.loads(mf.read_text())
+    patch = m["exclusions"]["layers"]["model.visual.patch_embed.proj"]["search"]
+    assert patch["source"] == "export" and "not a Linear" in patch["reason"]
+    assert m["layers"]["model.visual.patch_embed.proj"]["dtype"] == "bf16"
+    assert any(lay["dtype"] == "fp8" and lay["tower"] == "vision" for lay in m["layers"].values())
+    assert main(["export", str(out), "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "exp")]) == 0
+    t = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    assert t["visual.patch_embed.proj.weight"].dtype == torch.bfloat16
+    assert t["visual.blocks.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert torch.equal(t["visual.blocks.0.mlp.up_proj.weight_scale"], t["visual.blocks.0.mlp.gate_proj.weight_scale"])
+    capsys.readouterr()
+    m["layers"]["model.visual.patch_embed.proj"].update(dtype="fp8", format="FP8_ALL_LAYERS_CFG")
+    mf.write_text(json.dumps(m))
+    assert main(["export", str(out), "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a convolution the FP8 export writes in BF16" in err[0]
+    assert not (tmp_path / "e2").exists()

@@ -31,7 +31,7 @@ class Trial:
     effective_bits_target: float
     method: str
     num_score_steps: int | None  # None: the scheme's score_size decides
-    num_calib_steps: int
+    num_calib_steps: int | None  # None: every loaded batch
     resolved: Scheme | None = None  # the scheme with this trial's settings applied
     error: str | None = None  # why it did not resolve: the trial fails alone with this error
     experiment_key: str | None = None  # sweep.spec.experiment_key of ``resolved``

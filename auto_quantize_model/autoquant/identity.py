@@ -54,9 +54,10 @@ class DataIdentity:
 
 
 def effective_steps(scheme: Scheme, num_batches: int, batch_size: int) -> dict[str, int]:
-    """ModelOpt stops at the end of the data, so more steps than batches means all batches (a recipe's
-    ``score_size`` is samples: steps = ceil(score_size / batch size))."""
-    return {"num_calib_steps": min(scheme.num_calib_steps, num_batches),
+    """ModelOpt stops at the end of the data, so more steps than batches means all batches; no calibration steps
+    (the default) means every loaded batch (a recipe's ``score_size`` is samples: steps = ceil(score_size / batch
+    size)). The identity hashes these numbers, so "all batches" and the same count given explicitly share a cache."""
+    return {"num_calib_steps": scheme.calib_steps(num_batches),
             "num_score_steps": min(scheme.score_steps(batch_size), num_batches)}
 
 

@@ -57,6 +57,7 @@ REQUIRED_KEYS = {
     "timings": dict,
     "versions": dict,
 }
+SCORED_NEVER_QUANTIZED = "scored, never quantized: cost-excluded but searched (cost weight 0, so no choice saves budget)"
 LAYER_KEYS = ("dtype", "format", "search_group", "block_index", "kind", "num_params")
 GROUP_KEYS = ("candidate_formats", "scores", "costs", "chosen_format", "module_names")
 
@@ -178,6 +179,10 @@ def exclusion_table(layers: dict[str, dict[str, Any]], search_setup: Any) -> dic
             out["layers"][lname] = {"search": search.to_dict() if search else None,
                                     "budget": budget.to_dict() if budget else None,
                                     "in_budget": lay["in_budget"]}
+            if budget and not search:
+                # Cost weight 0: quantizing it saves no budget and only adds to the score, so the solver never
+                # picks it (ModelOpt's built-in recipes use this; it is not refused).
+                out["layers"][lname]["note"] = SCORED_NEVER_QUANTIZED
     return out
 
 
@@ -216,8 +221,10 @@ def build_manifest(
     artifacts: dict[str, str],
     run_id: str | None = None,
     sweep_id: str | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the manifest dict from a finished search and the live quantized model."""
+    """Assemble the manifest dict from a finished search and the live quantized model (``serving``: the served
+    semantics of its scales, ``autoquant.serving.serving_summary``)."""
     groups = sensitivity_table(search_state, format_names)
     layers = layer_table(model, groups, format_bits, unquantized_label(model_info["dtype"]))
     # Modules AutoQuant did not search (e.g. convolutions it skips) are not part of the study.
@@ -253,6 +260,7 @@ def build_manifest(
         "num_layers": len(layers),
         "towers": tower_summary(layers, groups),
         "exclusions": exclusions,
+        "serving": serving,
         "layers": layers,
         "layer_sensitivity": groups,
         "autoquant_state": autoquant_state_summary(search_state, format_names),

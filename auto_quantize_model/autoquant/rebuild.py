@@ -43,7 +43,12 @@ def find_run(run_dir: str | Path) -> RunArtifacts:
     else:
         raise UserError(f"run dir {p} does not exist; pass the --output-dir of an `autoquant run`")
     manifest = load_manifest(manifest_file)
-    restore = manifest_file.parent / manifest.get("artifacts", {}).get("restore", "")
+    artifacts = manifest.get("artifacts")
+    name = artifacts.get("restore") if isinstance(artifacts, dict) else None
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise UserError(f"manifest {manifest_file} names no restore artifact in this directory; it is damaged: "
+                        "re-run the scheme")
+    restore = manifest_file.parent / name
     if not restore.is_file():
         raise UserError(f"run {manifest_file.parent} has no restore artifact ({restore.name}); re-run the scheme")
     return RunArtifacts(manifest_file.parent, manifest, restore)

@@ -62,6 +62,7 @@ def _summary(m: dict[str, Any]) -> list[str]:
         f"- Effective bits: target {_fmt(eb['target'])}, achieved {_fmt(eb['achieved'])}, measured on the "
         f"quantized model {_fmt(eb['measured'])}; budget met: **{'yes' if m['budget_met'] else 'NO'}**",
         f"- Quantized layers: {m['num_quantized_layers']} of {m.get('num_layers', len(m['layers']))}",
+        _serving_line(m.get("serving")),
         f"- Scores: {'reused from the search cache' if cache.get('reused') else 'computed in this run'} "
         f"(key `{cache.get('key', '?')}`); total time {_fmt(t.get('total'), '.2f')} s",
         "",
@@ -72,6 +73,17 @@ def _summary(m: dict[str, Any]) -> list[str]:
         f"whatever dtype the reference runs in ({unq} here).",
         "",
     ]
+
+
+def _serving_line(serving: dict[str, Any] | None) -> str:
+    """What an engine serves: the scales' fused-group semantics (autoquant/serving.py)."""
+    if not serving:
+        return "- Serving: separate q/k/v and gate/up scales (run made before served semantics were recorded)"
+    if serving["fused_scales"] == "shared":
+        return ("- Serving: shared fused scales, as vLLM, SGLang and TensorRT-LLM run q/k/v and gate/up (one weight "
+                "and one input scale per group): the scores and metrics are those of the served model")
+    return ("- Serving: **separate** q/k/v and gate/up scales; engines that fuse them requantize to the group's max, "
+            "so they serve a slightly different model than this run scored")
 
 
 def _group_table(m: dict[str, Any]) -> list[str]:
@@ -132,13 +144,14 @@ def _exclusions(m: dict[str, Any]) -> list[str]:
              f"{len(ex.get('disabled_layers', []))} search-exclusion and {len(ex.get('cost_excluded_layers', []))} "
              "budget-exclusion patterns; layers they matched (kept BF16 if out of the search; outside the "
              "effective-bits budget if out of the budget):", "",
-             "| layer | out of search by | out of budget by |", "|---|---|---|"]
+             "| layer | out of search by | out of budget by | note |", "|---|---|---|---|"]
 
     def cell(e: dict[str, str] | None) -> str:
         return "-" if e is None else f"`{e['pattern']}` ({e['source']})"
 
     for name, info in rows.items():
-        lines.append(f"| `{name}` | {cell(info['search'])} | {cell(info['budget'])} |")
+        note = info.get("note") or (info["search"] or {}).get("reason") or "-"
+        lines.append(f"| `{name}` | {cell(info['search'])} | {cell(info['budget'])} | {note} |")
     return lines + [""]
 
 

@@ -25,6 +25,7 @@ from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.autoquant.search import PhaseClock, auto_quantize, unreachable_budget
+from auto_quantize_model.autoquant.serving import serving_summary
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.protocol import CalibrationData, usage
 from auto_quantize_model.errors import check_output_dir
@@ -146,6 +147,7 @@ def _finish(
         artifacts={"manifest": mpath.name, "report": rpath.name, "restore": apath.name},
         run_id=run_id,
         sweep_id=sweep_id,
+        serving=serving_summary(model, scheme.fused_scales),
     )
     if not write:
         return RunResult(model, search_state, manifest, None, None, None, scored=not reused)

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from auto_quantize_model.autoquant.cache import CacheEntry
+from auto_quantize_model.autoquant.serving import serving_calibration
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.errors import UserError
@@ -75,7 +76,8 @@ def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData,
     import modelopt.torch.quantization as mtq
 
     try:
-        with warnings.catch_warnings():
+        # serving_calibration: each format's calibration ends with the scales engines serve (autoquant/serving.py).
+        with warnings.catch_warnings(), serving_calibration(scheme.fused_scales):
             # ModelOpt warns whenever the checkpoint is new; the caller's log line already says so.
             warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
             model, search_state = mtq.auto_quantize(

@@ -1,5 +1,5 @@
-"""``autoquant export`` (a run as a deployable Hugging Face checkpoint, ModelOpt unified format) and
-``autoquant ship`` (pick a trial of a sweep by a rule, export it, print how to serve it)."""
+"""``autoquant export`` (a run as a deployable Hugging Face checkpoint, ModelOpt unified format, equal to the
+evaluated model) and ``autoquant ship`` (pick a trial of a sweep by a rule, export it, print how to serve it)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_run(args.run_dir, args.model_dir, args.output_dir, device=args.device)
     w = result.info["weights"]
-    print(f"export: {result.output_dir} ({result.info['layers']['fp8']}/{result.info['layers']['total']} LM layers FP8, "
-          f"language model {w['language_model_bytes'] / 1e9:.3f} GB, lm_head {result.info['lm_head']})")
+    print(f"export: {result.output_dir} ({result.info['layers']['fp8']}/{result.info['layers']['total']} layers FP8, "
+          f"{result.info['serving']['fused_scales']} fused scales, language model "
+          f"{w['language_model_bytes'] / 1e9:.3f} GB, lm_head {result.info['lm_head']})")
     return 0
 
 

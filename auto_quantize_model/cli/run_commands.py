@@ -25,7 +25,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--effective-bits", type=float, default=None, help="override the scheme's budget")
     p.add_argument("--auto-quantize-method", choices=("gradient", "kl_div"), default=None, help="override the method")
     p.add_argument("--num-score-steps", type=int, default=None, help="override scoring batches")
-    p.add_argument("--num-calib-steps", type=int, default=None, help="override calibration batches")
+    p.add_argument("--num-calib-steps", type=int, default=None,
+                   help="calibration batches (default: every loaded batch)")
     p.add_argument("--quant-config", default=None,
                    help="candidate format(s) by name, comma-separated: ModelOpt presets or custom configs")
     p.add_argument("--schemes-file", default=None, help="TOML file with extra [schemes.NAME] tables")
@@ -165,7 +166,8 @@ def cmd_schemes(args: argparse.Namespace) -> int:
     for s in scheme_catalog(args.schemes_file).values():
         setup = s.search_setup()
         print(f"{s.name:32} bits={s.effective_bits:<5g} formats={','.join(s.quantization_formats):22} "
-              f"method={s.method} score_steps={s.num_score_steps} calib_steps={s.num_calib_steps} "
+              f"method={s.method} fused_scales={s.fused_scales} score_steps={s.num_score_steps} "
+              f"calib_steps={s.num_calib_steps or 'all'} "
               f"excluded_patterns={len(setup.disabled)} (budget: {len(setup.cost_excluded)})"
               + (f" disabled={','.join(s.disabled_layers)}" if s.disabled_layers else ""))
         if s.description:

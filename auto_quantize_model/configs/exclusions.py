@@ -17,6 +17,12 @@ from auto_quantize_model.format_facts import format_disable_patterns  # noqa: F4
 
 # Where a pattern came from when it is not a format config: the scheme (or recipe) itself.
 SCHEME_SOURCE = "scheme"
+# Layers no scheme searches because the FP8 export cannot write them: ModelOpt's exporter writes the vision
+# patch embedding (a Conv3d in Qwen2.5-VL, a convolution in every ``patch_embed*`` of the VLMs we load) in BF16,
+# and serving engines have no FP8 convolution. A whole-VLM search that picked FP8 for it could not be exported.
+EXPORT_SOURCE = "export"
+EXPORT_PATTERNS = ("*patch_embed*",)
+EXPORT_REASON = "not a Linear: the FP8 export writes it BF16 (ModelOpt's exporter), so it is never offered"
 # The quantizers whose names a format config's name patterns are written against.
 _QUANTIZER_ATTRS = ("weight_quantizer", "input_quantizer")
 
@@ -27,10 +33,19 @@ class ExclusionPattern:
 
     pattern: str
     source: str
+    reason: str = ""  # why, when the source alone does not say (export exclusions)
 
     def to_dict(self) -> dict[str, str]:
         """JSON-ready form for manifests."""
-        return {"pattern": self.pattern, "source": self.source}
+        out = {"pattern": self.pattern, "source": self.source}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def export_exclusions() -> list[ExclusionPattern]:
+    """The layers every search leaves out because the export cannot write them in FP8."""
+    return [ExclusionPattern(p, EXPORT_SOURCE, EXPORT_REASON) for p in EXPORT_PATTERNS]
 
 
 def module_patterns(quantizer_pattern: str) -> list[str]:

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from auto_quantize_model.config_types import check_table
-from auto_quantize_model.configs.exclusions import SCHEME_SOURCE, ExclusionPattern, format_exclusions
+from auto_quantize_model.configs.exclusions import SCHEME_SOURCE, ExclusionPattern, export_exclusions, format_exclusions
 from auto_quantize_model.errors import UserError
 
 SCHEME_SCHEMA_VERSION = 1
 # What each key of a scheme must be in a schemes file (config_types kinds): a string where a list belongs
 # would otherwise become one format per character.
 SCHEME_KINDS = {"name": "str", "quantization_formats": "list[str]", "effective_bits": "number", "method": "str",
-                "num_score_steps": "int", "num_calib_steps": "int", "disabled_layers": "list[str]",
+                "num_score_steps": "int", "num_calib_steps": "int?", "disabled_layers": "list[str]",
                 "description": "str", "format_exclusions": "bool", "cost_excluded_layers": "list[str]",
-                "cost_exclude_disabled": "bool", "score_size": "int?", "recipe": "str?"}
+                "cost_exclude_disabled": "bool", "score_size": "int?", "recipe": "str?", "fused_scales": "str"}
 METHODS = ("gradient", "kl_div")
+# Served semantics of fused q/k/v and gate/up groups (autoquant/serving.py); kept here so configs stay torch-free.
+FUSED_SCALES_MODES = ("shared", "separate")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,10 @@ class Scheme:
     effective_bits: float
     method: str = "gradient"
     num_score_steps: int = 16
-    num_calib_steps: int = 16
+    # Calibration batches; None (the default) = every loaded batch, as ModelOpt's hf_ptq calibrates on its whole
+    # calibration set (num_calib_steps = len(calib_dataloader)). Scoring keeps num_score_steps (128 samples at
+    # the default batch size of 8, hf_ptq's auto_quantize score size).
+    num_calib_steps: int | None = None
     disabled_layers: tuple[str, ...] = ()
     description: str = ""
     # Keep the candidate formats' own name-pattern disables (lm_head, routers, vision, ...) out of
@@ -48,6 +53,10 @@ class Scheme:
     score_size: int | None = None
     # The ModelOpt AutoQuantize recipe this scheme was read from (provenance), if any.
     recipe: str | None = None
+    # "shared": one weight scale and one input scale per q/k/v and gate/up group (the group's max), as vLLM,
+    # SGLang and TensorRT-LLM serve them, applied at calibration so scores, evaluation and export all see the
+    # served model; "separate": ModelOpt's per-layer scales (engines that do not fuse). autoquant/serving.py.
+    fused_scales: str = "shared"
 
     def __post_init__(self) -> None:
         # Lists from TOML/JSON become tuples so the dataclass stays hashable and immutable.
@@ -56,6 +65,9 @@ class Scheme:
         # The budget is one float from TOML/CLI to the manifest and tables (TOML `effective_bits = 14` is an int).
         if isinstance(self.effective_bits, int) and not isinstance(self.effective_bits, bool):
             object.__setattr__(self, "effective_bits", float(self.effective_bits))
+        if self.fused_scales not in FUSED_SCALES_MODES:
+            raise UserError(f"scheme {self.name!r}: fused_scales {self.fused_scales!r} is unknown; use 'shared' (one "
+                            "scale per q/k/v and gate/up group, as engines serve it) or 'separate'")
 
     def to_dict(self) -> dict[str, Any]:
         """Versioned, JSON-ready form."""
@@ -87,12 +99,19 @@ class Scheme:
             return self.num_score_steps
         return max(1, math.ceil(self.score_size / batch_size))
 
+    def calib_steps(self, num_batches: int) -> int:
+        """Calibration batches run: ``num_calib_steps`` (at most the loaded ones), or every loaded batch."""
+        return num_batches if self.num_calib_steps is None else min(self.num_calib_steps, num_batches)
+
     def search_setup(self) -> SearchSetup:
-        """The resolved exclusions: explicit patterns first, then the formats' own disables."""
+        """The resolved exclusions: explicit patterns first, then the formats' own disables, then the layers the
+        export cannot write (configs/exclusions.py ``export_exclusions``; every scheme, recipes included)."""
         disabled = [ExclusionPattern(p, SCHEME_SOURCE) for p in self.disabled_layers]
         if self.format_exclusions:
             seen = set(self.disabled_layers)
             disabled += [e for e in format_exclusions(self.quantization_formats) if e.pattern not in seen]
+        seen = {e.pattern for e in disabled}
+        disabled += [e for e in export_exclusions() if e.pattern not in seen]
         cost = [ExclusionPattern(p, SCHEME_SOURCE) for p in self.cost_excluded_layers]
         if self.cost_exclude_disabled:
             seen = set(self.cost_excluded_layers)

@@ -163,8 +163,9 @@ def resolve_scheme(
 
     if s.method not in METHODS:
         raise UserError(f"auto-quantize method {s.method!r} is unknown; use one of {', '.join(METHODS)}")
-    for key in ("num_score_steps", "num_calib_steps"):
-        check_positive(key.replace("_", "-"), getattr(s, key))
+    check_positive("num-score-steps", s.num_score_steps)
+    if s.num_calib_steps is not None:  # None: every loaded batch
+        check_positive("num-calib-steps", s.num_calib_steps)
     if s.score_size is not None:
         check_positive("score-size", s.score_size)
     if not s.quantization_formats:

@@ -2,7 +2,8 @@
 
 ``mtq.quantize`` with ModelOpt's ``FP8_DEFAULT_CFG`` as shipped: every Linear FP8 except what the
 format's own name patterns exclude (``*lm_head*`` and friends), max calibration on the same
-calibration batches an AutoQuant run used. Beside the unquantized reference it shows what AutoQuant
+calibration batches an AutoQuant run used, with the scales engines serve (shared q/k/v and gate/up
+scales, exact-reciprocal FP8 scales: autoquant/serving.py). Beside the unquantized reference it shows what AutoQuant
 buys over plain FP8 at the effective bits each gets.
 """
 
@@ -91,7 +92,11 @@ def build_uniform_ptq(
         for batch in batches:
             loaded.forward_step(m, batch)
 
-    model = mtq.quantize(model, cfg, forward_loop)
+    from auto_quantize_model.autoquant.serving import serving_calibration
+
+    # Served semantics as for every search (autoquant/serving.py): the control is what an engine would serve.
+    with serving_calibration("shared"):
+        model = mtq.quantize(model, cfg, forward_loop)
     seconds = time.perf_counter() - t
     live = live_layer_formats(model)
     layers = linear_layers(model)
@@ -127,14 +132,14 @@ def calibration_from_manifest(loaded: LoadedModel, manifest: dict[str, Any]) -> 
 
 def evaluate_control(
     loaded: LoadedModel, calib: CalibrationData, eval_data: CalibrationData, reference: nn.Module,
-    num_calib_steps: int, trials_dir: str | Path, tables_root: str | Path, sweep_id: str | None,
+    num_calib_steps: int | None, trials_dir: str | Path, tables_root: str | Path, sweep_id: str | None,
 ) -> Path:
     """A sweep's control: build, evaluate on the sweep's held-out data, write its record and its
     trials-table row. One per calibration-step count; a record already on disk is reused (resume)."""
     from auto_quantize_model.inference.evaluate import evaluate_run
     from auto_quantize_model.records.tables import control_trials_table, write_table_file
 
-    steps = min(num_calib_steps, len(calib.batches))
+    steps = len(calib.batches) if num_calib_steps is None else min(num_calib_steps, len(calib.batches))
     cid = control_id(calib, steps)
     path = Path(trials_dir) / cid / f"{cid}{CONTROL_SUFFIX}"
     if path.is_file():

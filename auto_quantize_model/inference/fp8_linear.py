@@ -1,26 +1,25 @@
 """Real FP8 execution of an exported checkpoint in plain PyTorch.
 
-:class:`Fp8Linear` keeps the exported weight as ``float8_e4m3fn`` with its per-tensor ``weight_scale``
-and static ``input_scale`` (both ``amax / 448``, as ModelOpt exports them). On a GPU with FP8 tensor
-cores (compute capability >= 8.9: Ada, Hopper, Blackwell) it quantizes the activation and runs
-``torch._scaled_mm``; elsewhere (CPU) it dequantizes both operands and runs an ordinary matmul in the
-activation dtype, which is exactly what ModelOpt's fake quantization computes, so CI can test it.
+:class:`Fp8Linear` keeps the exported weight as ``float8_e4m3fn`` with its per-tensor ``weight_scale`` and static
+``input_scale`` (the dequantization multipliers fake quantization used: ``export/fp8_codes.py``). It quantizes
+activations as vLLM and SGLang do, multiplying by the reciprocal of ``input_scale`` in float32 (vLLM's
+``scaled_fp8_quant_kernel`` in ``csrc/quantization/fp8/common.cu`` computes ``1.0f / scale`` and multiplies; its
+``QuantFP8.forward_native`` uses ``scale.reciprocal()``); searches store exact-reciprocal scales
+(``autoquant/serving.py``), so that reciprocal is the multiplier fake quantization used. On a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper,
+Blackwell) it runs ``torch._scaled_mm``; elsewhere (CPU) it dequantizes both operands and runs an ordinary matmul
+in the activation dtype, which is exactly what ModelOpt's fake quantization computes, so CI can test it.
 
-Activation quantization is a few elementwise ops (divide, clamp, cast). In eager mode they are
-separate kernels that eat the FP8 GEMM's gain; under ``torch.compile`` they fuse into one kernel in
-front of the GEMM, which is where the prefill speed-up comes from (docs/benchmarks.md).
+Activation quantization is a few elementwise ops (multiply, clamp, cast). In eager mode they are separate
+kernels that eat the FP8 GEMM's gain; under ``torch.compile`` they fuse into one kernel in front of the GEMM,
+which is where the prefill speed-up comes from (docs/benchmarks.md).
 
-Tolerance against the fake-quant model of the same run: given the same FP8 weight, the CPU path equals
-ModelOpt's fake-quant linear bit for bit (tests/test_export.py). The export itself differs: ModelOpt's
-exporter divides each weight by its scale in bf16, fake quant multiplies in float32, so ~2-4% of FP8 weights
-land one FP8 step away. Pinned on the tiny model (CPU, bf16): KL(fake quant || real FP8) per token stays
-below KL(BF16 || fake quant), top-1 agreement >= 0.8. On the random-weight 3B (H100): 0.069 vs 0.087
-(all FP8) and 0.0020 vs 0.0021 (top50), docs/benchmarks.md.
+Equality with the run's fake-quant model: the export stores the evaluated codes and scales, so on CPU in bf16
+(the dequantize path) the exported model's logits equal the fake-quant model's bit for bit
+(tests/test_export.py). On a GPU only ``_scaled_mm``'s accumulation order differs (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.float().reshape(()))
         self.register_buffer("input_scale", input_scale.float().reshape(()))
+        # What serving engines quantize activations with: fl32(1 / input_scale) (see the module docstring).
+        self.register_buffer("input_scale_inv", 1 / self.input_scale, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
         self.compute_dtype = compute_dtype
         self.use_scaled_mm = scaled_mm_supported(weight.device)
@@ -65,7 +66,7 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scaled_mm={self.use_scaled_mm}"
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return (x.float() * self.input_scale_inv).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -103,14 +104,16 @@ class ExportedModel:
 
 
 def _load_tensors(export_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(export_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{export_dir} holds no .safetensors weights; pass the output dir of `autoquant export`")
     out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f), device=str(device)))
+    for f in sorted(export_dir.glob("*.safetensors")):
+        try:
+            out.update(load_file(str(f), device=str(device)))
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{f} could not be read ({exc.__class__.__name__}); the export is damaged: re-export it") \
+                from exc
     return out
 
 
@@ -131,6 +134,7 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     """
     from transformers import AutoConfig
 
+    from auto_quantize_model.export.checks import check_export_tensors, config_model, read_json, read_tensor_meta
     from auto_quantize_model.models.loading import (
         LanguageModelWithHead,
         _model_class,
@@ -147,11 +151,14 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     if "quantization_config" not in cfg or not (d / "hf_quant_config.json").is_file():
         raise UserError(f"{d} is not an FP8 export (no quantization_config/hf_quant_config.json); "
                         "create one with `autoquant export`, or pass a plain checkpoint as --model-dir")
-    algo = json.loads((d / "hf_quant_config.json").read_text(encoding="utf-8"))["quantization"].get("quant_algo")
+    quant = read_json(d / "hf_quant_config.json", "quantization config").get("quantization")
+    algo = quant.get("quant_algo") if isinstance(quant, dict) else None
     if algo != "FP8":
         raise UserError(f"{d} is quantized as {algo}; only per-tensor FP8 exports run here")
     info_file = d / "autoquant_export.json"
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    info = read_json(info_file, "export record") if info_file.is_file() else {}
+    # Every check on the files and an empty (meta) model first: a damaged export is refused before any weight loads.
+    check_export_tensors(d, read_tensor_meta(d), config_model(d))
     _, cls = _model_class(cfg)
     dev = resolve_device(device)
     config = AutoConfig.from_pretrained(str(d))
@@ -169,10 +176,16 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
         old = lm.get_submodule(name)
         if not isinstance(old, nn.Linear):
             raise UserError(f"{d}: FP8 tensor {name}.weight is not a Linear layer; the export is not supported")
+        if tensors[f"{name}.weight"].shape != old.weight.shape:
+            raise UserError(f"{d}: {name}.weight has shape {tuple(tensors[f'{name}.weight'].shape)}, its config "
+                            f"{tuple(old.weight.shape)}; the export is damaged: re-export")
         bias = tensors.pop(f"{name}.bias", None)
         lm.set_submodule(name, Fp8Linear(tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.weight_scale"),
                                          tensors.pop(f"{name}.input_scale"), bias, torch.bfloat16))
-    missing, unexpected = lm.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = lm.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise UserError(f"{d} does not match its config ({' '.join(str(exc).split())[:200]}); re-export") from exc
     fp8_keys = {f"{n}.{s}" for n in fp8 for s in ("weight", "weight_scale", "input_scale", "bias")}
     missing = [k for k in missing if k not in fp8_keys and not (k == "lm_head.weight" and lm.lm_head.weight is
                                                                   lm.model.get_input_embeddings().weight)]

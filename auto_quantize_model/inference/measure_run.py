@@ -1,12 +1,11 @@
 """Measure a searched run's real FP8 cost inside a process that already holds the BF16 model (sweep worker).
 
-:func:`to_fp8_model` turns the run's FP8 layers into :class:`Fp8Linear` in memory, with the weight and
-scales ModelOpt's exporter computes for each layer (``get_weight_scaling_factor``,
-``get_activation_scaling_factor``, ``to_quantized_weight``), so no checkpoint is written per trial. It
-differs from ``autoquant export`` in one way that changes no dtype, shape or kernel: the exporter also
-unifies the scales of layers that share an input (q/k/v, gate/up). Speed and weight memory are therefore
-those of the export (a test checks the same FP8 layers and the same bytes on the tiny model), and its logits
-equal the run's fake-quant model's bit for bit on CPU in bf16 (tests/test_measure_sweep.py).
+:func:`to_fp8_model` turns the run's FP8 layers into :class:`Fp8Linear` in memory, with the codes and scales
+``autoquant export`` writes (``export/fp8_codes.py``, one function for both: the fake-quant model's own codes,
+scales shared across q/k/v and gate/up as the search calibrated them), so no checkpoint is written per trial.
+Speed and weight memory are therefore those of the export (a test checks the same FP8 layers and the same
+bytes on the tiny model), and its logits equal the run's fake-quant model's bit for bit on CPU in bf16
+(tests/test_measure_sweep.py).
 
 The copy shares every BF16 tensor with the model it is built from (only FP8 weights are new memory) and
 is dropped after measuring. :class:`CostMeter` measures BF16 and uniform FP8 once per process, lazily, and
@@ -59,15 +58,9 @@ def fp8_layer_names(manifest: dict[str, Any]) -> list[str]:
 
 
 def to_fp8_model(reference: nn.Module, quantized: nn.Module, names: list[str]) -> nn.Module:
-    """A copy of ``reference`` (BF16 tensors shared, not copied) whose ``names`` are :class:`Fp8Linear`
-    built from ``quantized``'s calibrated per-tensor FP8 quantizers, as ModelOpt's exporter builds them."""
-    from modelopt.torch.export.model_config import QUANTIZATION_FP8
-    from modelopt.torch.export.quant_utils import (
-        get_activation_scaling_factor,
-        get_quantization_format,
-        get_weight_scaling_factor,
-        to_quantized_weight,
-    )
+    """A copy of ``reference`` (BF16 tensors shared, not copied) whose ``names`` are :class:`Fp8Linear` built from
+    ``quantized``'s calibrated per-tensor FP8 layers with the export's codes and scales."""
+    from auto_quantize_model.export.fp8_codes import fp8_layer_tensors
 
     # Pre-seeding deepcopy's memo with every tensor copies the module tree but none of its weights.
     memo = {id(t): t for t in itertools.chain(reference.parameters(), reference.buffers())}
@@ -76,14 +69,13 @@ def to_fp8_model(reference: nn.Module, quantized: nn.Module, names: list[str]) -
     with torch.no_grad():
         for name in names:
             q = quantized.get_submodule(name)
-            fmt = get_quantization_format(q)
-            w_scale, in_scale = get_weight_scaling_factor(q), get_activation_scaling_factor(q)
-            if fmt != QUANTIZATION_FP8 or w_scale is None or in_scale is None:
-                raise UserError(f"layer {name} is {fmt} without calibrated static input and weight scales; measure "
-                                "runs per-tensor FP8 (FP8_DEFAULT_CFG-style) layers only: drop measure for this scheme")
-            weight = to_quantized_weight(q.weight.detach(), w_scale, QUANTIZATION_FP8)
+            try:
+                t = fp8_layer_tensors(q)
+            except ValueError as exc:
+                raise UserError(f"layer {name} {exc}; measure runs per-tensor FP8 (FP8_DEFAULT_CFG-style) layers only: "
+                                "drop measure for this scheme") from exc
             bias = None if q.bias is None else q.bias.detach().clone()
-            out.set_submodule(name, Fp8Linear(weight, w_scale, in_scale, bias, dtype))
+            out.set_submodule(name, Fp8Linear(t.weight, t.weight_scale, t.input_scale, bias, dtype))
     return out.eval()
 
 

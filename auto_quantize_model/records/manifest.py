@@ -24,7 +24,7 @@ class SchemeRecord(TypedDict):
     effective_bits: float  # the target budget
     method: str  # AutoQuantize scoring method: gradient or kl_div
     num_score_steps: int  # scoring batches
-    num_calib_steps: int  # calibration batches actually run (capped at the number of batches)
+    num_calib_steps: int  # calibration batches actually run (default: every loaded batch)
     disabled_layers: list[str]  # explicit search-exclusion globs (resolved list: Manifest.exclusions)
     description: str  # one line for reports
     format_exclusions: NotRequired[bool]  # the formats' own name-pattern disables were added to the search's
@@ -32,6 +32,7 @@ class SchemeRecord(TypedDict):
     cost_exclude_disabled: NotRequired[bool]  # layers out of the search also left the budget
     score_size: NotRequired[int | None]  # a recipe's scoring sample count (num_score_steps then derived)
     recipe: NotRequired[str | None]  # the ModelOpt AutoQuantize recipe path or name, else null
+    fused_scales: NotRequired[str]  # shared (q/k/v, gate/up share scales, as engines serve them) or separate
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ class ExclusionPattern(TypedDict):
     """One resolved exclusion glob and where it came from."""
 
     pattern: str  # module-name glob
-    source: str  # a format config name (e.g. FP8_DEFAULT_CFG) or scheme
+    source: str  # a format config name (e.g. FP8_DEFAULT_CFG), scheme, or export (what the export cannot write)
+    reason: NotRequired[str]  # why, where the source does not say it (export exclusions)
 
 
 class LayerExclusion(TypedDict):
@@ -159,6 +161,7 @@ class LayerExclusion(TypedDict):
     search: ExclusionPattern | None  # the glob that kept it out of the search, else null
     budget: ExclusionPattern | None  # the glob that kept it out of the budget, else null
     in_budget: bool  # counted in the effective bits
+    note: NotRequired[str]  # "scored, never quantized ..." for a searched layer outside the budget
 
 
 class Exclusions(TypedDict):
@@ -167,6 +170,22 @@ class Exclusions(TypedDict):
     disabled_layers: list[ExclusionPattern]  # out of the search
     cost_excluded_layers: list[ExclusionPattern]  # out of the budget
     layers: dict[str, LayerExclusion]  # every matched layer, by module name
+
+
+class FusedGroup(TypedDict):
+    """One group of Linears engines run as one GEMM (q/k/v, gate/up), and whether its live scales are one."""
+
+    modules: list[str]  # module names
+    shared: dict[str, bool]  # weight / input: one amax across the group (per-tensor quantizers only)
+
+
+class Serving(TypedDict):
+    """The served semantics of the run's scales (autoquant/serving.py)."""
+
+    fused_scales: str  # shared or separate
+    rule: str  # what engines do with fused groups
+    exact_reciprocal_fp8_scales: bool  # FP8 amaxes nudged so that 1 / (1 / S) == S in float32
+    fused_groups: list[FusedGroup]
 
 
 class Tower(TypedDict):
@@ -292,6 +311,7 @@ class Manifest(TypedDict):
     num_quantized_layers: int  # searched Linears whose weight quantizer is enabled (any format)
     num_layers: int  # searched Linears
     exclusions: NotRequired[Exclusions]  # resolved exclusion globs and the layers they matched
+    serving: NotRequired[Serving | None]  # served semantics of the scales; absent in runs made before it
     towers: NotRequired[dict[str, Tower]]  # per tower: language; vision, merger for whole-VLM runs
     layers: dict[str, LayerRecord]  # one entry per searched Linear, by module name
     layer_sensitivity: dict[str, GroupRecord]  # one entry per search group

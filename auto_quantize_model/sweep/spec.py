@@ -56,7 +56,7 @@ class SweepSpec:
     num_score_steps: tuple[int, ...] = setting((), kind="list[int]", flag="--num-score-steps", positive=True,
                                                help="comma-separated scoring step counts")  # (): each scheme's own
     num_calib_steps: int | None = setting(None, kind="int?", flag="--num-calib-steps",
-                                          help="calibration batches of every trial (default: each scheme's own)")
+                                          help="calibration batches of every trial (default: each scheme's own; all loaded batches)")
     schemes_file: str | None = setting(None, kind="str?", flag="--schemes-file",
                                        help="TOML file with extra [schemes.NAME] tables")
     max_calib_samples: int = _data("max_calib_samples")
@@ -148,7 +148,7 @@ def check_sweep_name(name: str) -> None:
 
 
 def trial_id(*, scheme: str, effective_bits_target: float, method: str, num_score_steps: int | None,
-             num_calib_steps: int, scheme_ref: str | None = None) -> str:
+             num_calib_steps: int | None, scheme_ref: str | None = None) -> str:
     """Readable and deterministic: ``<scheme>-b<bits>-<method>-s<steps>-<hash>``."""
     # The hash keeps the key names ids were first made with ("effective_bits"): resume finds trials by id.
     settings: dict[str, Any] = {"scheme": scheme, "effective_bits": float(effective_bits_target), "method": method,
@@ -216,7 +216,7 @@ def expand_grid(spec: SweepSpec) -> list[Trial]:
             settings: dict[str, Any] = {
                 "scheme": name, "scheme_ref": ref if name != ref else None, "effective_bits_target": float(bits),
                 "method": method, "num_score_steps": None if steps is None else int(steps),
-                "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else 16)}
+                "num_calib_steps": spec.num_calib_steps or (base.num_calib_steps if base else None)}
             tid = trial_id(**settings)
             if tid in seen:
                 continue
