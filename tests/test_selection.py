@@ -276,3 +276,51 @@ def test_scaling_every_score_keeps_every_in_memory_resolve(demo_runs, loaded, de
             r = resolve_budget(previous, loaded, demo_calib, dataclasses.replace(scheme, effective_bits=bits),
                                tmp_path / f"{factor:g}-{bits:g}")
             assert r.manifest["layers"] == layers.setdefault(bits, r.manifest["layers"]), f"x{factor:g}, {bits:g}"
+
+
+# -- solve paths: the patch is scoped, a parked search re-solves like the cache ---------------------------------------
+
+def test_exact_selection_replaces_modelopts_solve_only_inside_the_block():
+    from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher, AutoQuantizeKLDivSearcher
+
+    from auto_quantize_model.autoquant.solve import exact_selection
+
+    classes = (AutoQuantizeGradientSearcher, AutoQuantizeKLDivSearcher)
+    before = [c.__dict__["run_search_with_stats"] for c in classes]
+    with exact_selection():
+        inside = [c.__dict__["run_search_with_stats"] for c in classes]
+        assert all(a is not b for a, b in zip(inside, before))
+        with exact_selection():  # re-entrant
+            pass
+        assert [c.__dict__["run_search_with_stats"] for c in classes] == inside
+    assert [c.__dict__["run_search_with_stats"] for c in classes] == before
+    with pytest.raises(RuntimeError), exact_selection():
+        raise RuntimeError("a failing search")
+    assert [c.__dict__["run_search_with_stats"] for c in classes] == before
+
+
+def test_a_parked_search_resolves_exactly_like_the_cache(loaded, calib, tmp_path):
+    import torch
+
+    from auto_quantize_model.autoquant.run import run_scheme
+    from auto_quantize_model.autoquant.session import SearchSession
+
+    def scheme(name, bits):
+        return resolve_scheme(get_scheme(name), num_score_steps=2, num_calib_steps=2, effective_bits=bits)
+
+    fp8, mix = scheme("fp8_autoquant_full", 12.0), scheme("int4w_fp8_autoquant_mix", 10.0)
+    session = SearchSession(loaded, calib, tmp_path / "cache")
+    first = session.run(fp8, tmp_path / "a")
+    session.run(mix, tmp_path / "b")  # another key: fp8's searched model is parked, its weights released
+    assert session.warm_keys() == [session.key(mix), session.key(fp8)]
+    assert all(p.numel() == 0 for p in first.model.parameters())
+    low = dataclasses.replace(fp8, effective_bits=10.0)
+    back = session.run(low, tmp_path / "c")  # fresh weights into the parked model, re-solved in memory
+    assert back.manifest["score_cache"]["in_memory"] and session.last_copy_seconds > 0
+    fresh = run_scheme(loaded, calib, low, tmp_path / "d", cache_dir=tmp_path / "cache")  # a cache re-solve
+    assert not fresh.scored and fresh.manifest["layers"] == back.manifest["layers"]
+    assert fresh.manifest["selection"]["score"] == back.manifest["selection"]["score"]
+    batch = calib.batches[0]
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_step(back.model, batch), loaded.forward_step(fresh.model, batch))
+    assert session.warm_keys() == [session.key(fp8), session.key(mix)]

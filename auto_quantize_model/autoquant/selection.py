@@ -168,6 +168,7 @@ class Comparison:
     relative_score_gap: float | None = None  # score_gap / the exact objective value (None when that is 0)
     objective_value: float | None = None  # ModelOpt's objective value
     error: str | None = None
+    choice: tuple[int, ...] | None = None  # ModelOpt's candidate index per group
 
 
 @dataclass(frozen=True)
@@ -433,4 +434,5 @@ def compare(problem: Problem, selection: Selection, theirs: ModelOptChoice) -> C
         status=theirs.status, seconds=theirs.seconds, score=float(score),
         effective_bits=16.0 * float(cost) / problem.denominator, within_budget=cost <= Fraction(problem.cap),
         differs=bool(differing), differing_groups=differing, score_gap=float(value - ours),
-        relative_score_gap=float((value - ours) / ours) if ours else None, objective_value=float(value))
+        relative_score_gap=float((value - ours) / ours) if ours else None, objective_value=float(value),
+        choice=theirs.choice)
