@@ -12,7 +12,12 @@ Two ways in:
 Both record a :class:`selection.SolveRecord` in ``search_state["best"]["selection"]`` (in memory only: ModelOpt
 saves its checkpoint before it solves) with ModelOpt's own result computed the way ModelOpt computes it: its
 original ``run_search_with_stats`` (LPS/CBC with its retry lower bounds, or the bisection) on the same
-candidate stats and cap.
+candidate stats and cap. That comparison costs ~20-110 ms per solve of the 3B's 145 groups on the 2-core CPU
+machine (PuLP builds the model, CBC runs as a subprocess; docs/benchmarks.md), against ~1-10 ms for the exact solve.
+
+The substitution is a class attribute for the duration of the block: another thread of the same process that
+runs a ModelOpt search at that moment would get the exact solve too (this tool runs one search per process at a
+time).
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from typing import Any
 from auto_quantize_model.autoquant.selection import (
     OBJECTIVES,
     TIE_RULE,
-    Comparison,
     ModelOptChoice,
     Objective,
     Problem,
@@ -102,17 +106,16 @@ def _offline_searcher(state: dict[str, Any]) -> Any:
     return searcher
 
 
-def solve_stats(stats: dict[str, dict[str, Any]], cap: float, denominator: float, method: str, *,
-                searcher: Any = None, with_modelopt: bool = True) -> SolveRecord:
-    """The exact selection for ModelOpt's ``candidate_stats`` under ``cap``, and ModelOpt's own beside it.
+def solve_stats(stats: dict[str, dict[str, Any]], cap: float, denominator: float, method: str,
+                searcher: Any) -> SolveRecord:
+    """The exact selection for ModelOpt's ``candidate_stats`` under ``cap``, and ModelOpt's own beside it (computed
+    on ``searcher``, which holds the same stats and its cost model).
 
     Raises :class:`selection.InfeasibleBudget` when even the cheapest choice exceeds the cap.
     """
     problem = Problem.from_candidate_stats(stats, cap, denominator)
     selection = solve(problem, OBJECTIVE_OF_METHOD[method])
-    modelopt: Comparison | None = None
-    if with_modelopt and searcher is not None:
-        modelopt = compare(problem, selection, _modelopt_choice(searcher, method, stats, cap))
+    modelopt = compare(problem, selection, _modelopt_choice(searcher, method, stats, cap))
     if not selection.optimal:
         log.warning("exact selection stopped before its proof (pathological input): certified gap %.3g (%.3g "
                     "relative)", selection.gap, selection.relative_gap)
@@ -130,7 +133,7 @@ def _exact_run_search_with_stats(self: Any, max_weight_size: float, verbose: boo
     method = getattr(self, "method_name", "gradient")
     stats = self.candidate_stats
     record = solve_stats(stats, max_weight_size, denominator_of(stats, getattr(self, "cost_denominator", None)),
-                         method, searcher=self)
+                         method, self)
     self.best["selection"] = record
     return _recipe_info(stats, record.selection.choice), True
 
@@ -159,14 +162,13 @@ def exact_selection() -> Iterator[None]:
                 _originals.clear()
 
 
-def solve_state(state: dict[str, Any], effective_bits: float, *, with_modelopt: bool = True) -> dict[str, Any]:
+def solve_state(state: dict[str, Any], effective_bits: float) -> dict[str, Any]:
     """Re-solve a finished search state for ``effective_bits``: the new ``best`` dict (``recipe``, ``constraints``,
     ``score``, ``is_satisfied``, ``selection``), as ModelOpt's ``run_search`` would have set it."""
     stats = state["candidate_stats"]
     denominator = denominator_of(stats, state.get("cost_denominator"))
     cap = cap_of(denominator, effective_bits)
-    searcher = _offline_searcher(state) if with_modelopt else None
-    record = solve_stats(stats, cap, denominator, state["method"], searcher=searcher, with_modelopt=with_modelopt)
+    record = solve_stats(stats, cap, denominator, state["method"], _offline_searcher(state))
     info = _recipe_info(stats, record.selection.choice)
     return {
         "recipe": {name: i["format"] for name, i in info.items()},

@@ -287,7 +287,7 @@ class Timings(TypedDict):
     calibrate: float | None  # calibration
     score: float | None  # scoring
     calibrate_and_score: NotRequired[float | None]  # kl_div with fresh scores: both phases in one figure
-    solve: float  # the budget's LP
+    solve: float  # the budget's solve (a cache re-solve: everything ModelOpt does after loading its checkpoint)
     write_restore: NotRequired[float]  # writing the restore artifact
     total: NotRequired[float]  # the whole run including load
 

@@ -97,7 +97,7 @@ def main() -> None:
     cache = work / "cache"
     schemes = {n: resolve_scheme(get_scheme(n), effective_bits=16.0) for n in SCHEMES}
     res: dict[str, Any] = {
-        "bench": "resolve", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bench": "resolve", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.node(), "cpus": os.cpu_count(), "model_dir": str(args.model_dir), "layers": args.layers
         or None, "weights": "tiny demo checkpoint" + (f", decoder layer 0 repeated to {args.layers} layers"
                                                        if args.layers else ""),
@@ -137,19 +137,20 @@ def main() -> None:
             t = time.perf_counter()
             r = session.run(dataclasses.replace(schemes[name], effective_bits=bits), work / f"{label}-{i}")
             runs.append({"scheme": name, "bits": bits, "seconds": time.perf_counter() - t,
-                         "copy_s": session.last_copy_seconds, "in_memory": bool(r.manifest["score_cache"].get("in_memory"))})
+                         "copy_s": session.last_copy_seconds,
+                         "in_memory": bool(r.manifest["score_cache"].get("in_memory"))})
         # The first visit of each key is a cache re-solve either way; the rest show the difference.
         later = [r["seconds"] for r in runs[2:]]
         res["alternating"][label] = {"runs": runs, "mean_after_first_visits_s": statistics.fmean(later),
                                      "total_s": sum(r["seconds"] for r in runs)}
         del session
     line = json.dumps(res)
-    print("RESULT " + json.dumps({k: v for k, v in res.items() if k not in ("in_memory", "cache", "alternating")}
-                                 | {"in_memory": {k: v["mean"] for k, v in res["in_memory"].items()},
-                                    "cache": {k: v["mean"] for k, v in res["cache"].items()},
-                                    "alternating": {k: {"mean_after_first_visits_s": v["mean_after_first_visits_s"],
-                                                        "total_s": v["total_s"]} for k, v in res["alternating"].items()}}),
-          flush=True)
+    short = {k: v for k, v in res.items() if k not in ("in_memory", "cache", "alternating")}
+    short["in_memory"] = {k: v["mean"] for k, v in res["in_memory"].items()}
+    short["cache"] = {k: v["mean"] for k, v in res["cache"].items()}
+    short["alternating"] = {k: {"mean_after_first_visits_s": v["mean_after_first_visits_s"], "total_s": v["total_s"]}
+                            for k, v in res["alternating"].items()}
+    print("RESULT " + json.dumps(short), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(line + "\n")
 

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-H, I, KV, VOCAB = 2048, 11008, 256, 151936  # Qwen2.5-VL-3B language model
+H, INTER, KV, VOCAB = 2048, 11008, 256, 151936  # Qwen2.5-VL-3B language model
 VH, VI, PATCH, MERGE = 1280, 3420, 1176, 5120  # its vision tower
-LM_GROUPS = {"qkv": H * (H + 2 * KV), "o": H * H, "gate_up": 2 * H * I, "down": I * H}
+LM_GROUPS = {"qkv": H * (H + 2 * KV), "o": H * H, "gate_up": 2 * H * INTER, "down": INTER * H}
 VISION_GROUPS = {"qkv": VH * 3 * VH, "proj": VH * VH, "gate_up": 2 * VH * VI, "down": VI * VH}
 SHAPES = {
     "3b_fp8": ((8.0, 16.0), (15.0, 14.0, 12.0, 10.0, 9.0), False),
@@ -106,8 +106,9 @@ def run_shape(name: str, instances: int) -> dict[str, Any]:
             cbc_same = len({r["cbc_choice"] for r in per_scale}) == 1
             for r in per_scale:
                 del r["exact_choice"], r["cbc_choice"]
-            rows.append({"seed": seed, "target_bits": target, "groups": len(base), "exact_same_at_every_scale": exact_same,
-                         "cbc_same_at_every_scale": cbc_same, "solves": per_scale})
+            rows.append({"seed": seed, "target_bits": target, "groups": len(base),
+                         "exact_same_at_every_scale": exact_same, "cbc_same_at_every_scale": cbc_same,
+                         "solves": per_scale})
         logging.info("%s: instance %d done", name, seed)
     solves = [s for r in rows for s in r["solves"]]
     by_scale = {}
@@ -143,7 +144,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     res: dict[str, Any] = {
-        "bench": "selection", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "bench": "selection", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "python": platform.python_version(), "pulp": pulp.__version__, "solver_version": SOLVER_VERSION,
         "scales": list(SCALES), "shapes": {},
