@@ -145,6 +145,15 @@ def test_many_exact_ties_solve_exactly():
     assert sum(j == 0 for j in sel.choice) == needed
 
 
+def test_nan_and_inf_scores_are_never_chosen():
+    p = _problem([[math.nan, 0.0], [math.inf, 1e-6, 0.0]], [[4.0, 8.0], [2.0, 4.0, 8.0]], 12.0)
+    assert solve(p).choice == (1, 1) and solve(p, "minimax").choice == (1, 1)
+    with pytest.raises(InfeasibleBudget, match="is 12.0000"):  # the cheapest finite choice decides what is reachable
+        solve(dataclasses.replace(p, cap=p.cap - 1))
+    with pytest.raises(ValueError, match="-inf"):
+        _problem([[-math.inf, 0.0]], [[4.0, 8.0]], 12.0)
+
+
 def test_infeasible_budget_names_the_lowest_bits():
     p = _problem([[1e-6, 0.0], [0.0]], [[4.0, 8.0], [8.0]], 11.0)
     with pytest.raises(InfeasibleBudget, match="minimum achievable effective bits is 12.0000"):

@@ -23,6 +23,8 @@ choices of exactly equal total score the lower total cost wins (more compression
 the one whose candidate-index vector, read in group order, is lexicographically smallest (the earlier group takes
 the more aggressive format; ModelOpt orders each group's candidates most aggressive first, NONE last).
 
+Scores that are NaN or +inf mark candidates that are never chosen (every group has a finite one: NONE scores 0).
+
 Scale: multiplying every score by a power of two leaves the exact integers' ratios and therefore the choice
 unchanged; any other positive constant changes the choice only where float rounding turns an exact tie into a
 non-tie or back.
@@ -84,10 +86,10 @@ class Problem:
         for name, s, c in zip(self.names, self.scores, self.costs):
             if not s or len(s) != len(c):
                 raise ValueError(f"group {name}: needs one score and one cost per candidate")
-            if any(math.isnan(x) or x == -math.inf for x in s):
-                raise ValueError(f"group {name}: a score is NaN or -inf")
-            if all(x == math.inf for x in s):
-                raise ValueError(f"group {name}: every candidate's score is +inf")
+            if any(x == -math.inf for x in s):
+                raise ValueError(f"group {name}: a score is -inf")
+            if not any(math.isfinite(x) for x in s):
+                raise ValueError(f"group {name}: no candidate has a finite score")
             if any(not math.isfinite(x) or x < 0 for x in c):
                 raise ValueError(f"group {name}: costs must be finite and >= 0")
         if not math.isfinite(self.cap) or not math.isfinite(self.denominator) or self.denominator <= 0:
@@ -104,22 +106,26 @@ class Problem:
         """The problem in exact integers (computed once)."""
         return _integers(self)
 
+    def finite(self, choice: Sequence[int]) -> bool:
+        """Whether every chosen candidate has a finite score (NaN and +inf scores are never chosen here)."""
+        return all(math.isfinite(self.scores[g][j]) for g, j in enumerate(choice))
+
     def total(self, choice: Sequence[int]) -> tuple[Fraction, Fraction]:
-        """Exact (summed score, summed cost) of ``choice`` (a +inf score counts as +inf: use finite choices)."""
+        """Exact (summed score, summed cost) of a :meth:`finite` ``choice``."""
         e = self.exact
-        score = sum(e.score[g][j] for g, j in enumerate(choice))  # type: ignore[misc]
+        score = sum(_known(e.score[g][j]) for g, j in enumerate(choice))
         return Fraction(score, 1 << e.score_shift), Fraction(sum(e.cost[g][j] for g, j in enumerate(choice)),
                                                               1 << e.cost_shift)
 
     def value(self, choice: Sequence[int], objective: Objective) -> Fraction:
-        """The exact value of ``objective`` for ``choice``: the summed score, or the largest chosen score."""
+        """The exact value of ``objective`` for a :meth:`finite` ``choice``: the summed score, or the largest one."""
         e = self.exact
-        chosen = [e.score[g][j] for g, j in enumerate(choice)]
-        return Fraction(sum(chosen) if objective == "min-sum" else max(chosen, default=0), 1 << e.score_shift)  # type: ignore[type-var, arg-type]
+        chosen = [_known(e.score[g][j]) for g, j in enumerate(choice)]
+        return Fraction(sum(chosen) if objective == "min-sum" else max(chosen, default=0), 1 << e.score_shift)
 
     def lowest_bits(self) -> float:
-        """Effective bits with every group at its cheapest candidate."""
-        cheapest = Fraction(sum(min(c) for c in self.exact.cost), 1 << self.exact.cost_shift)
+        """Effective bits with every group at its cheapest candidate (of those with a finite score)."""
+        cheapest = Fraction(sum(cs[0][0] for cs in self.exact.cands), 1 << self.exact.cost_shift)
         return 16.0 * float(cheapest) / self.denominator
 
 
@@ -198,7 +204,8 @@ def _to_ints(values: Sequence[float]) -> tuple[list[int], int]:
 @dataclass
 class _Ints:
     """The problem in exact integers: ``score[g][j] / 2**score_shift`` and ``cost[g][j] / 2**cost_shift`` are the
-    floats exactly (``None``: a +inf score); ``cands[g]`` = the undominated (cost, score, index), cost ascending."""
+    floats exactly (``None``: a NaN or +inf score, never chosen); ``cands[g]`` = the undominated (cost, score,
+    index), cost ascending."""
 
     score: list[list[int | None]]
     cost: list[list[int]]
@@ -208,11 +215,17 @@ class _Ints:
     cands: list[list[tuple[int, int, int]]]
 
 
+def _known(score: int | None) -> int:
+    if score is None:
+        raise ValueError("a chosen candidate's score is NaN or +inf")
+    return score
+
+
 def _integers(p: Problem) -> _Ints:
-    flat_s, s_shift = _to_ints([s for row in p.scores for s in row if s != math.inf])
+    flat_s, s_shift = _to_ints([s for row in p.scores for s in row if math.isfinite(s)])
     flat_c, c_shift = _to_ints([c for row in p.costs for c in row] + [max(p.cap, 0.0)])
     it_s, it_c = iter(flat_s), iter(flat_c)
-    score = [[None if x == math.inf else next(it_s) for x in row] for row in p.scores]
+    score = [[next(it_s) if math.isfinite(x) else None for x in row] for row in p.scores]
     cost = [[next(it_c) for _ in row] for row in p.costs]
     cands = [_undominated([(c, s, j) for j, (c, s) in enumerate(zip(cs, ss)) if s is not None])
              for cs, ss in zip(cost, score)]
@@ -426,10 +439,13 @@ def compare(problem: Problem, selection: Selection, theirs: ModelOptChoice) -> C
     """ModelOpt's choice against the exact one: its score and bits, the groups where it differs, its objective gap."""
     if theirs.choice is None:
         return Comparison(theirs.status, theirs.seconds, None, None, None, None, error=theirs.error)
+    differing = tuple(n for n, a, b in zip(problem.names, theirs.choice, selection.choice) if a != b)
+    if not problem.finite(theirs.choice):
+        return Comparison(theirs.status, theirs.seconds, None, None, None, bool(differing), differing,
+                          error="it chose a candidate whose score is NaN or +inf", choice=theirs.choice)
     score, cost = problem.total(theirs.choice)
     ours = problem.value(selection.choice, selection.objective)
     value = problem.value(theirs.choice, selection.objective)
-    differing = tuple(n for n, a, b in zip(problem.names, theirs.choice, selection.choice) if a != b)
     return Comparison(
         status=theirs.status, seconds=theirs.seconds, score=float(score),
         effective_bits=16.0 * float(cost) / problem.denominator, within_budget=cost <= Fraction(problem.cap),
