@@ -417,16 +417,17 @@ def test_full_disk_while_writing_the_report_leaves_no_manifest(loaded, calib, tm
 
 def test_budget_met_judges_the_result_not_the_lp_status(loaded, calib, tmp_path, monkeypatch):
     # Seen on the 3B: fp8_autoquant_full at 8 bits (the lowest reachable) got "effective bits 8.000 (target 8,
-    # met: False)" because ModelOpt's LP ended non-optimal at the exact boundary, though the result met it.
-    import modelopt.torch.quantization.algorithms as algorithms
+    # met: False)" because ModelOpt's LP ended non-optimal at the exact boundary, though the result met it. The
+    # exact selection decides now; ModelOpt's own solve (forced to fail here) is only recorded beside it.
+    import auto_quantize_model.autoquant.solve as solve_mod
 
-    real = algorithms.AutoQuantizeGradientSearcher.run_search_with_stats
+    real = solve_mod._modelopt_choice
 
-    def non_optimal(self, *a, **k):
-        recipes, _ = real(self, *a, **k)
-        return recipes, False
+    def not_solved(*a, **k):
+        return dataclasses.replace(real(*a, **k), status="Not Solved")
 
-    monkeypatch.setattr(algorithms.AutoQuantizeGradientSearcher, "run_search_with_stats", non_optimal)
+    monkeypatch.setattr(solve_mod, "_modelopt_choice", not_solved)
     r = run_scheme(loaded, calib, _scheme("fp8_autoquant_full"), tmp_path / "a", cache_dir=tmp_path / "cache")
-    assert r.manifest["autoquant_state"]["best"]["is_satisfied"] is False
-    assert r.manifest["effective_bits"]["achieved"] <= 8.0 + 1e-6 and r.manifest["budget_met"] is True
+    assert r.manifest["selection"]["modelopt"]["status"] == "Not Solved"
+    assert r.manifest["autoquant_state"]["best"]["is_satisfied"] is True and r.manifest["selection"]["optimal"]
+    assert r.manifest["effective_bits"]["achieved"] <= 8.0 and r.manifest["budget_met"] is True

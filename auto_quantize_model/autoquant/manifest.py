@@ -23,6 +23,7 @@ from auto_quantize_model.autoquant.layers import (
     live_layer_formats,
     unquantized_label,
 )
+from auto_quantize_model.autoquant.solve import manifest_section
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json
 from auto_quantize_model.models.scope import Scope
@@ -235,7 +236,8 @@ def build_manifest(
         lay["in_budget"] = group is None or group["cost_weight"] > 0
     exclusions = exclusion_table(layers, search_setup)
     target = float(scheme["effective_bits"])
-    achieved = search_state["best"]["constraints"].get("effective_bits")
+    record = search_state["best"].get("selection")  # the exact solve's record (solve.py); absent: solved elsewhere
+    achieved = record.selection.effective_bits if record else search_state["best"]["constraints"].get("effective_bits")
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
@@ -252,10 +254,10 @@ def build_manifest(
             + (f"; without {sum(not lay['in_budget'] for lay in layers.values())} cost-excluded layer(s), "
                "see exclusions" if not all(lay["in_budget"] for lay in layers.values()) else ""),
         },
-        # Met = the result's achieved bits are within the target. ModelOpt's LP can report a non-optimal status at
-        # the exact boundary (every searched group at its cheapest format) while the result meets the target;
-        # its own flag stays in autoquant_state.best.is_satisfied.
-        "budget_met": achieved is not None and achieved <= target + 1e-6,
+        # Met = the result is within the target: the exact solve compares its summed cost with ModelOpt's cap
+        # exactly; a state solved elsewhere keeps the float rule (achieved bits within 1e-6 of the target).
+        "budget_met": (record.within_budget() if record else
+                       achieved is not None and achieved <= target + 1e-6),
         "num_quantized_layers": sum(1 for lay in layers.values() if is_quantized_label(lay["dtype"])),
         "num_layers": len(layers),
         "towers": tower_summary(layers, groups),
@@ -264,6 +266,7 @@ def build_manifest(
         "layers": layers,
         "layer_sensitivity": groups,
         "autoquant_state": autoquant_state_summary(search_state, format_names),
+        "selection": manifest_section(record),
         "score_cache": score_cache,
         "timings": timings,
         "artifacts": artifacts,

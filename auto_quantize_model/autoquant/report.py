@@ -63,6 +63,7 @@ def _summary(m: dict[str, Any]) -> list[str]:
         f"quantized model {_fmt(eb['measured'])}; budget met: **{'yes' if m['budget_met'] else 'NO'}**",
         f"- Quantized layers: {m['num_quantized_layers']} of {m.get('num_layers', len(m['layers']))}",
         _serving_line(m.get("serving")),
+        *_selection_lines(m.get("selection")),
         f"- Scores: {'reused from the search cache' if cache.get('reused') else 'computed in this run'} "
         f"(key `{cache.get('key', '?')}`); total time {_fmt(t.get('total'), '.2f')} s",
         "",
@@ -84,6 +85,32 @@ def _serving_line(serving: dict[str, Any] | None) -> str:
                 "and one input scale per group): the scores and metrics are those of the served model")
     return ("- Serving: **separate** q/k/v and gate/up scales; engines that fuse them requantize to the group's max, "
             "so they serve a slightly different model than this run scored")
+
+
+def _selection_lines(sel: dict[str, Any] | None) -> list[str]:
+    """How the choice was solved, and whether ModelOpt's own solve would have chosen otherwise (and by how much)."""
+    if not sel:
+        return []
+    what = "summed score" if sel["objective"] == "min-sum" else "largest chosen score"
+    proof = "proven optimal" if sel["optimal"] else f"not proven: certified gap {_fmt(sel['gap'])}"
+    lines = [f"- Selection: exact ({sel['objective']}: {what}; {proof}; {sel['seconds'] * 1e3:.1f} ms)"]
+    mo = sel.get("modelopt")
+    if not mo:
+        return lines
+    if mo["differs"] is None:
+        lines.append(f"- ModelOpt's own solve ({mo['solver']}) gave no choice: {mo['error'] or mo['status']}")
+    elif not mo["differs"]:
+        lines.append(f"- ModelOpt's own solve ({mo['solver']}, status {mo['status']}) chooses the same layers")
+    else:
+        groups = mo["differing_groups"]
+        shown = ", ".join(f"`{g}`" for g in groups[:8]) + (f" and {len(groups) - 8} more" if len(groups) > 8 else "")
+        rel = f", {mo['relative_score_gap']:+.1%}" if mo["relative_score_gap"] is not None else ""
+        budget = "" if mo["within_budget"] else "; its choice is over the budget"
+        lines.append(f"- **ModelOpt's own solve ({mo['solver']}, status {mo['status']}) would choose differently** in "
+                     f"{len(groups)} group(s) ({shown}): {what} {_fmt(mo['objective_value'])} against "
+                     f"{_fmt(mo['objective_value'] - mo['score_gap'])} here ({_fmt(mo['score_gap'], '+.3g')}{rel}), "
+                     f"{_fmt(mo['effective_bits'], '.3f')} bits{budget}")
+    return lines
 
 
 def _group_table(m: dict[str, Any]) -> list[str]:

@@ -25,7 +25,9 @@ from auto_quantize_model.autoquant.manifest import build_manifest, manifest_path
 from auto_quantize_model.autoquant.report import render_report, report_path
 from auto_quantize_model.autoquant.restore import restore_path, save_restore_artifact
 from auto_quantize_model.autoquant.search import PhaseClock, auto_quantize, unreachable_budget
+from auto_quantize_model.autoquant.selection import InfeasibleBudget
 from auto_quantize_model.autoquant.serving import serving_summary
+from auto_quantize_model.autoquant.solve import solve_state
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.protocol import CalibrationData, usage
 from auto_quantize_model.errors import check_output_dir
@@ -128,9 +130,11 @@ def _finish(
     steps = effective_steps(scheme, len(calib.batches), calib.batch_size)
     reused = score_cache["reused"]
     best = search_state["best"]
-    if not best["is_satisfied"]:
-        log.warning("scheme %s: ModelOpt's LP ended without an optimal status at %.4g effective bits (achieved %.4g)",
-                    scheme.name, scheme.effective_bits, best["constraints"].get("effective_bits", float("nan")))
+    record = best.get("selection")
+    if record is not None and record.modelopt is not None and record.modelopt.differs:
+        log.info("scheme %s: ModelOpt's own solve (%s) would choose differently in %d group(s), objective %+.3g "
+                 "(%s)", scheme.name, record.modelopt.status, len(record.modelopt.differing_groups),
+                 record.modelopt.score_gap or 0.0, "within budget" if record.modelopt.within_budget else "over budget")
 
     mpath, rpath, apath = manifest_path(output_dir, scheme.name), report_path(output_dir), restore_path(output_dir, scheme.name)
     manifest = build_manifest(
@@ -170,15 +174,6 @@ class ResolveInMemoryRefused(ValueError):
     """The in-memory re-solve cannot give the searched model's result; run a search from the cache instead."""
 
 
-def lowest_effective_bits(state: dict[str, Any]) -> float:
-    """The lowest budget the search state can reach: every searched group at its cheapest candidate, every
-    other module counted in the denominator at full cost (as ModelOpt's own feasibility check does)."""
-    stats = state["candidate_stats"].values()
-    denom = state.get("cost_denominator") or sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats)
-    saved = sum(s.get("uncompressed_cost", max(s["costs"])) - min(s["costs"]) for s in stats)
-    return 16.0 * (denom - saved) / denom
-
-
 def resolve_budget(
     previous: RunResult,
     loaded: LoadedModel,
@@ -200,7 +195,6 @@ def resolve_budget(
     reachable one is the same ``UserError`` a fresh search gives.
     """
     from modelopt.torch.opt.utils import get_hparam
-    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
 
     output_dir = Path(output_dir)
     check_output_dir(output_dir)
@@ -211,26 +205,16 @@ def resolve_budget(
         raise ResolveInMemoryRefused(f"{', '.join(scheme.quantization_formats)} fold scales into the weights")
     t_start = time.perf_counter()
     state = previous.search_state
-    stats = state["candidate_stats"]
-    lowest = lowest_effective_bits(state)
-    if scheme.effective_bits < lowest - 1e-9:
-        raise unreachable_budget(scheme, lowest)
-    # ModelOpt's own LP solve on the stored scores and costs (the one get_auto_quantize_config uses).
-    recipe = _resolve_best_recipe(state, {"effective_bits": scheme.effective_bits})
+    try:  # the exact selection on the stored scores and costs (ModelOpt's own solve beside it)
+        best = solve_state(state, scheme.effective_bits)
+    except InfeasibleBudget as exc:
+        raise unreachable_budget(scheme, exc.lowest_bits) from exc
     model = previous.model
-    for name, choice in recipe.items():
+    for name, choice in best["recipe"].items():
         get_hparam(model, name).active = choice
-    denom = state.get("cost_denominator") or sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats.values())
-    idx = {name: stats[name]["formats"].index(choice) for name, choice in recipe.items()}
-    cost = sum(stats[n]["costs"][i] for n, i in idx.items())
-    achieved = 16.0 * cost / denom
-    new_state = {**state, "best": {
-        "recipe": recipe, "constraints": {"effective_bits": achieved},
-        "score": sum(stats[n]["scores"][i] for n, i in idx.items()),
-        "is_satisfied": achieved <= scheme.effective_bits + 1e-9,
-    }}
+    new_state = {**state, "best": best}
     solve = time.perf_counter() - t_start
-    log.info("phase autoquant (re-solve in memory): %.2fs, %.3f bits", solve, achieved)
+    log.info("phase autoquant (re-solve in memory): %.3fs, %.3f bits", solve, best["constraints"]["effective_bits"])
     return _finish(loaded, calib, scheme, output_dir, model, new_state,
                    {"load": loaded.load_seconds, "load_gb_per_s": round(loaded.load_gb_per_s, 3), "copy_model": 0.0,
                     "calibrate": 0.0, "score": 0.0, "solve": solve},

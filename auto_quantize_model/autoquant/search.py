@@ -12,7 +12,9 @@ from typing import Any
 from torch import nn
 
 from auto_quantize_model.autoquant.cache import CacheEntry
+from auto_quantize_model.autoquant.selection import InfeasibleBudget
 from auto_quantize_model.autoquant.serving import serving_calibration
+from auto_quantize_model.autoquant.solve import exact_selection
 from auto_quantize_model.configs.schemes import Scheme
 from auto_quantize_model.datasets.protocol import CalibrationData
 from auto_quantize_model.errors import UserError
@@ -72,12 +74,16 @@ def unreachable_budget(scheme: Scheme, lowest: float) -> UserError:
 def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData, scheme: Scheme, entry: CacheEntry,
                   steps: dict[str, int], clock: PhaseClock) -> tuple[nn.Module, dict[str, Any]]:
     """``mtq.auto_quantize`` of ``model`` (``loaded.model`` or a copy of it) for ``scheme``, with ``loaded``'s
-    forward and loss step and ``entry``'s checkpoint; returns the searched model and ModelOpt's search state."""
+    forward and loss step and ``entry``'s checkpoint; returns the searched model and ModelOpt's search state.
+
+    The solve inside is the exact selection (``solve.exact_selection``); its record is ``search_state["best"]
+    ["selection"]``."""
     import modelopt.torch.quantization as mtq
 
     try:
-        # serving_calibration: each format's calibration ends with the scales engines serve (autoquant/serving.py).
-        with warnings.catch_warnings(), serving_calibration(scheme.fused_scales):
+        # serving_calibration: each format's calibration ends with the scales engines serve (autoquant/serving.py);
+        # exact_selection: every solve of this call is exact (autoquant/solve.py).
+        with exact_selection(), warnings.catch_warnings(), serving_calibration(scheme.fused_scales):
             # ModelOpt warns whenever the checkpoint is new; the caller's log line already says so.
             warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
             model, search_state = mtq.auto_quantize(
@@ -94,8 +100,10 @@ def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData,
                 verbose=False,
                 **steps,
             )
+    except InfeasibleBudget as exc:  # the exact solve's check (no tolerance)
+        raise unreachable_budget(scheme, exc.lowest_bits) from exc
     except ValueError as exc:
-        if "infeasible" in str(exc):
+        if "infeasible" in str(exc):  # ModelOpt's own check before calibration
             raise unreachable_budget(scheme, _lowest_from_message(str(exc))) from exc
         raise
     except OSError as exc:

@@ -141,7 +141,7 @@ class EffectiveBits(TypedDict):
     """The budget and what the search reached."""
 
     target: float  # the scheme's effective_bits
-    achieved: float | None  # ModelOpt's solver figure
+    achieved: float | None  # the exact selection's (16 * summed cost / cost denominator)
     measured: float  # recomputed from the live quantizers over the layers the budget counts
     measured_all_layers: NotRequired[float]  # the same over every searched Linear
     counted_over: str  # which modules the budget covers
@@ -236,7 +236,7 @@ class BestRecipe(TypedDict):
     recipe: dict[str, str]  # chosen format per group
     constraints: dict[str, float]  # achieved constraint values (effective_bits)
     score: float  # summed score of the choice
-    is_satisfied: bool  # ModelOpt's LP status (logged; budget_met judges the result)
+    is_satisfied: bool  # true: the solve returned a choice within the budget (ModelOpt's own status: selection)
 
 
 class AutoquantState(TypedDict):
@@ -249,6 +249,43 @@ class AutoquantState(TypedDict):
     disabled_layers: list[str] | None  # globs ModelOpt kept out
     num_groups: int  # search groups
     best: BestRecipe  # the chosen solution
+
+
+class ModelOptSelection(TypedDict):
+    """ModelOpt's own solve of the same scores, costs and cap, computed its way, for comparison."""
+
+    solver: str  # "PuLP/CBC (LPS)" (gradient) or "threshold bisection" (kl_div)
+    status: str  # CBC's status ("Optimal", ...), "satisfied"/"not satisfied" (kl_div), or "error"
+    seconds: float  # its solve time
+    score: float | None  # summed score of its choice
+    effective_bits: float | None  # bits of its choice
+    within_budget: bool | None  # its choice's exact summed cost <= the cap
+    objective_value: float | None  # its value of the objective (min-sum: summed score; minimax: largest score)
+    differs: bool | None  # its choice differs from the exact one in some group (null: it gave none)
+    differing_groups: list[str]  # those groups
+    score_gap: float | None  # its objective value minus the exact one
+    relative_score_gap: float | None  # score_gap / the exact objective value (null when that is 0)
+    error: str | None  # why it gave no choice
+
+
+class SelectionRecord(TypedDict):
+    """How the layer choice was solved (autoquant/selection.py), and ModelOpt's own choice beside it."""
+
+    solver: str  # auto_quantize_model.selection
+    version: str  # the solver's version
+    objective: Literal["min-sum", "minimax"]  # gradient: min-sum; kl_div: minimax
+    objective_text: str  # the objective in words
+    tie_rule: str  # how exact ties are broken
+    optimal: bool  # proven optimal (false only when a pathological input stopped the proof)
+    gap: float  # certified absolute gap to the optimum, score units (0 when proven)
+    relative_gap: float  # gap / objective value
+    score: float  # summed score of the choice
+    cost: float  # summed cost of the choice
+    cap: float  # the budget in cost units (ModelOpt's max_weight_size)
+    effective_bits: float  # 16 * cost / cost denominator
+    nodes: int  # states the exact program generated
+    seconds: float  # the exact solve's time
+    modelopt: ModelOptSelection | None  # null when the comparison was not run
 
 
 class ScoreCache(TypedDict):
@@ -270,7 +307,7 @@ class Timings(TypedDict):
     calibrate: float | None  # calibration
     score: float | None  # scoring
     calibrate_and_score: NotRequired[float | None]  # kl_div with fresh scores: both phases in one figure
-    solve: float  # the budget's LP
+    solve: float  # the budget's solve (a cache re-solve: everything ModelOpt does after loading its checkpoint)
     write_restore: NotRequired[float]  # writing the restore artifact
     total: NotRequired[float]  # the whole run including load
 
@@ -316,6 +353,7 @@ class Manifest(TypedDict):
     layers: dict[str, LayerRecord]  # one entry per searched Linear, by module name
     layer_sensitivity: dict[str, GroupRecord]  # one entry per search group
     autoquant_state: AutoquantState  # summary of ModelOpt's search_state
+    selection: NotRequired[SelectionRecord | None]  # how the choice was solved; null: a state solved elsewhere
     score_cache: ScoreCache  # the scoring identity and whether scores were reused
     timings: Timings  # seconds per phase
     artifacts: Artifacts  # file names beside the manifest

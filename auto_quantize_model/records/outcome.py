@@ -55,7 +55,7 @@ class TrialOutcome:
     effective_bits_target: float | None = None  # the budget asked for
     # Two bases, one per column: the budget's (the layers the budget counts; null for the control, which has no
     # budget) and every LM Linear's (excluded layers at 16): the one trials of any scheme and the control share.
-    effective_bits_achieved: float | None = None  # ModelOpt's solver figure, over the layers the budget counts
+    effective_bits_achieved: float | None = None  # the exact selection's, over the layers the budget counts
     effective_bits_all_layers: float | None = None  # over every LM Linear, excluded layers at their real width
     method: str | None = None
     calibration_hash: str | None = None  # the calibration's token_hash
@@ -104,6 +104,9 @@ class TrialOutcome:
     measure_batch_size: int | None = None
     measure_seq_len: int | None = None
     measure_device: str | None = None
+    # ModelOpt's own solve of the same scores and budget (manifest ``selection.modelopt``).
+    modelopt_choice_differs: bool | None = None  # it would choose other layers than the exact selection
+    modelopt_relative_score_gap: float | None = None  # its objective value's excess over the exact one, relative
 
     @classmethod
     def from_run(cls, manifest: dict[str, Any], *, sweep_id: str | None = None, trial_id: str | None = None,
@@ -114,6 +117,7 @@ class TrialOutcome:
         (a ``records.cost.TrialCost``, when measured) and whether export takes it (the caller asks export)."""
         m, metrics = manifest, metrics or {}
         bits, timings, cache = m["effective_bits"], m.get("timings", {}), m.get("score_cache")
+        theirs = (m.get("selection") or {}).get("modelopt") or {}
         measured: dict[str, Any] = {**{k: metrics.get(k) for k in METRICS},
                                     **{f"time_{k}": timings.get(k) for k in TIMINGS},
                                     **(measurement.columns() if measurement is not None else {})}
@@ -148,6 +152,8 @@ class TrialOutcome:
             reference_dtype=m["model"].get("dtype"),
             calib_seed=m["calibration"].get("seed"),
             calib_chat_template=bool(m["calibration"].get("chat_template")),
+            modelopt_choice_differs=theirs.get("differs"),
+            modelopt_relative_score_gap=theirs.get("relative_score_gap"),
         )
 
     @classmethod

@@ -107,6 +107,9 @@ TRIALS_SCHEMA = pa.schema(
         pa.field("calib_seed", pa.int64()),
         pa.field("calib_chat_template", pa.bool_()),
         *MEASURED,
+        # ModelOpt's own solve beside the exact selection (manifest selection.modelopt).
+        pa.field("modelopt_choice_differs", pa.bool_()),
+        pa.field("modelopt_relative_score_gap", pa.float64()),
     ],
     metadata={"auto_quantize_model.table": "trials", "schema_version": str(TABLES_SCHEMA_VERSION)},
 )
