@@ -82,8 +82,27 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+MAX_TOML_BYTES = 1 << 20  # settings and scheme files are a few KB; a cap keeps a hostile file from costing memory
+
+
+def read_bytes_capped(path: Any, limit: int, what: str, hint: str) -> bytes:
+    """The bytes of ``path`` (a ``Path`` or an importlib resource), refused in one line past ``limit`` bytes
+    (read no further than that, so a huge or endless file costs nothing) or when it cannot be read."""
+    from auto_quantize_model.errors import UserError
+
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or exc}); check the path and its "
+                        "permissions") from exc
+    if len(data) > limit:
+        raise UserError(f"{what} {path} is larger than {limit >> 10} KiB; {hint}")
+    return data
+
+
 def read_toml(path: str | Path, what: str, hint: str) -> dict[str, Any]:
-    """Parse a TOML file; a missing or invalid file is a UserError naming ``what`` and the fix."""
+    """Parse a TOML file; a missing, oversized or invalid file is a UserError naming ``what`` and the fix."""
     import tomllib
 
     from auto_quantize_model.errors import UserError
@@ -91,10 +110,13 @@ def read_toml(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {p} does not exist; {hint}")
+    data = read_bytes_capped(p, MAX_TOML_BYTES, what, hint)
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{what} {p} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise UserError(f"{what} {p} nests arrays or tables too deeply; {hint}") from exc
 
 
 def sha256_bytes(data: bytes) -> str:
