@@ -7,6 +7,7 @@ name in the same directory and renamed into place, so a crash never leaves a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,13 +37,29 @@ def set_default_mode(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~current_umask())
 
 
+# A full file system (or quota, or file-size limit) reports no file name; the writers below name their target.
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def naming_target(path: str | Path) -> Iterator[None]:
+    """Re-raise a full-disk ``OSError`` raised inside the block with ``path`` as its file name (the CLI's one line
+    then says where the space ran out)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in FULL_DISK_ERRNOS:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with naming_target(path), os.fdopen(fd, "wb") as fh:
             set_default_mode(fh.fileno())
             fh.write(data)
             fh.flush()
@@ -67,13 +84,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds."""
+    """Yield a temporary sibling directory that replaces ``path`` only if the block succeeds.
+
+    A ``path`` that is a symlink to a directory is replaced at its target (the link stays, as the user set it up).
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide results from other users and nodes
     try:
-        yield tmp
+        with naming_target(path):
+            yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
