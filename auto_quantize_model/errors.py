@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def describe_io_failure(exc: BaseException) -> str | None:
     code = io_errno(exc)
     if code not in _FIXES:
         return None
-    what = getattr(exc, "strerror", None) or errno.errorcode.get(code, "I/O error")
+    what = getattr(exc, "strerror", None) or os.strerror(code)
     paths = [str(p) for p in (getattr(exc, "filename", None), getattr(exc, "filename2", None)) if p is not None]
     where = f" ({' -> '.join(paths)})" if paths else ""
     return f"{what}{where}: {_FIXES[code]}"

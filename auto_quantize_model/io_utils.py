@@ -43,13 +43,17 @@ FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 @contextlib.contextmanager
 def naming_target(path: str | Path) -> Iterator[None]:
-    """Re-raise a full-disk ``OSError`` raised inside the block with ``path`` as its file name (the CLI's one line
-    then says where the space ran out)."""
+    """Re-raise a full-disk failure raised inside the block (an ``OSError`` without a file name, or a writer
+    library's error carrying the OS error number) as an ``OSError`` naming ``path``: the CLI's one line then says
+    where the space ran out."""
+    from auto_quantize_model.errors import io_errno
+
     try:
         yield
-    except OSError as exc:
-        if exc.filename is None and exc.errno in FULL_DISK_ERRNOS:
-            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+    except Exception as exc:
+        code = io_errno(exc)
+        if code in FULL_DISK_ERRNOS and getattr(exc, "filename", None) is None:
+            raise OSError(code, os.strerror(code), str(path)) from exc
         raise
 
 
@@ -132,7 +136,7 @@ def read_toml(path: str | Path, what: str, hint: str) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{what} {p} does not exist; {hint}")
+        raise UserError(f"{what} {p} {'is not a regular file' if p.exists() else 'does not exist'}; {hint}")
     data = read_bytes_capped(p, MAX_TOML_BYTES, what, hint)
     try:
         return tomllib.loads(data.decode("utf-8"))

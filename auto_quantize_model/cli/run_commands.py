@@ -13,6 +13,9 @@ from auto_quantize_model.preflight import probe_writable
 from auto_quantize_model.settings import add_arguments, overrides_from_args
 
 log = logging.getLogger("autoquant")
+# Demo images are small synthetic shapes: a bound keeps a typo (--size 2000000) from exhausting memory or disk.
+MAX_DEMO_IMAGES = 100_000
+MAX_DEMO_IMAGE_SIZE = 2048
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +114,9 @@ def _load_for_images(args: argparse.Namespace, data: CalibrationSettings):
     if args.image_size is not None:
         check_positive("image-size", args.image_size)
     source = read_image_captions(args.image_captions_path, args.coco_annotations, args.coco_root)
+    if not source.pairs:
+        raise UserError(f"no usable image-caption pairs in {source.path}; give records like "
+                        '{"image": "a.jpg", "caption": "..."} (one per line)')
     loaded = load_model(args.model_dir, Scope.WHOLE_VLM, device=args.device, dtype=args.dtype)
     calib = build_image_calibration_set(
         loaded.tokenizer, loaded.image_processor, source, image_token_id=loaded.model.config.image_token_id,
@@ -194,8 +200,9 @@ def cmd_make_demo_images(args: argparse.Namespace) -> int:
     from auto_quantize_model.datasets.demo_images import make_demo_image_captions
 
     check_output_dir(args.output_dir)
-    if args.num_images <= 0 or args.size < 56:
-        raise UserError("--num-images must be positive and --size at least 56 pixels")
+    if not 0 < args.num_images <= MAX_DEMO_IMAGES or not 56 <= args.size <= MAX_DEMO_IMAGE_SIZE:
+        raise UserError(f"--num-images must be 1 to {MAX_DEMO_IMAGES:,} and --size 56 to {MAX_DEMO_IMAGE_SIZE} pixels "
+                        f"(got {args.num_images} and {args.size})")
     probe_writable(args.output_dir, "output dir", "--output-dir")
     print(f"pairs: {make_demo_image_captions(args.output_dir, n=args.num_images, size=args.size)}")
     return 0
