@@ -31,7 +31,7 @@ def is_path_name(name: object) -> bool:
 
 def check_path_name(name: object, what: str, fix: str) -> str:
     """``name`` if it is one safe path component, else a one-line ``UserError`` naming ``what`` and ``fix``."""
-    if not is_path_name(name):
+    if not isinstance(name, str) or not is_path_name(name):
         shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80]) + "..."
         raise UserError(f"{what} {shown} must be a single path component (one directory name or file name): "
                         f"letters, digits, '.', '_' or '-', not starting with '.' or '-', at most {MAX_NAME_LENGTH} "
