@@ -276,9 +276,9 @@ class ModelWorker:
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=sweep_id)
             restore_s = self.session.last_copy_seconds
         except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
-            expected = str(exc) if isinstance(exc, UserError) else describe_io_failure(exc)  # a full disk...
-            error = expected or f"{exc.__class__.__name__}: {exc}"
-            if expected is None:
+            io_failure = None if isinstance(exc, UserError) else describe_io_failure(exc)  # a full disk...
+            error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {io_failure or exc}"
+            if not isinstance(exc, UserError) and io_failure is None:
                 log.exception("trial %s failed", tid)
             write_trial_error(out["tables"], sweep_id, trial, error)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})
