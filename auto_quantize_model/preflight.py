@@ -22,6 +22,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 def probe_writable(path: str | Path, what: str, flag: str) -> Path:
     """Create ``path`` (a directory) if needed and write then delete a probe file in it."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise UserError(f"{what} {p} is a symlink to a missing path (or a symlink loop); point it at a directory or "
+                        f"pass another {flag}")
     if p.exists() and not p.is_dir():
         raise UserError(f"{what} {p} is a file; pass a directory path for {flag}")
     try:

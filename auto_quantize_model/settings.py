@@ -132,12 +132,13 @@ def add_arguments(parser: Any, cls: type, *, defaults: bool = False) -> None:
                                 choices=s.choices or None, help=s.help)
 
 
-def _parse_list(flag: str, text: str, kind: str) -> tuple[Any, ...] | None:
-    """Comma-separated entries of ``list[...]`` ``kind``; ints refuse ``2.5`` rather than truncate it."""
-    inner = kind.rstrip("?")[5:-1]
+def _parse_list(flag: str, text: str, s: Setting) -> tuple[Any, ...]:
+    """Comma-separated entries of ``list[...]`` setting ``s``; ints refuse ``2.5`` rather than truncate it. A flag
+    given with no entry (``--schemes ,``) is an empty list, never "not given": refused where a list must hold one."""
+    inner = s.kind.rstrip("?")[5:-1]
     parts = [x.strip() for x in text.split(",") if x.strip()]
-    if not parts:
-        return None
+    if not parts and s.nonempty:
+        raise UserError(f"{flag} {text!r} names nothing; {s.note or 'give at least one entry'}, or leave the flag out")
     if inner == "str":
         return tuple(parts)
     try:
@@ -158,7 +159,7 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         elif s.flag is not None:
             value = getattr(args, _dest(s.flag), None)
             if isinstance(value, str) and s.kind.startswith("list["):
-                value = _parse_list(s.flag, value, s.kind)
+                value = _parse_list(s.flag, value, s)
             out[f.name] = value
     return out
 

@@ -23,7 +23,7 @@ def test_text_file_counts_blank_duplicate_and_bad_utf8(tmp_path):
     src = read_captions(str(p))
     assert src.format == "text"
     assert src.captions == ["A cat on a mat.", "A dog."]
-    assert src.dropped == {"blank": 2, "duplicate": 1, "bad_utf8": 1, "no_caption_field": 0}
+    assert src.dropped == {"blank": 2, "duplicate": 1, "bad_utf8": 1, "no_caption_field": 0, "zero_width": 0, "nul": 0}
 
 
 def test_coco_annotations_json(tmp_path):

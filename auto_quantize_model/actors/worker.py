@@ -246,7 +246,7 @@ class ModelWorker:
         import torch
 
         from auto_quantize_model.autoquant.session import SearchSession
-        from auto_quantize_model.errors import UserError
+        from auto_quantize_model.errors import UserError, describe_io_failure
         from auto_quantize_model.inference.controls import evaluate_control
         from auto_quantize_model.inference.evaluate import evaluate_run, write_evaluation
         from auto_quantize_model.records.outcome import TrialOutcome
@@ -277,8 +277,9 @@ class ModelWorker:
             result = self.session.run(scheme, trial_dir, run_id=tid, sweep_id=sweep_id)
             restore_s = self.session.last_copy_seconds
         except Exception as exc:  # noqa: BLE001 - any failure of this trial is recorded as its row, not lost
-            error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {exc}"
-            if not isinstance(exc, UserError):
+            io_failure = None if isinstance(exc, UserError) else describe_io_failure(exc)  # a full disk...
+            error = str(exc) if isinstance(exc, UserError) else f"{exc.__class__.__name__}: {io_failure or exc}"
+            if not isinstance(exc, UserError) and io_failure is None:
                 log.exception("trial %s failed", tid)
             write_trial_error(out["tables"], sweep_id, trial, error)
             self.m_trials.inc(1, {"worker": self.name, "status": "error"})

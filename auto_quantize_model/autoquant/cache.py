@@ -53,6 +53,14 @@ class CacheEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _torch_write_failed(exc: RuntimeError) -> bool:
+    """Whether ``torch.save`` (ModelOpt saves search checkpoints with it) failed writing its file: torch reports a
+    failed or short write (ENOSPC, EIO) as a RuntimeError of its zip writer, without the OS error number."""
+    msg = str(exc)
+    return ("PytorchStreamWriter" in msg or ("inline_container.cc" in msg and "unexpected pos" in msg)
+            or "basic_ios::clear" in msg)  # the end-of-file write of torch's zip writer
+
+
 class SearchCache:
     """One cache directory; :meth:`entry` is the only way to a checkpoint."""
 
@@ -146,9 +154,12 @@ class SearchCache:
                                {k: v for k, v in meta.items() if k not in _MARKER_CHECKS})
             try:
                 yield entry
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
+                if isinstance(exc, RuntimeError) and _torch_write_failed(exc):
+                    raise UserError(f"could not write the search checkpoint in {self.directory} (a full disk or an "
+                                    "I/O error); free space or pass another --cache-dir (the next run recomputes)") from exc
                 raise
             if not reusable:
                 self._commit(key, identity, partial, entry.extra)

@@ -27,6 +27,7 @@ from auto_quantize_model.autoquant.solve import manifest_section
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json
 from auto_quantize_model.models.scope import Scope
+from auto_quantize_model.path_names import check_path_name, path_inside
 from auto_quantize_model.provenance import git_revision, versions
 
 # 2: a layer left unquantized is labelled by the run's dtype (bf16, fp16, fp32), no longer always "bf16".
@@ -64,8 +65,9 @@ GROUP_KEYS = ("candidate_formats", "scores", "costs", "chosen_format", "module_n
 
 
 def manifest_path(output_dir: str | Path, scheme_name: str) -> Path:
-    """``<output-dir>/<scheme>_quant_manifest.json``."""
-    return Path(output_dir) / f"{scheme_name}{MANIFEST_SUFFIX}"
+    """``<output-dir>/<scheme>_quant_manifest.json`` (the name checked, the path kept inside ``output_dir``)."""
+    check_path_name(scheme_name, "scheme name", "rename the scheme")
+    return path_inside(output_dir, Path(output_dir) / f"{scheme_name}{MANIFEST_SUFFIX}", "manifest")
 
 
 def _finite(x: float) -> float | None:

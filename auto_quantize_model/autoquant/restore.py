@@ -24,14 +24,16 @@ from torch import nn
 
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_bytes, sha256_bytes
+from auto_quantize_model.path_names import check_path_name, path_inside
 
 RESTORE_FORMAT = "auto_quantize_model.restore/v2"
 RESTORE_SUFFIX = "_modelopt_state.pth"
 
 
 def restore_path(output_dir: str | Path, scheme_name: str) -> Path:
-    """``<output-dir>/<scheme>_modelopt_state.pth``."""
-    return Path(output_dir) / f"{scheme_name}{RESTORE_SUFFIX}"
+    """``<output-dir>/<scheme>_modelopt_state.pth`` (the name checked, the path kept inside ``output_dir``)."""
+    check_path_name(scheme_name, "scheme name", "rename the scheme")
+    return path_inside(output_dir, Path(output_dir) / f"{scheme_name}{RESTORE_SUFFIX}", "restore artifact")
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -17,8 +17,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         p = Path(args.prompts_file)
         if not p.is_file():
-            raise UserError(f"prompts file {p} does not exist; give one prompt per line")
-        prompts += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            what = "is not a regular file" if p.exists() else "does not exist"
+            raise UserError(f"prompts file {p} {what}; give a text file with one prompt per line")
+        try:
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"prompts file {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        except OSError as exc:
+            raise UserError(f"prompts file {p} cannot be read ({exc.strerror}); give a readable text file") from exc
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     return prompts
 
 
@@ -37,6 +44,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from auto_quantize_model.inference.generate import encode_prompts, greedy_generate
     from auto_quantize_model.models.loading import load_model, read_checkpoint_config
     from auto_quantize_model.models.scope import Scope
+    from auto_quantize_model.preflight import check_checkpoint_files
 
     prompts = _read_prompts(args)
     if not prompts:
@@ -48,6 +56,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise UserError("--model-dir is required (unless --exported DIR is given)")
     run = None if args.bf16 else find_run(args.run_dir or "")
     read_checkpoint_config(args.model_dir)
+    check_checkpoint_files(args.model_dir)  # truncated weights: one line before the load, not a loader traceback
     if run is not None:
         check_matches_model_dir(run, args.model_dir)  # refuse before the load
     loaded = load_model(args.model_dir, Scope.LANGUAGE_MODEL, device=args.device, dtype=args.dtype)

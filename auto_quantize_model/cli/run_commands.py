@@ -9,9 +9,13 @@ from pathlib import Path
 from auto_quantize_model.cli.common import check_output_dir
 from auto_quantize_model.datasets.settings import CalibrationSettings
 from auto_quantize_model.errors import UserError, check_positive
+from auto_quantize_model.preflight import probe_writable
 from auto_quantize_model.settings import add_arguments, overrides_from_args
 
 log = logging.getLogger("autoquant")
+# Demo images are small synthetic shapes: a bound keeps a typo (--size 2000000) from exhausting memory or disk.
+MAX_DEMO_IMAGES = 100_000
+MAX_DEMO_IMAGE_SIZE = 2048
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from auto_quantize_model.datasets.captions import read_captions
     from auto_quantize_model.models.loading import load_model, read_checkpoint_config
     from auto_quantize_model.models.scope import Scope
-    from auto_quantize_model.preflight import check_checkpoint_files, probe_writable
+    from auto_quantize_model.preflight import check_checkpoint_files
 
     if not args.model_dir:
         raise UserError("--model-dir is required (a local Hugging Face checkpoint) unless --report-only is given")
@@ -111,6 +115,9 @@ def _load_for_images(args: argparse.Namespace, data: CalibrationSettings):
     if args.image_size is not None:
         check_positive("image-size", args.image_size)
     source = read_image_captions(args.image_captions_path, args.coco_annotations, args.coco_root)
+    if not source.pairs:
+        raise UserError(f"no usable image-caption pairs in {source.path}; give records like "
+                        '{"image": "a.jpg", "caption": "..."} (one per line)')
     loaded = load_model(args.model_dir, Scope.WHOLE_VLM, device=args.device, dtype=args.dtype)
     calib = build_image_calibration_set(
         loaded.tokenizer, loaded.image_processor, source, image_token_id=loaded.model.config.image_token_id,
@@ -134,6 +141,9 @@ def _write_report(manifest: Path, output: Path | None = None) -> int:
         raise UserError(f"manifest {manifest} is malformed ({exc.__class__.__name__}: {str(exc)[:120]}); "
                         "re-run the scheme to rewrite it") from exc
     target = output or report_path(manifest.parent)
+    if target.is_dir():
+        raise UserError(f"report path {target} is a directory; pass a file path for --output")
+    probe_writable(target.parent, "report dir", "--output")
     atomic_write_text(target, text)
     print(f"report: {target}")
     return 0
@@ -182,7 +192,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     """Write the small random Qwen2.5-VL checkpoint used by tests and the demo."""
     from auto_quantize_model.models.tiny import make_tiny_checkpoint
 
-    check_output_dir(args.output_dir)
+    probe_writable(check_output_dir(args.output_dir), "output dir", "--output-dir")
     print(f"tiny checkpoint: {make_tiny_checkpoint(args.output_dir, seed=args.seed)}")
     return 0
 
@@ -192,8 +202,10 @@ def cmd_make_demo_images(args: argparse.Namespace) -> int:
     from auto_quantize_model.datasets.demo_images import make_demo_image_captions
 
     check_output_dir(args.output_dir)
-    if args.num_images <= 0 or args.size < 56:
-        raise UserError("--num-images must be positive and --size at least 56 pixels")
+    if not 0 < args.num_images <= MAX_DEMO_IMAGES or not 56 <= args.size <= MAX_DEMO_IMAGE_SIZE:
+        raise UserError(f"--num-images must be 1 to {MAX_DEMO_IMAGES:,} and --size 56 to {MAX_DEMO_IMAGE_SIZE} pixels "
+                        f"(got {args.num_images} and {args.size})")
+    probe_writable(args.output_dir, "output dir", "--output-dir")
     print(f"pairs: {make_demo_image_captions(args.output_dir, n=args.num_images, size=args.size)}")
     return 0
 

@@ -17,8 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from auto_quantize_model.configs.recipe_files import check_recipe_file, resolve_recipe_file
 from auto_quantize_model.configs.scheme import Scheme
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.path_names import check_path_name
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,14 @@ def load_auto_quantize_recipe(ref: str) -> Any:
     from modelopt.recipe.loader import load_recipe
     from omegaconf.errors import OmegaConfBaseException
 
+    # The file ModelOpt would read, checked for size and alias/import expansion before ModelOpt parses it; the
+    # checked file itself is what ModelOpt is given.
+    resolved = resolve_recipe_file(ref)
+    check_recipe_file(ref, resolved)
     try:
         # The loader prints its own "[load_recipe] loading: ..." line; keep stdout for our results.
         with contextlib.redirect_stdout(io.StringIO()):
-            recipe = load_recipe(ref)
+            recipe = load_recipe(resolved)
     # pydantic's ValidationError is a ValueError; YAML and OmegaConf parse errors have their own bases.
     except (ValueError, TypeError, KeyError, OSError, AssertionError, yaml.YAMLError, OmegaConfBaseException) as exc:
         msg = " ".join(str(exc).split())
@@ -102,6 +108,8 @@ def _format_names(stem: str, formats: list[Any]) -> list[str]:
 
 def scheme_from_recipe(ref: str, path: str) -> Scheme:
     """Load ``path`` (found by :func:`find_recipe` for ``ref``) into a Scheme named after its file."""
+    stem = Path(path).name.rsplit(".", 1)[0]
+    check_path_name(stem, f"recipe {ref}: its scheme name (the file name without suffix)", "rename the recipe file")
     recipe = load_auto_quantize_recipe(path)
     aq = recipe.auto_quantize
     unsupported = [k for k, v in (("quantize (fixed PTQ baseline)", recipe.quantize),
@@ -112,7 +120,6 @@ def scheme_from_recipe(ref: str, path: str) -> Scheme:
     c = aq.constraints
     if c.cost_model != "weight":
         raise UserError(f"recipe {ref} uses the {c.cost_model!r} cost model; a dense Qwen2.5-VL LM needs 'weight'")
-    stem = Path(path).name.rsplit(".", 1)[0]
     return Scheme(
         name=stem,
         quantization_formats=tuple(_format_names(stem, list(aq.candidate_formats))),

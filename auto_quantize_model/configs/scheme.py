@@ -14,6 +14,7 @@ from typing import Any
 from auto_quantize_model.config_types import check_table
 from auto_quantize_model.configs.exclusions import SCHEME_SOURCE, ExclusionPattern, export_exclusions, format_exclusions
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.path_names import check_path_name
 
 SCHEME_SCHEMA_VERSION = 1
 # What each key of a scheme must be in a schemes file (config_types kinds): a string where a list belongs
@@ -59,6 +60,8 @@ class Scheme:
     fused_scales: str = "shared"
 
     def __post_init__(self) -> None:
+        # The name becomes file names (manifest, restore artifact, trial ids): refused here, before any write.
+        check_path_name(self.name, "scheme name", "rename the [schemes.NAME] table or the recipe file")
         # Lists from TOML/JSON become tuples so the dataclass stays hashable and immutable.
         for key in ("quantization_formats", "disabled_layers", "cost_excluded_layers"):
             object.__setattr__(self, key, tuple(getattr(self, key)))

@@ -19,6 +19,7 @@ from auto_quantize_model.configs.recipes import find_recipe, scheme_from_recipe
 from auto_quantize_model.configs.scheme import METHODS, Scheme
 from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import read_toml
+from auto_quantize_model.path_names import check_path_name
 
 __all__ = ["AUTOQUANT_FP8_SCHEMES", "MIXED_FORMAT_SCHEMES", "Scheme", "get_scheme", "load_schemes_file",
            "resolve_scheme", "scheme_catalog", "scheme_from_table"]
@@ -33,6 +34,9 @@ def scheme_from_table(name: str, table: dict[str, Any], where: str) -> Scheme:
     ``constraints = {effective_bits = B}`` is accepted as in a recipe; ``cost_model`` must be ``weight``.
     """
     data = dict(table)
+    if data.get("name", name) != name:
+        raise UserError(f"{where}: scheme {name!r} sets name = {data['name']!r}; a scheme is named by its table, "
+                        "drop the name key")
     for alias, field in RECIPE_ALIASES.items():
         if alias in data:
             if field in data:
@@ -111,6 +115,7 @@ def load_schemes_file(path: str | Path) -> dict[str, Scheme]:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise UserError(f"schemes file {p}: schemes.{name} must be a table")
+        check_path_name(name, f"schemes file {p}: scheme name", "rename the [schemes.NAME] table")
         out[name] = scheme_from_table(name, table, f"schemes file {p}")
     return out
 

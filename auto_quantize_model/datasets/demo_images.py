@@ -5,9 +5,12 @@ Not COCO. Deterministic for a seed; written as PNG files plus a JSONL of {"image
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
+
+from auto_quantize_model.io_utils import atomic_write_bytes, atomic_write_text
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 60, 170), "orange": (240, 140, 30), "black": (20, 20, 20), "white": (245, 245, 245)}
@@ -30,6 +33,10 @@ def make_demo_image_captions(output_dir: str | Path, n: int = 48, size: int = 11
     from PIL import Image, ImageDraw
 
     out = Path(output_dir)
+    path = out / "pairs.jsonl"
+    # pairs.jsonl marks a complete set: an old one goes first, the new one is written last, atomically, so a failure
+    # half-way (a full disk) never leaves a pairs file naming images that are missing or from another run.
+    path.unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     records = []
@@ -51,8 +58,8 @@ def make_demo_image_captions(output_dir: str | Path, n: int = 48, size: int = 11
         side = " on the left and ".join(parts) + (" on the right" if count == 2 else "")
         caption = f"{side[0].upper()}{side[1:]} on a {bg_name} background."
         name = f"images/shape_{i:04d}.png"
-        img.save(out / name)
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        atomic_write_bytes(out / name, png.getvalue())
         records.append({"image": name, "caption": caption})
-    path = out / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
-    return path
+    return atomic_write_text(path, "\n".join(json.dumps(r) for r in records) + "\n")

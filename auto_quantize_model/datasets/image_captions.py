@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.datasets.calibration import IGNORE_INDEX, caption_hash
+from auto_quantize_model.datasets.captions import visible
 from auto_quantize_model.errors import UserError, check_positive
 from auto_quantize_model.io_utils import sha256_bytes
 
@@ -39,7 +40,8 @@ class ImageCaptionSource:
 
 def _from_jsonl(path: Path) -> list[tuple[Path, str]]:
     pairs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    # utf-8-sig: a leading BOM is an encoding mark, not part of the first record
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -48,7 +50,7 @@ def _from_jsonl(path: Path) -> list[tuple[Path, str]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             log.warning("%s:%d is not an {image, caption} record; skipped", path, i)
             continue
-        if isinstance(image, str) and isinstance(caption, str) and caption.strip():
+        if isinstance(image, str) and isinstance(caption, str) and visible(caption) and "\x00" not in caption:
             img = Path(image)
             pairs.append((img if img.is_absolute() else path.parent / img, caption.strip()))
     return pairs
@@ -56,13 +58,14 @@ def _from_jsonl(path: Path) -> list[tuple[Path, str]]:
 
 def _from_coco(annotations: Path, root: Path) -> list[tuple[Path, str]]:
     try:
-        data = json.loads(annotations.read_text(encoding="utf-8"))
+        data = json.loads(annotations.read_text(encoding="utf-8-sig"))
         files = {im["id"]: im["file_name"] for im in data["images"]}
         anns = data["annotations"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{annotations} is not a COCO captions file with images and annotations ({exc.__class__.__name__})") from exc
     return [(root / files[a["image_id"]], a["caption"].strip()) for a in anns
-            if a.get("image_id") in files and isinstance(a.get("caption"), str) and a["caption"].strip()]
+            if a.get("image_id") in files and isinstance(a.get("caption"), str) and visible(a["caption"])
+            and "\x00" not in a["caption"]]
 
 
 def read_image_captions(jsonl: str | None = None, coco_annotations: str | None = None,

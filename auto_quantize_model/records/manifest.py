@@ -115,7 +115,7 @@ class CalibrationCommon(TypedDict):
 class CaptionCalibrationRecord(CalibrationCommon):
     """Caption text for the language model (``CalibrationSet.describe`` plus ``usage``)."""
 
-    dropped: dict[str, int]  # captions dropped by reason: blank, duplicate, bad_utf8, no_caption_field
+    dropped: dict[str, int]  # captions dropped by reason: blank, duplicate, bad_utf8, no_caption_field, zero_width, nul
     chat_template: NotRequired[ChatTemplate | None]  # null: raw captions
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from auto_quantize_model.io_utils import set_default_mode
+from auto_quantize_model.io_utils import naming_target, set_default_mode
 from auto_quantize_model.records.outcome import METRICS, TIMINGS, TrialOutcome, all_layer_bits, trial_id_for
 
 if TYPE_CHECKING:
@@ -212,7 +212,8 @@ def write_table_file(root: str | Path, table_name: str, scheme: str, trial_id: s
     set_default_mode(fd)  # pyarrow rewrites the file in place, keeping this mode
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        with naming_target(final):
+            pq.write_table(table, tmp)
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):

@@ -10,22 +10,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.actors.settings import WorkerSettings
 from auto_quantize_model.actors.trial import Trial
-from auto_quantize_model.configs.schemes import Scheme, get_scheme, resolve_scheme
+from auto_quantize_model.configs.schemes import Scheme, get_scheme, load_schemes_file, resolve_scheme
 from auto_quantize_model.datasets.settings import CalibrationSettings
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import read_toml, sha256_json
+from auto_quantize_model.path_names import check_path_name, is_path_name
 from auto_quantize_model.settings import check_keys, required_settings, same_as, setting, table, validate_settings
 
 log = logging.getLogger(__name__)
 SWEEP_SPEC_VERSION = 1
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def _data(name: str) -> Any:
@@ -142,9 +141,7 @@ def load_sweep_spec(path: str | Path | None, overrides: dict[str, Any]) -> Sweep
 
 def check_sweep_name(name: str) -> None:
     """A sweep name is one directory name: Tune and our outputs must both land under the storage path."""
-    if not _NAME.fullmatch(name) or name in (".", ".."):
-        raise UserError(f"sweep name {name!r} must be one directory name (letters, digits, '.', '_', '-'; no '/' "
-                        "or '..'); put the parent directories in --storage-path instead")
+    check_path_name(name, "sweep name", "put the parent directories in --storage-path instead")
 
 
 def trial_id(*, scheme: str, effective_bits_target: float, method: str, num_score_steps: int | None,
@@ -157,7 +154,9 @@ def trial_id(*, scheme: str, effective_bits_target: float, method: str, num_scor
         settings["scheme_ref"] = scheme_ref
     h = sha256_json(settings)[:8]
     steps = num_score_steps if num_score_steps else "auto"
-    return f"{scheme}-b{effective_bits_target:g}-{method}-s{steps}-{h}"
+    # Trial ids name Tune's trial directories and our trial folders and table files.
+    return check_path_name(f"{scheme}-b{effective_bits_target:g}-{method}-s{steps}-{h}", "trial id",
+                           "use a shorter scheme name")
 
 
 def experiment_key(scheme: Scheme) -> str:
@@ -205,8 +204,13 @@ def expand_grid(spec: SweepSpec) -> list[Trial]:
     points: list[tuple[dict[str, Any], list[str]]] = []  # a trial's fields, its equivalent names (still growing)
     seen: set[str] = set()
     by_experiment: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    if spec.schemes_file:
+        load_schemes_file(spec.schemes_file)  # a bad file (a scheme name that is no file name...) is one line
     for ref in spec.schemes:
         base, lookup_error = _lookup(ref, spec.schemes_file)  # once per entry: every point resolves from it
+        if base is None and lookup_error is not None and not is_path_name(ref):
+            # Its trial id would be a path (Tune's trial directory, our trial folder): refuse the sweep instead.
+            raise UserError(lookup_error)
         bits_axis = spec.effective_bits or ((base.effective_bits,) if base else (16.0,))
         method_axis = spec.methods or ((base.method,) if base else ("gradient",))
         # A recipe's score_size stays in charge unless the sweep sets steps (None = the scheme's own).
