@@ -252,9 +252,10 @@ def test_fp8_full_at_14_bits_is_the_optimum_cbc_missed_and_the_report_says_so(de
 
     m = demo_runs["fp8_autoquant_full", 14.0]
     mo = m["selection"]["modelopt"]
-    # Measured: exact 3.73e-6, ModelOpt's CBC "Optimal" at 4.22e-6 with 3 groups chosen otherwise.
+    # Measured on one build of the tiny model: exact 3.73e-6, ModelOpt's CBC "Optimal" at 4.22e-6 with 3 groups chosen
+    # otherwise (the count depends on the model's weights; the report must name it).
     assert mo["status"] == "Optimal" and mo["differs"] and mo["relative_score_gap"] > 0.05 and mo["within_budget"]
-    assert "would choose differently** in 3 group(s)" in render_report(m)
+    assert f"would choose differently** in {len(mo['differing_groups'])} group(s)" in render_report(m)
 
 
 @pytest.mark.slow

@@ -139,8 +139,12 @@ def apply_restore_artifact(model: nn.Module, path: str | Path, model_info: dict[
 
     payload = read_restore_artifact(path, manifest)
     check_artifact_matches(payload, path, model_info)
+    from auto_quantize_model.autoquant.attention_quantizers import for_quantizer_keys
+
     device = next(model.parameters()).device
-    model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
+    # Attention quantized exactly where the artifact says, whatever this process converted before.
+    with for_quantizer_keys(model, payload["quantizer_state_dict"]):
+        model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
     set_quantizer_state_dict(model, payload["quantizer_state_dict"])
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from auto_quantize_model.autoquant.attention_quantizers import as_in_a_fresh_process
 from auto_quantize_model.autoquant.cache import CacheEntry
 from auto_quantize_model.autoquant.selection import InfeasibleBudget
 from auto_quantize_model.autoquant.serving import serving_calibration
@@ -82,8 +83,10 @@ def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData,
 
     try:
         # serving_calibration: each format's calibration ends with the scales engines serve (autoquant/serving.py);
-        # exact_selection: every solve of this call is exact (autoquant/solve.py).
-        with exact_selection(), warnings.catch_warnings(), serving_calibration(scheme.fused_scales):
+        # exact_selection: every solve of this call is exact (autoquant/solve.py); as_in_a_fresh_process: the
+        # modules ModelOpt wraps depend on the model, not on earlier conversions (autoquant/attention_quantizers.py).
+        with (exact_selection(), warnings.catch_warnings(), serving_calibration(scheme.fused_scales),
+              as_in_a_fresh_process(model)):
             # ModelOpt warns whenever the checkpoint is new; the caller's log line already says so.
             warnings.filterwarnings("ignore", message=".*[Cc]heckpoint.*(does not exist|not found).*")
             model, search_state = mtq.auto_quantize(

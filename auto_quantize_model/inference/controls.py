@@ -92,10 +92,11 @@ def build_uniform_ptq(
         for batch in batches:
             loaded.forward_step(m, batch)
 
+    from auto_quantize_model.autoquant.attention_quantizers import as_in_a_fresh_process
     from auto_quantize_model.autoquant.serving import serving_calibration
 
     # Served semantics as for every search (autoquant/serving.py): the control is what an engine would serve.
-    with serving_calibration("shared"):
+    with serving_calibration("shared"), as_in_a_fresh_process(model):
         model = mtq.quantize(model, cfg, forward_loop)
     seconds = time.perf_counter() - t
     live = live_layer_formats(model)
