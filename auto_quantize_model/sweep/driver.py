@@ -135,6 +135,7 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
     interrupted = None
     stats: dict[str, Any] = {}
     unit_errors: dict[str, str] = {}
+    keyed: list[list[Trial]] = []  # the trials with the workers' real keys, once published
     scheduler = None
     n = 0
     try:
@@ -148,7 +149,7 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
                 start_error: Exception | None = None
                 try:
                     context["pool"] = launch.pool_name
-                    units, keyed = _units(spec, launch, trials, num_captions, n)
+                    units = _units(spec, trials, num_captions, n)
                     clock["units"] = time.time()
                     start = BackgroundStart(launch, lambda identity: _publish(launch, units, trials, identity, keyed))
                     scheduler = _scheduler(spec, launch)
@@ -170,7 +171,6 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
                     start_error = start.error
                     if start_error is not None:
                         raise start_error
-                    trials = keyed[0] if keyed else trials
                     interrupted = stop.signal_name
                     stats = ray.get(launch.pool.stats.remote())
                 finally:
@@ -182,6 +182,7 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
     finally:
         if started:
             ray.shutdown()
+    trials = keyed[0] if keyed else trials  # rows compare each trial with its result.json, keys included
     wall = time.time() - t0
     if interrupted:
         rows = _rows_after_interrupt(trials, progress.results, context["trials"])
@@ -197,17 +198,16 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
             "phases": phases}
 
 
-def _units(spec: SweepSpec, launch: WorkerLaunch, trials: list[Trial], num_captions: int,
-           n: int) -> tuple[list[dict[str, Any]], list[list[Trial]]]:
+def _units(spec: SweepSpec, trials: list[Trial], num_captions: int, n: int) -> list[dict[str, Any]]:
     """The scheduler's units, grouped by keys from a stand-in identity so that they can start while the workers
     load; the real keys (autoquant/identity.py: the model and data the workers loaded) are published to the pool
-    when the first worker is ready, before it takes any lease (:func:`_publish` fills the returned list)."""
+    when the first worker is ready, before it takes any lease (:func:`_publish`)."""
     units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec, num_captions))
                          if t.error is None], n)
     atomic_write_json(spec.sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
                                                            "num_trials": len(trials), "num_tune_trials": len(units)})
     log.info("%d trials in %d units (one per lease key, split to feed %d workers)", len(trials), len(units), n)
-    return units, []
+    return units
 
 
 def _publish(launch: WorkerLaunch, units: list[dict[str, Any]], trials: list[Trial], identity: dict[str, Any],

@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,6 +198,10 @@ def sweep(args: argparse.Namespace) -> dict:
     spec = _spec(args, args.name)
     marks: dict[str, float] = {}
     _trace_old_driver(marks)
+    if args.fake_gpus:  # CPU smoke runs: a local Ray offering fake GPUs (the sweep then starts none of its own)
+        import ray
+
+        ray.init(num_gpus=args.fake_gpus, namespace="autoquant", include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
     t_wall = time.time()
     before = t - T_PROCESS
@@ -238,7 +244,9 @@ def kept(args: argparse.Namespace, argv: list[str]) -> dict:
     work = Path(args.work)
     rows: dict[str, dict] = {}
     gpus = args.head_gpus if args.head_gpus >= 0 else _gpu_count()
-    head = RayHead(work / "ray-head", num_cpus=args.head_cpus or os.cpu_count() or 2, num_gpus=gpus)  # no token auth: a loopback-only head
+    # A short temp dir: Ray's Unix socket paths under it must stay under 108 bytes. No token auth: a loopback head.
+    head = RayHead(tempfile.mkdtemp(prefix="aqhead-", dir="/tmp"), num_cpus=args.head_cpus or os.cpu_count() or 2,
+                   num_gpus=gpus)
     t = time.perf_counter()
     with head:
         rows["ray_start_s"] = time.perf_counter() - t
@@ -258,13 +266,26 @@ def kept(args: argparse.Namespace, argv: list[str]) -> dict:
         release = subprocess.run([sys.executable, "-m", "auto_quantize_model.cli", "release-workers", "--address",
                                   head.address], capture_output=True, text=True, env=head.env)
         rows["release"] = (release.stdout or release.stderr).strip()[-500:]
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
     return {"mode": "kept", **rows}
 
 
 def _gpu_count() -> int:
-    import torch
+    return _device()[1]
 
-    return torch.cuda.device_count()
+
+def _device() -> tuple[str, int]:
+    """The GPU model and count (nvidia-smi: importing torch only to name the device adds seconds to the driver's
+    process), or ("cpu", 0)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "cpu", 0
+    names = [n.strip() for n in names if n.strip()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = len([v for v in visible.split(",") if v.strip()]) if visible is not None else len(names)
+    return (names[0], min(count, len(names))) if names else ("cpu", 0)
 
 
 def _passed(argv: list[str], drop: tuple[str, ...]) -> list[str]:
@@ -360,6 +381,7 @@ def main() -> None:
     p.add_argument("--head-gpus", type=int, default=-1, help="kept: GPUs the head offers (default: those torch sees; "
                                                               "on a CPU machine give 1 for a fake GPU)")
     p.add_argument("--head-cpus", type=int, default=0, help="kept: CPUs the head offers (default: all)")
+    p.add_argument("--fake-gpus", type=int, default=0, help="sweep: on a CPU machine, a local Ray with N fake GPUs")
     p.add_argument("--modes", default="session,api-loop,sweep", help="compare: which modes, in order")
     p.add_argument("--name", default="bench")
     p.add_argument("--work", default="/tmp/bench_sweep")
@@ -372,10 +394,7 @@ def main() -> None:
         res = (compare if args.mode == "compare" else kept)(args, sys.argv[1:])
     else:
         res = modes[args.mode](args)
-    import torch
-
-    res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    res["gpus"] = torch.cuda.device_count()
+    res["device"], res["gpus"] = _device()
     res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res["command"] = " ".join(sys.argv)
     line = json.dumps(res)
