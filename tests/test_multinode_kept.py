@@ -41,9 +41,9 @@ try:
         res = run_sweep(load_sweep_spec(None, {**base, "name": name}))
         placed = {a["Name"]: a["Address"]["NodeID"] for a in ray._private.state.actors().values()
                   if a["State"] == "ALIVE" and a.get("Name", "").startswith("autoquant-keep-")}
+        keys = ("trial_id", "status", "error", "worker", "scored", "manifest_path")
         out[name] = {"scheduler": res["scheduler"], "num_workers": res["num_workers"], "passes": res["stats"]["passes"],
-                     "placed": placed, "rows": [{k: r.get(k) for k in ("trial_id", "status", "error", "worker", "scored",
-                     "manifest_path")} for r in res["rows"]]}
+                     "placed": placed, "rows": [{k: r.get(k) for k in keys} for r in res["rows"]]}
 finally:
     out["released"] = release_kept_workers(None, force=True)[0]
 print("RESULT " + json.dumps(out), flush=True)

@@ -57,7 +57,7 @@ def test_direct_scheduler_gives_the_outputs_of_tune(ray_cluster, tiny_model_dir,
         res = run_sweep(spec, resume=True)  # the blocker made the trials dir; nothing in it is finished
         assert res["scheduler"] == scheduler
         results[scheduler] = (res, spec, broken)
-    (tune, tune_spec, broken), (direct, direct_spec, _) = results["tune"], results["direct"]
+    (tune, _, broken), (direct, direct_spec, _) = results["tune"], results["direct"]
     rows = {s: {r["trial_id"]: r for r in results[s][0]["rows"]} for s in results}
     assert sorted(rows["tune"]) == sorted(rows["direct"]) and len(rows["direct"]) == 6
     for tid, r in rows["direct"].items():
@@ -70,7 +70,7 @@ def test_direct_scheduler_gives_the_outputs_of_tune(ray_cluster, tiny_model_dir,
     # The trial that failed on its worker fails alone, recorded with its error; the unresolved ones too.
     assert rows["direct"][broken]["status"] == "error" and "Error" in rows["direct"][broken]["error"]
     assert sum(r["status"] == "ok" for r in rows["direct"].values()) == 3
-    for res, spec in ((tune, tune_spec), (direct, direct_spec)):
+    for res in (tune, direct):
         trials = load_trials(res["tables"])
         assert len(trials) == 6 and trials["trial_id"].is_unique
         assert set(trials.loc[trials["status"] == "error", "trial_id"]) == \
@@ -99,7 +99,8 @@ def test_direct_scheduler_retries_the_unit_of_a_worker_killed_mid_trial(ray_clus
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            pools = [a for a in list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-dfaults")]
+            pools = [a for a in list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("autoquant-pool-dfaults")]
             if pools:
                 try:
                     busy = ray.get(ray.get_actor(pools[0]["name"], namespace="autoquant").stats.remote())["busy"]
@@ -164,3 +165,26 @@ def test_direct_scheduler_interrupt_exits_130_with_the_resume_line_and_resumes(r
         assert (trials_dir / tid / "result.json").stat().st_mtime_ns == mtime
     trials = load_trials(res["tables"])
     assert len(trials) == 6 and trials["trial_id"].is_unique
+
+
+@pytest.mark.timeout(300)
+def test_direct_scheduler_worker_that_fails_to_load_ends_the_sweep_with_one_line(ray_cluster, tiny_model_dir,
+                                                                                   tmp_path):
+    """As under Tune (test_sweep_start.py): the worker's reason in one line, no complete-looking summary."""
+    import shutil
+
+    from auto_quantize_model.errors import UserError
+    from auto_quantize_model.sweep.driver import run_sweep
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["intermediate_size"] *= 2  # passes every preflight check; the weights then do not fit the model
+    (bad / "config.json").write_text(json.dumps(config))
+    spec = _spec(bad, tmp_path, name="dbad", scheduler="direct")
+    t = time.monotonic()
+    with pytest.raises(UserError, match="a model worker failed to start: could not load weights"):
+        run_sweep(spec)
+    assert time.monotonic() - t < 120
+    assert not (spec.sweep_dir / "summary.md").exists()

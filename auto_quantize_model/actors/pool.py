@@ -92,6 +92,8 @@ class WorkerPool:
                 if w["trial"] == trial_id:
                     self._free(name, key_ok=False)
             while True:
+                if self.start_error is not None:  # no worker will come: the waiting unit ends, the driver says why
+                    raise RuntimeError(f"the sweep's workers did not start: {self.start_error}")
                 name, will_score = self._pick(key)
                 if name is not None:
                     break

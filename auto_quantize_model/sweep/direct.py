@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def run_direct(units: list[dict[str, Any]], context: dict[str, str], *, n: int, max_failures: int,
-               progress: Progress) -> dict[str, str]:
+               progress: Progress, start_failed: threading.Event) -> dict[str, str]:
     """Run every unit on at most ``n`` threads (one per worker); returns the error of each trial whose unit failed
-    past ``max_failures``. A signal raised in the calling (main) thread stops every thread before its next trial."""
+    past ``max_failures``. A signal raised in the calling (main) thread stops every thread before its next trial;
+    ``start_failed`` (a worker did not start: the driver raises why) returns at once, as Tune's stopper does."""
     queue = deque(units)
     lock = threading.Lock()
     stop = threading.Event()
@@ -57,7 +58,7 @@ def run_direct(units: list[dict[str, Any]], context: dict[str, str], *, n: int, 
         for t in threads:
             t.start()
         for t in threads:
-            while t.is_alive():
+            while t.is_alive() and not start_failed.is_set():
                 t.join(0.2)  # short waits: SIGINT/SIGTERM reach this (main) thread between them
     finally:
         stop.set()

@@ -159,7 +159,7 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
                         from auto_quantize_model.sweep.direct import run_direct
 
                         unit_errors = run_direct(units, context, n=n, max_failures=spec.max_failures,
-                                                 progress=progress)
+                                                 progress=progress, start_failed=start.failed)
                     else:
                         from auto_quantize_model.sweep.tune_run import run_with_tune
 
