@@ -119,6 +119,7 @@ print("HEAVY", [m for m in ("torch", "ray.tune", "transformers", "modelopt") if 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_driver_start_imports_neither_torch_nor_tune(tiny_model_dir, tmp_path):
     """Everything the driver does before it connects (imports, preflight, the cluster check) imports no torch and no

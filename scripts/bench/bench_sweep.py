@@ -328,14 +328,18 @@ def report(args: argparse.Namespace) -> dict:
         path = folder / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    session, api, local, kept_runs, loop_res = (read(n) for n in ("session", "api-loop", "sweep-local", "kept",
-                                                                   "loop-shared"))
+    session, api, local, direct, kept_runs, loop_res = (
+        read(n) for n in ("session", "api-loop", "sweep-local", "sweep-direct", "kept", "loop-shared"))
     first, second = kept_runs.get("kept-first", {}), kept_runs.get("kept-second", {})
     walls = {"session": session.get("wall_s"), "api-loop": api.get("wall_s"), "sweep-local": local.get("wall_s"),
+             "sweep-direct": direct.get("wall_s"),
              "kept-first": first.get("wall_s"), "kept-second": second.get("wall_s"),
+             # ... and as its parent saw it: interpreter start and the driver's exit (Ray disconnect) included
+             "kept-second (whole process)": second.get("process_wall_s"),
              "loop-shared (projected)": loop_res.get("projected_wall_s")}
     ratios = {}
-    for a, b in (("sweep-local", "session"), ("sweep-local", "api-loop"), ("kept-first", "session"),
+    for a, b in (("sweep-local", "session"), ("sweep-direct", "session"), ("sweep-local", "api-loop"),
+                 ("kept-first", "session"),
                  ("loop-shared (projected)", "kept-second")):
         if walls.get(a) and walls.get(b):
             ratios[f"{a} / {b}"] = walls[a] / walls[b]
@@ -344,7 +348,8 @@ def report(args: argparse.Namespace) -> dict:
            "repeat_scheduler": second.get("scheduler"), "repeat_trials_s": second.get("sum_over_trials_s"),
            "first_sweep_phases": local.get("phases"),
            "gpu_peak_gib_per_worker": {k: v.get("gpu_peak_gib_per_worker") for k, v in
-                                       (("sweep-local", local), ("kept-first", first), ("kept-second", second))},
+                                       (("sweep-local", local), ("sweep-direct", direct), ("kept-first", first),
+                                        ("kept-second", second))},
            "ray_start_s": kept_runs.get("ray_start_s")}
     for k, v in walls.items():
         print(f"{k:>24}: {'-' if v is None else f'{v:.1f} s'}", flush=True)
