@@ -184,7 +184,7 @@ def test_direct_scheduler_worker_that_fails_to_load_ends_the_sweep_with_one_line
     (bad / "config.json").write_text(json.dumps(config))
     spec = _spec(bad, tmp_path, name="dbad", scheduler="direct")
     t = time.monotonic()
-    with pytest.raises(UserError, match="a model worker failed to start: could not load weights"):
+    with pytest.raises(UserError, match="a model worker failed to start: "):
         run_sweep(spec)
     assert time.monotonic() - t < 120
     assert not (spec.sweep_dir / "summary.md").exists()
