@@ -170,6 +170,9 @@ def test_explicit_address_to_a_token_auth_head_uses_the_local_token(token_head, 
     _one_line(done, head.address, "refused the auth token from", str(wrong))
     done = _cli(["release-workers", "--address", head.address], _env(tmp_path))  # no token anywhere
     _one_line(done, head.address, "requires token auth", "~/.ray/auth_token")
+    done = _cli(["release-workers", "--address", head.address],
+                _env(tmp_path, RAY_AUTH_TOKEN_PATH=str(token), RAY_AUTH_MODE="disabled"))
+    _one_line(done, head.address, "RAY_AUTH_MODE=disabled")
 
 
 def _readme_cluster_lines() -> list[str]:

@@ -101,6 +101,9 @@ def check_head(address: str, source: str, shown: str | None = None) -> Target:
     token = None
     if status == "UNAUTHENTICATED":
         token = _local_token()
+        if token is None and (os.environ.get("RAY_AUTH_MODE") or "").lower() == "disabled":
+            raise UserError(f"the Ray cluster at {where} requires token auth, but RAY_AUTH_MODE=disabled here: unset "
+                            "it (the token is then read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
         if token is None:
             raise UserError(f"the Ray cluster at {where} requires token auth and this machine has no "
                             "token: copy the head's ~/.ray/auth_token here (or set RAY_AUTH_TOKEN_PATH or "
