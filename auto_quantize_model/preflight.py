@@ -11,6 +11,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from auto_quantize_model.errors import UserError
 
@@ -72,6 +73,22 @@ def check_checkpoint_files(model_dir: str | Path) -> None:
         reason = _safetensors_header_ok(f)
         if reason:
             raise UserError(f"checkpoint file {f} is corrupt: {reason}; re-download or re-save the checkpoint")
+
+
+def read_checkpoint_config(model_dir: str | Path) -> dict[str, Any]:
+    """Validate ``model_dir`` and return its parsed config.json."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise UserError(f"model dir {path} does not exist; pass --model-dir with a local Hugging Face checkpoint")
+    if not path.is_dir():
+        raise UserError(f"model dir {path} is not a directory; pass the checkpoint folder, not a file")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint; point --model-dir at one")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{cfg_path} is unreadable ({exc.__class__.__name__}); re-download the checkpoint") from exc
 
 
 def in_submitted_job() -> bool:

@@ -46,6 +46,9 @@ def test_second_sweep_attaches_kept_workers_and_reuses_cached_scores(ray_cluster
         pid = ray.get(ray.get_actor(kept[0], namespace="autoquant").info.remote())["pid"]
 
         second = run_sweep(_spec(tiny_model_dir, tmp_path, name="k2"))
+        # Every worker attached loaded: the driver's own threads schedule (no Tune start before the first trial).
+        assert (first["scheduler"], second["scheduler"]) == ("tune", "direct")
+        assert second["phases"]["first_result"] < first["phases"]["first_unit_request"]
         info = ray.get(ray.get_actor(kept[0], namespace="autoquant").info.remote())
         assert info["pid"] == pid and info["sweeps_served"] == 2  # attached, not loaded again
         rows = {r["trial_id"]: r for r in second["rows"]}

@@ -25,7 +25,8 @@ EVERY = {
     "num_score_steps": [4, 8], "num_calib_steps": 3, "schemes_file": "extra.toml", "max_calib_samples": 64,
     "batch_size": 4, "calib_seq_len": 32, "chat_template": True, "seed": 7, "dtype": "float32", "num_workers": 2,
     "max_failures": 1, "evaluate": True, "eval_captions": "held_out.txt", "max_eval_samples": 16, "measure": True,
-    "measure_batch_size": 2, "measure_seq_len": 64, "address": "127.0.0.1:6379", "cache_dir": "/tmp/every-cache",
+    "measure_batch_size": 2, "measure_seq_len": 64, "address": "127.0.0.1:6379", "scheduler": "direct",
+    "cache_dir": "/tmp/every-cache",
     "worker": {"num_gpus": 0.5, "num_cpus": 2.0, "pristine": "cpu", "num_threads": 3, "keep": True},
 }
 

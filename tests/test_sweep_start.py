@@ -102,3 +102,37 @@ def test_units_from_the_stand_in_identity_get_the_workers_keys(tiny_model_dir, t
             assert t == waited[t.trial_id]
             seen.append(t.trial_id)
     assert sorted(seen) == sorted(t.trial_id for t in trials if t.error is None)
+
+
+_DRIVER_START = """
+import sys
+from auto_quantize_model.sweep import driver
+from auto_quantize_model.sweep.spec import load_sweep_spec
+spec = load_sweep_spec(None, {"name": "x", "model_dir": sys.argv[1], "captions_path": "demo",
+    "storage_path": sys.argv[2], "effective_bits": [12.0, 10.0],
+    "schemes": ["fp8_autoquant_full", "int4w_fp8_autoquant_mix", "fp8_autoquant_all_layers_fp8"],
+    "worker": {"num_gpus": 0}})
+trials, _ = driver._preflight(spec, False)
+if hasattr(driver, "_target"):  # the cluster check (the old driver had none before connecting)
+    driver._target(spec)
+print("HEAVY", [m for m in ("torch", "ray.tune", "transformers", "modelopt") if m in sys.modules])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_driver_start_imports_neither_torch_nor_tune(tiny_model_dir, tmp_path):
+    """Everything the driver does before it connects (imports, preflight, the cluster check) imports no torch and no
+    Tune: on the old code the preflight imported torch (models/loading.py, for reading config.json) and the driver
+    module imported Tune, seconds before the workers could launch. (The second run reads the format facts the first
+    wrote: the first may import ModelOpt to compute them.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AUTOQUANT_FORMAT_CACHE": str(tmp_path / "facts.json"), "RAY_ADDRESS": "",
+           "RAY_TMPDIR": str(tmp_path / "ray")}
+    runs = [subprocess.run([sys.executable, "-c", _DRIVER_START, str(tiny_model_dir), str(tmp_path / "sweeps")],
+                           capture_output=True, text=True, env=env, timeout=240) for _ in range(2)]
+    assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
+    assert runs[-1].stdout.strip().splitlines()[-1] == "HEAVY []", runs[-1].stdout

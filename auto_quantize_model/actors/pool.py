@@ -33,14 +33,15 @@ class WorkerPool:
         self.scored: set[str] = set()  # keys with a finished scoring pass
         self.passes: dict[str, int] = {}  # scoring passes actually run, per key
         self.reuses = 0
-        # Each Tune trial's sweep trials with their scoring keys, published by the driver once the first worker has
-        # loaded (the keys need its model and data identity), so Tune can start while the workers still load.
+        # Each unit's sweep trials with their scoring keys, published by the driver once the first worker has
+        # loaded (the keys need its model and data identity), so the scheduler can start while the workers load.
         self.units: dict[str, list[dict[str, Any]]] | None = None
-        self.start_error: str | None = None  # the workers failed to start: waiting Tune trials end quietly
-        # Wall-clock times (time.time()) for the sweep's statistics: when each worker joined, and when the first
-        # Tune trial asked for its unit (before any worker is ready when Tune's start overlaps the load).
+        self.start_error: str | None = None  # the workers failed to start: waiting units end quietly
+        # Wall-clock times (time.time()) for the sweep's phases: when each worker joined, when the first unit asked
+        # for its trials (before any worker is ready when Tune's start overlaps the load), when the first lease went.
         self.registered_at: dict[str, float] = {}
         self.first_unit_request_at: float | None = None
+        self.first_lease_at: float | None = None
         self.cond = asyncio.Condition()
 
     async def publish(self, units: dict[str, list[dict[str, Any]]]) -> None:
@@ -91,10 +92,14 @@ class WorkerPool:
                 if w["trial"] == trial_id:
                     self._free(name, key_ok=False)
             while True:
+                if self.start_error is not None:  # no worker will come: the waiting unit ends, the driver says why
+                    raise RuntimeError(f"the sweep's workers did not start: {self.start_error}")
                 name, will_score = self._pick(key)
                 if name is not None:
                     break
                 await self.cond.wait()
+            if self.first_lease_at is None:
+                self.first_lease_at = time.time()
             w = self.workers[name]
             w.update(busy=True, trial=trial_id, lease=w["lease"] + 1)
             if will_score:
@@ -141,4 +146,4 @@ class WorkerPool:
         return {"passes": dict(self.passes), "reuses": self.reuses, "scored_keys": sorted(self.scored),
                 "busy": {n: w["trial"] for n, w in self.workers.items() if w["busy"]},
                 "workers": sorted(self.workers), "registered_at": dict(self.registered_at),
-                "first_unit_request_at": self.first_unit_request_at}
+                "first_unit_request_at": self.first_unit_request_at, "first_lease_at": self.first_lease_at}

@@ -391,11 +391,11 @@ class ModelWorker:
         """Where this worker runs (for the summary), and what it holds from earlier sweeps."""
         import torch
 
-        last = self.session.last if self.session is not None else None
         return {"name": self.name, "device": str(self.loaded.device), "pid": os.getpid(),
                 "num_threads": torch.get_num_threads(), "sweeps_served": self.sweeps_served,
-                # The scoring key of the searched model it keeps: the pool prefers it for trials of that key.
-                "warm_keys": [last.manifest["score_cache"]["key"]] if last is not None else [],
+                # Scoring keys whose searched model it keeps (the last and the parked ones): the pool prefers it for
+                # trials of those keys.
+                "warm_keys": self.session.warm_keys() if self.session is not None else [],
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
                 "load_bytes": self.loaded.load_bytes, "load_gb_per_s": self.loaded.load_gb_per_s,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

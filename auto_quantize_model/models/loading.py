@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from auto_quantize_model.io_utils import sha256_json
 from auto_quantize_model.models.fingerprint import weights_fingerprint
 from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.models.steps import STEPS, Batch
+from auto_quantize_model.preflight import read_checkpoint_config  # noqa: F401 - here since before it moved
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +129,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown; use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def read_checkpoint_config(model_dir: str | Path) -> dict[str, Any]:
-    """Validate ``model_dir`` and return its parsed config.json."""
-    path = Path(model_dir)
-    if not path.exists():
-        raise UserError(f"model dir {path} does not exist; pass --model-dir with a local Hugging Face checkpoint")
-    if not path.is_dir():
-        raise UserError(f"model dir {path} is not a directory; pass the checkpoint folder, not a file")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint; point --model-dir at one")
-    try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{cfg_path} is unreadable ({exc.__class__.__name__}); re-download the checkpoint") from exc
 
 
 def config_hash(config: dict[str, Any]) -> str:

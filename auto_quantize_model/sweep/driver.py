@@ -1,6 +1,11 @@
-"""Run a sweep: start (or join) Ray, start the pool and one model worker per GPU, let Tune schedule.
+"""Run a sweep: start (or join) Ray, start the pool and one model worker per GPU, schedule the trials on them.
 
-Layout under ``<storage_path>/<name>/`` (Tune's experiment directory)::
+Two schedulers run the same units with the same outputs: Tune (``tune_run.py``; it starts while the workers load)
+and the driver's own threads (``direct.py``; no start at all), the default once every worker was attached loaded
+from an earlier sweep (``scheduler = "auto"``). The sweep records when each step of its start happened
+(``phases`` in its result and one log line).
+
+Layout under ``<storage_path>/<name>/`` (Tune's experiment directory, under the Tune scheduler)::
 
     sweep_spec.json              the resolved settings
     autoquant/trials/<trial_id>/ manifest, report, restore artifact, evaluation.json, result.json
@@ -13,18 +18,18 @@ from __future__ import annotations
 
 import logging
 import shlex
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray import tune
 
 from auto_quantize_model.actors.trial import Trial, write_trial_error
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
+from auto_quantize_model.sweep.connect import Target, connect, resolve_target
 from auto_quantize_model.sweep.lock import sweep_lock
+from auto_quantize_model.sweep.progress import Progress
 from auto_quantize_model.sweep.signals import SweepInterrupted, stop_on_signals
 from auto_quantize_model.sweep.spec import (
     SweepSpec,
@@ -34,11 +39,11 @@ from auto_quantize_model.sweep.spec import (
     keyed_units,
     provisional_identity,
 )
-from auto_quantize_model.sweep.trial import finished_result, run_unit
+from auto_quantize_model.sweep.trial import finished_result
 from auto_quantize_model.sweep.workers import (  # noqa: F401 - start_workers, release_kept_workers: public here too
     NAMESPACE,
-    TRIAL_RESOURCES,
     BackgroundStart,
+    WorkerLaunch,
     cluster_address,
     fit_to_cluster,
     launch_workers,
@@ -48,71 +53,26 @@ from auto_quantize_model.sweep.workers import (  # noqa: F401 - start_workers, r
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"
-
-
-# Start failures by pool name: Tune pickles its run config (stopper included), and an Event does not pickle.
-_START_FAILED: dict[str, threading.Event] = {}
-
-
-class _StopOnStartFailure(tune.Stopper):
-    """Ends the Tune experiment at once when the workers fail to start (the driver then raises why)."""
-
-    def __init__(self, pool_name: str) -> None:
-        self.pool_name = pool_name
-
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        failed = _START_FAILED.get(self.pool_name)
-        return failed is not None and failed.is_set()
-
-
-class ProgressLine(tune.Callback):
-    """One log line per finished trial."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.results: dict[str, dict[str, Any]] = {}  # by our trial id: what an interrupted sweep still reports
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
-        self.done += 1
-        if result.get("trial"):  # our trial id (Tune's own "trial_id" names the unit)
-            self.results[result["trial"]] = dict(result)
-        if result.get("status") != "ok":
-            log.info("[%d/%d] %s FAILED: %s", self.done, self.total, result.get("trial"), result.get("error"))
-            return
-        extra = f", ppl {result['perplexity']:.4g}, KL {result['kl_mean']:.3g}" if result.get("perplexity") else ""
-        log.info("[%d/%d] %s on %s: %d/%d quantized, %.3f bits (met %s), scores %s%s, %.1fs (%.0fs elapsed)",
-                 self.done, self.total, result["trial"], result["worker"], result["num_quantized_layers"],
-                 result["num_layers"], result["effective_bits_achieved"], result["budget_met"],
-                 "reused" if result.get("from_previous_run") else ("computed" if result["scored"] else "reused"),
-                 extra, result["time_trial"], time.perf_counter() - self.start)
-
-
-def _connect(spec: SweepSpec) -> bool:
-    """Join ``spec.address`` (or RAY_ADDRESS), else start a local Ray. Returns True if we started it."""
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
-    address = cluster_address(spec.address)
-    if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
-        return False
-    ray.init(namespace=NAMESPACE, runtime_env=env)
-    return True
+KEEP_NEEDS_CLUSTER = ("keeping workers needs a running Ray cluster (a local Ray started by the sweep stops with it): "
+                      "pass --address or set RAY_ADDRESS, or drop --keep-workers")
+# The sweep's start, in the order it happens (seconds from run_sweep's start; docs/benchmarks.md).
+PHASES = ("preflight", "connected", "fitted", "launched", "units", "first_unit_request", "workers_ready",
+          "first_lease", "first_result", "trials_done")
 
 
 def _preflight(spec: SweepSpec, resume: bool) -> tuple[list[Trial], int]:
     """Every input check that needs no Ray and no model; returns the grid and the number of calibration captions.
     Refuses a grid with no runnable trial."""
     from auto_quantize_model.datasets.captions import read_captions
-    from auto_quantize_model.models.loading import read_checkpoint_config
-    from auto_quantize_model.preflight import check_checkpoint_files, check_job_paths, probe_writable
+    from auto_quantize_model.preflight import (
+        check_checkpoint_files,
+        check_job_paths,
+        probe_writable,
+        read_checkpoint_config,
+    )
 
     if spec.worker.keep and not (cluster_address(spec.address) or ray.is_initialized()):
-        raise UserError("keeping workers needs a running Ray cluster (a local Ray started by the sweep stops with "
-                        "it): pass --address or set RAY_ADDRESS, or drop --keep-workers")
+        raise UserError(KEEP_NEEDS_CLUSTER)
     check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)
     read_checkpoint_config(spec.model_dir)
     check_checkpoint_files(spec.model_dir)
@@ -135,91 +95,86 @@ def _preflight(spec: SweepSpec, resume: bool) -> tuple[list[Trial], int]:
     return trials, num_captions
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the sweep; returns the result rows, pool statistics and paths.
+def _target(spec: SweepSpec) -> Target | None:
+    """The Ray this sweep runs on, checked with a deadline (``sweep/connect.py``); None: Ray is initialized."""
+    if ray.is_initialized():
+        return None
+    return resolve_target(spec.address, needs_cluster=KEEP_NEEDS_CLUSTER if spec.worker.keep else None)
 
-    ``--resume`` never reads Tune's pickled experiment state: it starts a fresh Tuner over the whole grid,
-    and each trial that finds its own ``result.json`` (JSON, same settings) reports it without running.
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the result rows, pool statistics, paths and the start's phases.
+
+    ``--resume`` never reads Tune's pickled experiment state: it starts a fresh run over the whole grid, and each
+    trial that finds its own ``result.json`` (JSON, same settings) reports it without running.
     SIGINT/SIGTERM stop the sweep: the result has ``interrupted`` set (the signal's name) and unfinished rows
     have status ``interrupted``.
     """
+    clock = {"start": time.time()}
     trials, num_captions = _preflight(spec, resume)
-    sweep_dir = spec.sweep_dir
-    with sweep_lock(sweep_dir):
-        return _run_locked(spec, trials, num_captions, resume)
+    target = _target(spec)
+    clock["preflight"] = time.time()
+    with sweep_lock(spec.sweep_dir):
+        return _run_locked(spec, trials, num_captions, resume, target, clock)
 
 
-def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume: bool) -> dict[str, Any]:
+def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume: bool, target: Target | None,
+                clock: dict[str, float]) -> dict[str, Any]:
     sweep_dir = spec.sweep_dir
     ours = sweep_dir / "autoquant"
     context = {"trials": str(ours / "trials"), "tables": str(ours / "tables"), "cache": str(Path(spec.cache_dir).resolve() if spec.cache_dir else ours / "cache"),
                "namespace": NAMESPACE, "sweep": spec.name}
-    # A trial that did not resolve fails alone, here: its row is written now and it never reaches Tune.
+    # A trial that did not resolve fails alone, here: its row is written now and it never reaches a scheduler.
     for t in trials:
         if t.error is not None:
             write_trial_error(context["tables"], spec.name, t, t.error)
-    progress = ProgressLine(sum(t.error is None for t in trials))
-    started = _connect(spec)
-    t0 = time.perf_counter()
+    progress = Progress(sum(t.error is None for t in trials))
+    # No job-wide runtime_env: with one, Ray cannot hand the pool (and Tune's trials) a prestarted worker process,
+    # and a repeat sweep on kept workers waits 1-2 s for a new one. The model workers set their own environment.
+    started = connect(target, NAMESPACE) if target else False
+    clock["connected"] = t0 = time.time()
     interrupted = None
     stats: dict[str, Any] = {}
-    grid = None
+    unit_errors: dict[str, str] = {}
+    keyed: list[list[Trial]] = []  # the trials with the workers' real keys, once published
+    scheduler = None
     n = 0
     try:
         with stop_on_signals() as stop:
             try:
                 spec, n = fit_to_cluster(spec)
+                clock["fitted"] = time.time()
                 launch = launch_workers(spec, n)
+                clock["launched"] = time.time()
                 start: BackgroundStart | None = None
                 start_error: Exception | None = None
                 try:
                     context["pool"] = launch.pool_name
-                    # Tune trials group the sweep's trials by keys from a stand-in identity, so Tune can start while
-                    # the workers load; the real keys (autoquant/identity.py: the model and data the workers loaded)
-                    # are published to the pool when the first worker is ready, before it takes any lease.
-                    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec, num_captions))
-                                         if t.error is None], n)
-                    atomic_write_json(sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
-                                                                      "num_trials": len(trials),
-                                                                      "num_tune_trials": len(units)})
-                    log.info("%d trials in %d Tune trials (one per lease key, split to feed %d workers)",
-                             len(trials), len(units), n)
-                    keyed: list[list[Trial]] = []
-
-                    def publish(identity: dict[str, Any]) -> None:
-                        keyed.append(assign_scoring_keys(trials, identity))
-                        ray.get(launch.pool.publish.remote(keyed_units(units, keyed[0])))
-
-                    start = BackgroundStart(launch, publish)
-                    _START_FAILED[launch.pool_name] = start.failed
-                    trainable = tune.with_resources(tune.with_parameters(run_unit, context=context), TRIAL_RESOURCES)
-                    run_config = tune.RunConfig(name=spec.name, storage_path=str(sweep_dir.parent), verbose=0,
-                                                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                                callbacks=[progress], stop=_StopOnStartFailure(launch.pool_name))
+                    units = _units(spec, trials, num_captions, n)
+                    clock["units"] = time.time()
+                    start = BackgroundStart(launch, lambda identity: _publish(launch, units, trials, identity, keyed))
+                    scheduler = _scheduler(spec, launch)
                     if resume:
                         log.info("resuming %s: finished trials report their result.json; the rest run", sweep_dir)
-                    param_space = {"unit": tune.grid_search([{"unit_id": u["unit_id"],
-                                                              "trial_ids": [t["trial_id"] for t in u["trials"]]}
-                                                             for u in units])}
-                    tuner = tune.Tuner(
-                        trainable, param_space=param_space, run_config=run_config,
-                        # Trials are thin lease-and-wait functions: reusing their actors saves a process start each.
-                        tune_config=tune.TuneConfig(max_concurrent_trials=n, reuse_actors=True,
-                                                    trial_dirname_creator=lambda t: t.config["unit"]["unit_id"],
-                                                    trial_name_creator=lambda t: t.config["unit"]["unit_id"]),
-                    )
-                    stop.in_fit = True
-                    grid = tuner.fit()
-                    stop.in_fit = False
+                    if scheduler == "direct":
+                        from auto_quantize_model.sweep.direct import run_direct
+
+                        unit_errors = run_direct(units, context, n=n, max_failures=spec.max_failures,
+                                                 progress=progress, start_failed=start.failed)
+                    else:
+                        from auto_quantize_model.sweep.tune_run import run_with_tune
+
+                        unit_errors = run_with_tune(units, context, name=spec.name, storage=str(sweep_dir.parent),
+                                                    n=n, max_failures=spec.max_failures, progress=progress,
+                                                    start_failed=start.failed, stop=stop)
+                    clock["trials_done"] = time.time()
                     # Read once: a worker dying after this point (the sweep is done) must not fail the sweep.
                     start_error = start.error
                     if start_error is not None:
                         raise start_error
-                    trials = keyed[0] if keyed else trials
                     interrupted = stop.signal_name
                     stats = ray.get(launch.pool.stats.remote())
                 finally:
-                    _START_FAILED.pop(launch.pool_name, None)
                     launch.stop(spec.worker.keep, failed=start is None or start_error is not None)
                     if start is not None:
                         start.join(timeout=10)
@@ -228,16 +183,56 @@ def _run_locked(spec: SweepSpec, trials: list[Trial], num_captions: int, resume:
     finally:
         if started:
             ray.shutdown()
-    wall = time.perf_counter() - t0
+    trials = keyed[0] if keyed else trials  # rows compare each trial with its result.json, keys included
+    wall = time.time() - t0
     if interrupted:
         rows = _rows_after_interrupt(trials, progress.results, context["trials"])
     else:
-        rows = _rows(grid, trials, progress.results)
+        rows = _rows(trials, progress.results, unit_errors)
         _record_trial_errors(rows, trials, spec, context["tables"])
     summary = render_summary(spec, rows, stats, wall, n, interrupted=interrupted)
     atomic_write_text(sweep_dir / "summary.md", summary)
+    phases = _phases(clock, stats, progress)
+    log.info("sweep start (%s scheduler): %s", scheduler, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
     return {"rows": rows, "stats": stats, "wall_seconds": wall, "num_workers": n, "sweep_dir": str(sweep_dir),
-            "tables": context["tables"], "summary": summary, "interrupted": interrupted}
+            "tables": context["tables"], "summary": summary, "interrupted": interrupted, "scheduler": scheduler,
+            "phases": phases}
+
+
+def _units(spec: SweepSpec, trials: list[Trial], num_captions: int, n: int) -> list[dict[str, Any]]:
+    """The scheduler's units, grouped by keys from a stand-in identity so that they can start while the workers
+    load; the real keys (autoquant/identity.py: the model and data the workers loaded) are published to the pool
+    when the first worker is ready, before it takes any lease (:func:`_publish`)."""
+    units = group_units([t for t in assign_scoring_keys(trials, provisional_identity(spec, num_captions))
+                         if t.error is None], n)
+    atomic_write_json(spec.sweep_dir / "sweep_spec.json", {**spec.to_dict(), "num_workers_used": n,
+                                                           "num_trials": len(trials), "num_tune_trials": len(units)})
+    log.info("%d trials in %d units (one per lease key, split to feed %d workers)", len(trials), len(units), n)
+    return units
+
+
+def _publish(launch: WorkerLaunch, units: list[dict[str, Any]], trials: list[Trial], identity: dict[str, Any],
+             keyed: list[list[Trial]]) -> None:
+    keyed.append(assign_scoring_keys(trials, identity))
+    ray.get(launch.pool.publish.remote(keyed_units(units, keyed[0])))
+
+
+def _scheduler(spec: SweepSpec, launch: WorkerLaunch) -> str:
+    """``direct`` when asked, or (``auto``) when every worker was attached loaded from an earlier sweep: Tune's
+    start would then be the longest wait before the first trial. Otherwise Tune, which starts while workers load."""
+    if spec.scheduler != "auto":
+        return spec.scheduler
+    return "direct" if all(launch.kept) else "tune"
+
+
+def _phases(clock: dict[str, float], stats: dict[str, Any], progress: Progress) -> dict[str, float]:
+    """Seconds from run_sweep's start to each step of the sweep's start that happened (``PHASES``)."""
+    marks = dict(clock)
+    marks["first_unit_request"] = stats.get("first_unit_request_at")
+    marks["workers_ready"] = max((stats.get("registered_at") or {}).values(), default=None)
+    marks["first_lease"] = stats.get("first_lease_at")
+    marks["first_result"] = progress.first_result_at
+    return {k: round(marks[k] - clock["start"], 3) for k in PHASES if marks.get(k) is not None}
 
 
 def _unresolved_row(t: Trial) -> dict[str, Any]:
@@ -262,26 +257,22 @@ def _record_trial_errors(rows: list[dict[str, Any]], trials: list[Trial], spec: 
     """A trial that failed in Tune (its worker died past max_failures) still gets its row in the tables."""
     by_id = {t.trial_id: t for t in trials}
     for r in rows:
-        if r.get("status") == "error" and r.get("tune_error"):
+        if r.get("status") == "error" and r.get("unit_error"):
             write_trial_error(tables, spec.name, by_id[r["trial_id"]], str(r.get("error")))
 
 
-def _rows(grid: Any, trials: list[Trial], seen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(trials: list[Trial], seen: dict[str, dict[str, Any]], unit_errors: dict[str, str]) -> list[dict[str, Any]]:
     """One row per trial: its own error if it did not resolve, else what it reported (``seen``, by our trial id),
-    else its unit's Tune error, else missing."""
-    unit_error = {}
-    for res in grid:
-        if res.error is not None:
-            msg = str(res.error).strip().splitlines()[-1][:300]
-            for trial_id in (res.config or {}).get("unit", {}).get("trial_ids", []):
-                unit_error[trial_id] = {"status": "error", "error": msg, "tune_error": True}
+    else its unit's error (failed past ``max_failures``), else missing."""
     rows = []
     for t in trials:
         if t.error is not None:
             rows.append(_unresolved_row(t))
             continue
         got = {k: v for k, v in seen.get(t.trial_id, {}).items() if k != "trial_id"}
-        rows.append({**t.to_dict(), **(got if got.get("status") else unit_error.get(t.trial_id, {"status": "missing"}))})
+        failed = {"status": "error", "error": unit_errors[t.trial_id], "unit_error": True} \
+            if t.trial_id in unit_errors else {"status": "missing"}
+        rows.append({**t.to_dict(), **(got if got.get("status") else failed)})
     return rows
 
 

@@ -27,15 +27,17 @@ class _NoTuneResumeHint(logging.Filter):
         return "Tuner.restore" not in record.getMessage() and "Resume experiment with" not in record.getMessage()
 
 
-class _Stop:
+class Stop:
+    """What the handler saw: the signal's name once one came."""
+
     signal_name: str | None = None
     in_fit = False  # set by the driver around Tuner.fit(), where Tune's SIGUSR1 handler is installed
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[_Stop]:
+def stop_on_signals() -> Iterator[Stop]:
     """Within the block, SIGINT and SIGTERM raise SweepInterrupted once (a second signal does the default)."""
-    stop = _Stop()
+    stop = Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signal handlers can only be installed from the main thread
         return

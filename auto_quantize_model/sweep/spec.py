@@ -86,6 +86,11 @@ class SweepSpec:
                                    help="prefill tokens per sequence for --measure (default 512)")
     address: str | None = setting(None, kind="str?", flag="--address",
                                   help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    # Tune starts while workers load; once every worker is loaded and attached (a repeat sweep on kept workers) its
+    # start is the longest wait before the first trial, and the driver's own threads schedule instead.
+    scheduler: str = setting("auto", kind="str", flag="--scheduler", choices=("auto", "tune", "direct"),
+                             help="who runs the trials on the workers: tune, direct (the driver's threads) or auto "
+                                  "(direct when every worker is a kept one, already loaded; default)")
     # ModelOpt search checkpoints (one per scoring key). Default: <sweep>/autoquant/cache. Sweeps that point at
     # one cache reuse each other's calibration and scores (keyed by weights, data and formats, so never wrongly).
     cache_dir: str | None = setting(None, kind="str?", flag="--cache-dir",

@@ -186,8 +186,10 @@ def _launch(spec: SweepSpec, n: int, tag: str, launch: WorkerLaunch) -> None:
     # Fixed thread teams: with dynamic teams the OpenMP/MKL runtime may run a parallel region on fewer threads when
     # the host is busy (Tune starts beside a loading worker), which changes CPU reduction order and thus logits, and
     # the pristine-copy check compares logits bit for bit.
+    # TOKENIZERS_PARALLELISM: the worker tokenizes its data once and forks nothing; without it the tokenizers library
+    # warns about forking after parallel use.
     threads_env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OMP_DYNAMIC": "FALSE",
-                                "MKL_DYNAMIC": "FALSE"}}
+                                "MKL_DYNAMIC": "FALSE", "TOKENIZERS_PARALLELISM": "false"}}
     keep = spec.worker.keep
     signature = WorkerSpec.from_sweep_dict(spec.to_dict()).load_signature()
     if keep:
@@ -303,11 +305,13 @@ def start_workers(spec: SweepSpec, n: int) -> tuple[Any, list[Any], str, dict[st
 def release_kept_workers(address: str | None, force: bool = False) -> tuple[list[str], list[str]]:
     """Kill the kept model workers on the cluster at ``address`` (or RAY_ADDRESS) that no sweep is using (with
     ``force``, all of them). Returns the names released and the names left serving a running sweep."""
-    address = cluster_address(address)
-    if not (address or ray.is_initialized()):
-        raise UserError("release-workers needs the running cluster: pass --address or set RAY_ADDRESS")
+    from auto_quantize_model.sweep.connect import connect, resolve_target
+
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        # Checked with a deadline: a dead or wrong address is one line, not Ray's endless retries.
+        target = resolve_target(address, needs_cluster="release-workers needs the running cluster: pass --address "
+                                                       "or set RAY_ADDRESS")
+        connect(target, NAMESPACE, log_to_driver=False)
     released, busy = [], []
     for name in _kept_worker_names():
         try:

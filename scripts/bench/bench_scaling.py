@@ -11,6 +11,14 @@ which is 1.0 when W workers finish W times the work in the same time. (The issue
 gives trials of unequal cost.) Each sweep runs in a fresh process (``bench_sweep.py sweep``: local Ray, Tune) and
 is timed end to end from process start and after Ray start.
 
+A plan step ``kWxP`` is the kept-worker path instead: a `ray start --head` offering W GPUs, the same W x P trials
+swept twice with kept workers on every GPU (``bench_sweep.py kept``); its figure is the repeat sweep, and the goal
+compares it with the 1-GPU repeat of P trials (``kept_ratio`` = T(kWxP) / T(k1xP), goal <= 1.2).
+
+Before any timing (``--setup``, default on): on a GPU machine ``gpu_setup.py`` builds ModelOpt's FP8 extension and
+warms FP8's kernels and format facts (and writes the checkpoint if missing); on a CPU machine the format facts only.
+``--fake-gpus N`` (CPU smoke runs): each sweep gets a local Ray with N fake GPUs, each kept step a head with W.
+
     python scripts/bench/bench_scaling.py --model-dir DIR --captions-path C --plan 4x8,1x8,1x2,4x2 --json-out F
 """
 
@@ -38,28 +46,73 @@ def write_schemes(path: Path, count: int) -> list[str]:
     return names
 
 
-def run_one(args: argparse.Namespace, workers: int, per_gpu: int, label: str) -> dict:
-    """One sweep of ``workers * per_gpu`` trials on ``workers`` workers, as a fresh process."""
-    schemes_file = Path(args.work) / "scaling_schemes.toml"
+def setup(args: argparse.Namespace) -> dict:
+    """ModelOpt's FP8 extension built, FP8's kernels and format facts warm, before any timing."""
+    import torch
+
+    start = time.perf_counter()
+    if torch.cuda.is_available():
+        subprocess.run([sys.executable, str(HERE / "gpu_setup.py"), "--model-dir", args.model_dir, "--formats",
+                        "FP8_DEFAULT_CFG"], check=True)
+    else:
+        subprocess.run([sys.executable, "-c", "from auto_quantize_model.format_facts import format_facts; "
+                        "format_facts('FP8_DEFAULT_CFG')"], check=True)
+    return {"setup_s": time.perf_counter() - start, "cuda": torch.cuda.is_available()}
+
+
+def _trial_args(args: argparse.Namespace, workers: int, per_gpu: int) -> list[str]:
+    schemes_file = Path(args.work) / f"scaling_schemes_{workers * per_gpu}.toml"
     names = write_schemes(schemes_file, workers * per_gpu)
-    cmd = [sys.executable, str(HERE / "bench_sweep.py"), "sweep", "--model-dir", args.model_dir,
-           "--captions-path", args.captions_path, "--schemes", ",".join(names), "--schemes-file", str(schemes_file),
-           "--bits", "12", "--steps", str(args.steps), "--samples", str(args.samples), "--num-workers", str(workers),
-           "--name", label, "--work", str(Path(args.work) / label)]
+    return ["--model-dir", args.model_dir, "--captions-path", args.captions_path, "--schemes", ",".join(names),
+            "--schemes-file", str(schemes_file), "--bits", "12", "--steps", str(args.steps), "--samples",
+            str(args.samples)]
+
+
+def _run(cmd: list[str]) -> tuple[dict | None, str, float]:
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode or line is None:
-        return {"label": label, "workers": workers, "per_gpu": per_gpu, "error": (done.stderr or done.stdout)[-3000:]}
-    res = json.loads(line[len("RESULT "):])
+        return None, (done.stderr or done.stdout)[-3000:], wall
+    return json.loads(line[len("RESULT "):]), "", wall
+
+
+def run_kept(args: argparse.Namespace, workers: int, per_gpu: int, label: str) -> dict:
+    """The same ``workers * per_gpu`` trials swept twice with kept workers on a head offering ``workers`` GPUs."""
+    cmd = [sys.executable, str(HERE / "bench_sweep.py"), "kept", *_trial_args(args, workers, per_gpu),
+           "--num-workers", "0", "--head-gpus", str(workers), "--work", str(Path(args.work) / label)]
+    res, error, wall = _run(cmd)
+    base = {"label": label, "kept": True, "workers": workers, "per_gpu": per_gpu}
+    if res is None or "error" in res.get("kept-second", {"error": 1}):
+        return {**base, "error": error or str((res or {}).get("kept-second") or (res or {}).get("kept-first"))[-3000:]}
+    first, second = res["kept-first"], res["kept-second"]
+    return {**base, "trials": second["trials"], "ok": second["ok"], "calls_wall_s": wall,
+            "first_process_wall_s": first["process_wall_s"], "process_wall_s": second["process_wall_s"],
+            "after_ray_start_s": second["after_ray_start_s"], "scheduler": second.get("scheduler"),
+            "phases": second.get("phases"), "before_run_sweep_s": second.get("before_run_sweep_s"),
+            "scoring_passes": len(second["scoring_passes"]), "gpu_peak_gib_per_worker":
+            second.get("gpu_peak_gib_per_worker"), "ray_start_s": res.get("ray_start_s"), "device": res["device"]}
+
+
+def run_one(args: argparse.Namespace, workers: int, per_gpu: int, label: str) -> dict:
+    """One sweep of ``workers * per_gpu`` trials on ``workers`` workers, as a fresh process."""
+    cmd = [sys.executable, str(HERE / "bench_sweep.py"), "sweep", *_trial_args(args, workers, per_gpu),
+           "--num-workers", str(workers), "--name", label, "--work", str(Path(args.work) / label)]
+    if args.fake_gpus:
+        cmd += ["--fake-gpus", str(workers)]
+    res, error, wall = _run(cmd)
+    if res is None:
+        return {"label": label, "workers": workers, "per_gpu": per_gpu, "error": error}
     return {"label": label, "workers": workers, "per_gpu": per_gpu, "trials": res["trials"], "ok": res["ok"],
             "process_wall_s": wall, "after_ray_start_s": res["after_ray_start_s"],
             "scoring_passes": len(res["scoring_passes"]), "worker_load_s": res["worker_load_s"],
             "sum_over_trials_s": res["sum_over_trials_s"], "gpu_peak_gib": res["gpu_peak_gib"],
             "fresh_copy_s": res.get("fresh_copy_s"), "device": res["device"],
             "worker_load_phases": res.get("worker_load_phases"),
-            "first_tune_request_s": res.get("first_tune_request_s"), "workers_ready_s": res.get("workers_ready_s")}
+            "first_tune_request_s": res.get("first_tune_request_s"), "workers_ready_s": res.get("workers_ready_s"),
+            "phases": res.get("phases"), "before_run_sweep_s": res.get("before_run_sweep_s"),
+            "gpu_peak_gib_per_worker": res.get("gpu_peak_gib_per_worker")}
 
 
 def evict_page_cache(model_dir: str) -> int:
@@ -80,16 +133,21 @@ def evict_page_cache(model_dir: str) -> int:
 
 
 def efficiencies(runs: list[dict]) -> list[dict]:
-    """Weak-scaling efficiency of every W-worker run against the 1-worker run with the same trials per GPU."""
-    base = {(r.get("tag"), r["per_gpu"]): r for r in runs if r.get("workers") == 1 and "error" not in r}
+    """Weak-scaling efficiency of every W-worker run against the 1-worker run with the same trials per GPU (and the
+    same path: kept-worker repeats against kept-worker repeats)."""
+    key = lambda r: (r.get("tag"), r["per_gpu"], bool(r.get("kept")))  # noqa: E731
+    base = {key(r): r for r in runs if r.get("workers") == 1 and "error" not in r}
     out = []
     for r in runs:
-        b = base.get((r.get("tag"), r["per_gpu"]))
+        b = base.get(key(r))
         if r["workers"] == 1 or b is None or "error" in r:
             continue
-        out.append({"workers": r["workers"], "per_gpu": r["per_gpu"], "tag": r.get("tag"),
-                    "efficiency_end_to_end": b["process_wall_s"] / r["process_wall_s"],
-                    "efficiency_after_ray_start": b["after_ray_start_s"] / r["after_ray_start_s"]})
+        row = {"workers": r["workers"], "per_gpu": r["per_gpu"], "tag": r.get("tag"), "kept": bool(r.get("kept")),
+               "efficiency_end_to_end": b["process_wall_s"] / r["process_wall_s"],
+               "efficiency_after_ray_start": b["after_ray_start_s"] / r["after_ray_start_s"]}
+        if r.get("kept"):
+            row["kept_ratio"] = r["process_wall_s"] / b["process_wall_s"]  # goal <= 1.2
+        out.append(row)
     return out
 
 
@@ -97,7 +155,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--captions-path", required=True)
-    p.add_argument("--plan", default="4x8,1x8", help="comma list of WORKERSxTRIALS_PER_GPU, run in this order")
+    p.add_argument("--plan", default="4x8,1x8",
+                   help="comma list of WORKERSxTRIALS_PER_GPU (kWxP: kept-worker repeat), run in this order")
     p.add_argument("--steps", type=int, default=16, help="calibration and scoring steps (batch 4 x 256 tokens)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--budget-s", type=float, default=0, help="skip runs that start after this many seconds")
@@ -105,26 +164,34 @@ def main() -> None:
     p.add_argument("--evict-page-cache", action="store_true",
                    help="before each run, drop the checkpoint's files from the page cache (a cold read)")
     p.add_argument("--work", default="/tmp/bench_scaling")
+    p.add_argument("--no-setup", dest="setup", action="store_false", help="skip the extension build and warm-up")
+    p.add_argument("--fake-gpus", action="store_true", help="CPU smoke run: local Rays with fake GPUs")
     p.add_argument("--json-out", required=True)
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     out = Path(args.json_out)
-    runs = json.loads(out.read_text())["runs"] if out.exists() else []  # several calls add to one file
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    runs = previous.get("runs", [])  # several calls add to one file
+    setups = previous.get("setups", [])
+    if args.setup:
+        setups.append(setup(args))
+        print(json.dumps(setups[-1]), flush=True)
     t0 = time.perf_counter()
     for step in args.plan.split(","):
-        workers, per_gpu = (int(x) for x in step.split("x"))
+        is_kept = step.startswith("k")
+        workers, per_gpu = (int(x) for x in step.removeprefix("k").split("x"))
         if args.budget_s and time.perf_counter() - t0 > args.budget_s:
             print(f"skipped {step}: past --budget-s", flush=True)
             continue
-        label = f"{args.tag}-w{workers}-p{per_gpu}"
+        label = f"{args.tag}-{'kept-' if is_kept else ''}w{workers}-p{per_gpu}"
         evicted = evict_page_cache(args.model_dir) if args.evict_page_cache else 0
-        res = {**run_one(args, workers, per_gpu, label), "tag": args.tag, "evicted_bytes": evicted,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        res = {**(run_kept if is_kept else run_one)(args, workers, per_gpu, label), "tag": args.tag,
+               "evicted_bytes": evicted, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         runs.append(res)
         print(json.dumps(res), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"runs": runs, "efficiency": efficiencies(runs), "command": " ".join(sys.argv)},
-                                  indent=1) + "\n")
+        out.write_text(json.dumps({"runs": runs, "efficiency": efficiencies(runs), "setups": setups,
+                                   "command": " ".join(sys.argv)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

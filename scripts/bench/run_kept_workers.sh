@@ -1,53 +1,58 @@
 #!/usr/bin/env bash
 # On one GPU of a GPU machine, the 20-trial grid (bench_sweep.py defaults), each way a user could run it, one after
-# another as fresh processes; each step writes its JSON to $OUT (default /tmp/kept). Expects the random-weight 3B
-# at $MODEL (scripts/bench/gpu_setup.py writes it, builds ModelOpt's extensions and warms the format facts).
-#   kept    `ray start --head`, then the sweep submitted to it with --keep-workers and a shared --cache-dir, twice
-#   api     one Python process over the project's API (run_scheme per trial, one cache_dir)
-#   sweep   `autoquant sweep` on a local Ray it starts itself, 1 worker
-#   loop    `autoquant run` per trial with one shared --cache-dir (the first $LOOP_LIMIT trials of each scoring key
-#           are timed; the rest are projected from the measured re-solves)
+# another as fresh processes in one call; each step writes its JSON to $OUT (default /tmp/kept), and `report` prints
+# the table (walls, ratios, peak GPU memory per worker, the repeat sweep's start phase by phase). Expects the
+# random-weight 3B at $MODEL (scripts/bench/gpu_setup.py writes it, builds ModelOpt's extensions and warms the format
+# facts: run it first, in the same call or an earlier one on the same machine).
+#   session  one Python process over SearchSession (shared scoring passes): the strongest single-process baseline
+#   sweep    `autoquant sweep` on a local Ray it starts itself, 1 worker (the first sweep)
+#   sweep-direct  the same with --scheduler direct (the driver's threads instead of Tune; not in the default STEPS)
+#   api      one Python process over the project's API (run_scheme per trial, one cache_dir)
+#   kept     a `ray start --head` of its own (free ports; stopped through its process group, never `ray stop`), the
+#            sweep on it twice with --keep-workers and one --cache-dir (first, repeat), then release-workers
+#   loop     `autoquant run` per trial with one shared --cache-dir: the first trial of each scoring key and
+#            $LOOP_RESOLVES re-solves are timed, the rest projected from the re-solves' mean
+#   report   the table from the JSON files above
 #
-#   MODEL=/tmp/qwen3b OUT=/tmp/kept STEPS="kept api sweep" bash scripts/bench/run_kept_workers.sh
+#   MODEL=/tmp/qwen3b OUT=/tmp/kept bash scripts/bench/run_kept_workers.sh
+#   STEPS="kept report" ... runs a subset (report reads whatever $OUT holds).
 set -euo pipefail
 MODEL=${MODEL:-/tmp/qwen3b}
 OUT=${OUT:-/tmp/kept}
 CAPTIONS=${CAPTIONS:-$MODEL/bench_captions.txt}
 WORK=${WORK:-/tmp/kept-work}
-STEPS=${STEPS:-kept api sweep}
-LOOP_LIMIT=${LOOP_LIMIT:-2}
+STEPS=${STEPS:-session sweep api kept loop report}
+LOOP_RESOLVES=${LOOP_RESOLVES:-2}
 mkdir -p "$OUT" "$WORK"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
-bench() { python3 scripts/bench/bench_sweep.py "$@" --model-dir "$MODEL" --captions-path "$CAPTIONS"; }
-show() {  # one line per result file
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); keys=('wall_s','after_ray_start_s','scoring_passes','gpu_peak_gib','worker_load_phases','first_tune_request_s','workers_ready_s','projected_wall_s','timed_wall_s'); print(sys.argv[2], {k: d[k] for k in keys if k in d})" "$1" "$2"
-}
+PY=${PY:-python3}
+bench() { $PY scripts/bench/bench_sweep.py "$@" --model-dir "$MODEL" --captions-path "$CAPTIONS"; }
+start=$(date +%s)
+step_done() { echo "$1: done at $(( $(date +%s) - start )) s"; }
 for step in $STEPS; do
   case $step in
-    kept)
-      t=$(date +%s)
-      python3 -m ray.scripts.scripts start --head --num-gpus=1 --num-cpus=16 --disable-usage-stats > "$WORK/ray_start.log" 2>&1
-      echo "ray start: $(( $(date +%s) - t )) s" | tee "$OUT/ray_start.txt"
-      trap 'python3 -m ray.scripts.scripts stop > /dev/null 2>&1 || true' EXIT
-      for name in kept-first kept-second; do
-        bench sweep --address auto --keep-workers --cache-dir "$WORK/cache" --name "$name" --work "$WORK/$name" \
-          --json-out "$OUT/$name.json" > "$WORK/$name.log" 2>&1 || { tail -20 "$WORK/$name.log"; exit 1; }
-        show "$OUT/$name.json" "$name"
-      done
-      python3 -m auto_quantize_model.cli release-workers --address auto | tee "$OUT/release.txt"
-      python3 -m ray.scripts.scripts stop > /dev/null 2>&1 || true ;;
-    api)
-      bench api-loop --name api-loop --work "$WORK/api-loop" --json-out "$OUT/api-loop.json" > "$WORK/api-loop.log" 2>&1 \
-        || { tail -20 "$WORK/api-loop.log"; exit 1; }
-      show "$OUT/api-loop.json" api-loop ;;
+    session)
+      bench session --name session --work "$WORK/session" --json-out "$OUT/session.json" > "$WORK/session.log" 2>&1 \
+        || { tail -20 "$WORK/session.log"; exit 1; } ;;
     sweep)
       bench sweep --name local --work "$WORK/local" --json-out "$OUT/sweep-local.json" > "$WORK/local.log" 2>&1 \
-        || { tail -20 "$WORK/local.log"; exit 1; }
-      show "$OUT/sweep-local.json" sweep-local ;;
+        || { tail -20 "$WORK/local.log"; exit 1; } ;;
+    sweep-direct)
+      bench sweep --scheduler direct --name local-direct --work "$WORK/local-direct" \
+        --json-out "$OUT/sweep-direct.json" > "$WORK/local-direct.log" 2>&1 || { tail -20 "$WORK/local-direct.log"; exit 1; } ;;
+    api)
+      bench api-loop --name api-loop --work "$WORK/api-loop" --json-out "$OUT/api-loop.json" > "$WORK/api-loop.log" 2>&1 \
+        || { tail -20 "$WORK/api-loop.log"; exit 1; } ;;
+    kept)
+      bench kept --head-gpus 1 --work "$WORK/kept" --json-out "$OUT/kept.json" > "$WORK/kept.log" 2>&1 \
+        || { tail -30 "$WORK/kept.log"; exit 1; }
+      grep -E "^kept-(first|second):" "$WORK/kept.log" || true ;;
     loop)
-      bench loop --shared-cache --limit-per-key "$LOOP_LIMIT" --name loop --work "$WORK/loop" \
-        --json-out "$OUT/loop-shared.json" 2>&1 | tee "$WORK/loop.log" | grep '^loop ' || true
-      show "$OUT/loop-shared.json" loop-shared ;;
+      bench loop --shared-cache --resolves "$LOOP_RESOLVES" --name loop --work "$WORK/loop" \
+        --json-out "$OUT/loop-shared.json" 2>&1 | tee "$WORK/loop.log" | grep '^loop ' || true ;;
+    report)
+      $PY scripts/bench/bench_sweep.py report --work "$OUT" --json-out "$OUT/report.json" | grep -v '^RESULT' ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
+  step_done "$step"
 done
