@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("--formats",
                    default="NVFP4_DEFAULT_CFG,INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG",
                    help="formats whose kernels to warm (INT8's extension build takes ~55 s on a fresh H100)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="do not write the checkpoint (another process writes it meanwhile, as gpu_round.sh does)")
     args = p.parse_args()
     import modelopt.torch.quantization as mtq
     import torch
@@ -51,7 +53,7 @@ def main() -> None:
     for name in dict.fromkeys([*args.formats.split(","), *FACT_FORMATS]):
         format_facts(name)
     out["format_facts_s"] = time.perf_counter() - t
-    if not (Path(args.model_dir) / "config.json").exists():
+    if not args.no_checkpoint and not (Path(args.model_dir) / "config.json").exists():
         t = time.perf_counter()
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_full_size_checkpoint.py")), "--output-dir",
                         args.model_dir], check=True)
