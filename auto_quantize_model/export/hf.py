@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from auto_quantize_model.autoquant.layers import is_quantized_label
 from auto_quantize_model.autoquant.manifest import NO_QUANT
 from auto_quantize_model.autoquant.rebuild import RunArtifacts, check_same_checkpoint, find_run
 from auto_quantize_model.errors import UserError
@@ -119,8 +120,9 @@ def check_exportable(run: RunArtifacts) -> None:
             f"run {run.run_dir} uses {', '.join(bad)}, which export does not support; only per-tensor FP8 "
             f"({', '.join(sorted(EXPORTABLE_FORMATS))}) and BF16 layers are exported: re-run with one of those"
         )
-    conv = sorted(n for n, lay in run.manifest["layers"].items() if lay["dtype"] != "bf16" and lay.get("kind") ==
-                  "patch_embed")
+    # An unquantized layer is labelled by the run's dtype ("fp32" on a float32 CPU run), not always "bf16".
+    conv = sorted(n for n, lay in run.manifest["layers"].items() if is_quantized_label(lay["dtype"]) and
+                  lay.get("kind") == "patch_embed")
     if conv:
         raise UserError(f"run {run.run_dir} quantized {conv[0]}, a convolution the FP8 export writes in BF16 (so the "
                         "export would not be the evaluated model); re-run the scheme: searches now leave it out")
