@@ -244,9 +244,9 @@ def test_kv_cache_scales_are_calibrated_on_the_runs_data(formats, bf16_loaded, c
     with torch.no_grad():
         k_amax, v_amax = _cache_amax(fq.model, calib.batches)
     layers = len(k_amax)
-    for variant, k_name, v_name in (("modelopt_kv", "model.layers.{}.self_attn.k_proj.k_scale",
-                                     "model.layers.{}.self_attn.v_proj.v_scale"),
-                                    ("ct_kv", "model.layers.{}.self_attn.k_scale", "model.layers.{}.self_attn.v_scale")):
+    names = {"modelopt_kv": ("model.layers.{}.self_attn.k_proj.k_scale", "model.layers.{}.self_attn.v_proj.v_scale"),
+             "ct_kv": ("model.layers.{}.self_attn.k_scale", "model.layers.{}.self_attn.v_scale")}
+    for variant, (k_name, v_name) in names.items():
         d = dirs[variant]
         info = json.loads((d / "autoquant_export.json").read_text())["kv_cache"]
         assert info["calibrated"] and info["token_hash"] == run.manifest["calibration"]["token_hash"]
