@@ -268,7 +268,8 @@ def test_kv_cache_scales_are_calibrated_on_the_runs_data(formats, bf16_loaded, c
     assert json.loads((dirs["modelopt"] / "hf_quant_config.json").read_text())["quantization"][
         "kv_cache_quant_algo"] is None
     assert "SGLang 0.5.23 cannot load" in (dirs["modelopt_kv"] / "README_LOADING.md").read_text()
-    assert "do not\ninclude KV-cache quantization" in (dirs["ct_kv"] / "README_LOADING.md").read_text()
+    note = " ".join((dirs["ct_kv"] / "README_LOADING.md").read_text().split())
+    assert "calibrated on the run's own calibration data" in note and "do not include KV-cache quantization" in note
 
 
 def _copy_run(run, tmp_path, edit):
@@ -308,6 +309,7 @@ def test_kv_cache_refusals_and_fallback(formats, tiny_model_dir, tmp_path, capsy
     info = export_run(src, tiny_model_dir, tmp_path / "out_image", kv_cache="fp8", format=CT).info["kv_cache"]
     assert info["calibrated"] is False and "image_caption" in info["reason"]
     assert set(info["k_scale"]) == {1.0} and set(info["v_scale"]) == {1.0}
+    assert "of 1.0 (not calibrated" in (tmp_path / "out_image" / "README_LOADING.md").read_text()
 
 
 def test_export_cli_format_and_kv_flags(formats, tiny_model_dir, tmp_path, capsys):

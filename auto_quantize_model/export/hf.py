@@ -25,6 +25,7 @@ directory) is one line and leaves only the temporary directory's removal behind.
 from __future__ import annotations
 
 import gc
+import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
@@ -335,10 +336,12 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
             "copied_files": copied,
             "seconds": {"load_and_restore": t_load, "total": time.perf_counter() - t0},
             "device": str(dev),
-            "versions": versions(),
+            # compressed-tensors writes the second format; the other versions are every record's.
+            "versions": {**versions(), "compressed-tensors": importlib.metadata.version("compressed-tensors")},
             "git_revision": git_revision(),
         }
-        atomic_write_text(tmp / loading_notes.LOADING_FILE, loading_notes.loading_note(options.format, kv_on, str(out)))
+        note = loading_notes.loading_note(options.format, kv_on, str(out), kv is None or bool(kv.source["calibrated"]))
+        atomic_write_text(tmp / loading_notes.LOADING_FILE, note)
         atomic_write_json(tmp / EXPORT_INFO_FILE, info)
         files.umask_permissions(tmp)
     log.info("exported %s to %s (%s): %d/%d layers FP8 (%s fused scales), KV cache %s, LM %.3g GB, %.1fs", run.name,

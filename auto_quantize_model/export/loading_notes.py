@@ -31,15 +31,17 @@ _MODELOPT = """# Loading this checkpoint: ModelOpt FP8 format
 no loader for ModelOpt's format: it reads the FP8 weight codes without their `weight_scale` and `input_scale` and
 returns a wrong model without an error. Do not evaluate or fine-tune this directory through `from_pretrained`.
 
-Loaders that apply the scales (the model they serve is the evaluated one; README "Export" of auto_quantize_model):
+Loaders that apply the scales (vLLM and SGLang serve the evaluated model; see README "Export" of
+auto_quantize_model):
 - vLLM (>= 0.23.0 for an FP8 lm_head): `vllm serve {d} --quantization modelopt`
 - SGLang (>= 0.5.15 for an FP8 lm_head):
   `python -m sglang.launch_server --model-path {d} --quantization modelopt`{sglang}
 - TensorRT-LLM (lm_head must be BF16): `trtllm-serve {d}`
-- auto_quantize_model: `autoquant infer --exported {d}` (or `load_exported_lm`), real FP8 matmuls on GPUs with FP8
-  tensor cores, the exact fake-quant arithmetic on CPU
+- auto_quantize_model: `autoquant infer --exported {d}` (or `load_exported_lm`): real FP8 matmuls on
+  GPUs with FP8 tensor cores, the exact fake-quant arithmetic on CPU
 
-For a checkpoint `transformers` can read, export the run again with `--format compressed-tensors`.
+The other format, `--format compressed-tensors`, is the one transformers' compressed-tensors integration reads; its
+README_LOADING.md says how far transformers 5.14.1 gets with it.
 {kv}"""
 
 _CT = """# Loading this checkpoint: compressed-tensors format (float-quantized: static per-tensor FP8 W8A8)
@@ -58,10 +60,12 @@ Written with the `compressed-tensors` library as llm-compressor writes it; scale
 {kv}"""
 
 _KV = """
-FP8 KV cache: declared, with per-layer K/V scales calibrated on the run's own calibration data
-(`autoquant_export.json` `kv_cache`). The search scored the model with a BF16 KV cache: its KL and perplexity do not
-include KV-cache quantization.{extra}
+FP8 KV cache: declared, with per-layer K/V scales {how}
+(`autoquant_export.json` `kv_cache`). The search scored the model with a BF16 KV cache: its KL and perplexity do
+not include KV-cache quantization.{extra}
 """
+_CALIBRATED = "calibrated on the run's own calibration data"
+_UNCALIBRATED = "of 1.0 (not calibrated: the run's calibration data cannot be replayed; engines' default)"
 
 
 def loaders(export_format: str, kv_cache: bool) -> dict[str, str]:
@@ -80,14 +84,15 @@ def loaders(export_format: str, kv_cache: bool) -> dict[str, str]:
             "transformers": "WRONG: from_pretrained drops the FP8 scales without an error"}
 
 
-def loading_note(export_format: str, kv_cache: bool, export_dir: str = "DIR") -> str:
+def loading_note(export_format: str, kv_cache: bool, export_dir: str = "DIR", kv_calibrated: bool = True) -> str:
     """The ``README_LOADING.md`` text for an export of ``export_format``."""
+    how = _CALIBRATED if kv_calibrated else _UNCALIBRATED
     if export_format == COMPRESSED_TENSORS:
-        kv = _KV.format(extra="") if kv_cache else ""
+        kv = _KV.format(how=how, extra="") if kv_cache else ""
         return _CT.format(d=export_dir, kv=kv)
-    sglang = (" -- not for this export: SGLang 0.5.23 refuses ModelOpt's KV-cache scale names for Qwen2.5-VL"
+    sglang = ("\n  -- not for this export: SGLang 0.5.23 refuses ModelOpt's KV-cache scale names for Qwen2.5-VL"
               if kv_cache else "")
-    kv = _KV.format(extra=" SGLang 0.5.23 cannot load these scales; vLLM does.") if kv_cache else ""
+    kv = _KV.format(how=how, extra=" SGLang 0.5.23 cannot load these scales; vLLM does.") if kv_cache else ""
     return _MODELOPT.format(d=export_dir, sglang=sglang, kv=kv)
 
 
