@@ -53,7 +53,7 @@ def ray_cluster():
 # Fixtures that make a test ``slow``: the shared local Ray (Ray start plus a sweep is tens of seconds) and the
 # module fixtures that run several searches or exports. Other slow tests carry ``@pytest.mark.slow``.
 SLOW_FIXTURES = {"ray_cluster", "runs_root", "catalog_runs", "pair_runs", "exports", "run12", "comparison",
-                 "other", "other_calib", "vlm", "conformance_exports", "served_runs", "exported"}
+                 "other", "other_calib", "vlm", "conformance_exports", "served_runs", "exported", "formats"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,12 @@
 """Engine conformance: real exports of the tiny model checked against vLLM 0.34.0's and SGLang 0.5.23's
-ModelOpt loader rules (tests/engine_rules; each module names the engine files and functions it follows).
+ModelOpt loader rules and vLLM 0.34.0's compressed-tensors rules (tests/engine_rules; each module names the engine
+files and functions it follows).
 
-Three exports: LM-only FP8 with lm_head BF16 and tied, every layer FP8 with an FP8 (untied) lm_head, and a
-mixed run whose BF16 blocks are excluded by ModelOpt's wildcards. Each must load in both engines with the
-manifest's FP8 layers served FP8 and no other. Then tampered copies prove every rule fires.
+Three runs: LM-only FP8 with lm_head BF16 and tied, every layer FP8 with an FP8 (untied) lm_head, and a mixed run
+whose BF16 blocks are excluded (ModelOpt's wildcards; exact names in compressed-tensors), each exported in both
+formats; the all-layers run also with an FP8 KV cache in both formats, and an all-layers run with separate fused
+scales. Each must load with the manifest's FP8 layers served FP8 and no other, and (shared fused scales, the
+default) with no module requantized. Then tampered copies prove every rule fires.
 """
 
 from __future__ import annotations
@@ -13,7 +16,17 @@ import json
 import shutil
 
 import pytest
-from engine_rules import IGNORED, REFUSED, SILENT, ExportView, TensorMeta, sglang_modelopt, vllm_modelopt
+from engine_rules import (
+    IGNORED,
+    REFUSED,
+    SILENT,
+    ExportView,
+    TensorMeta,
+    check_all,
+    sglang_modelopt,
+    vllm_compressed_tensors,
+    vllm_modelopt,
+)
 
 from auto_quantize_model.autoquant.rebuild import find_run
 from auto_quantize_model.autoquant.run import run_scheme
@@ -21,23 +34,41 @@ from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.export.hf import export_run
 
 ENGINES = {"vllm": vllm_modelopt, "sglang": sglang_modelopt}
-RUNS = {  # label: (scheme, effective bits)
-    "lm_only": ("fp8_autoquant_full", 8.0),
-    "all_layers": ("fp8_autoquant_all_layers_fp8", 8.0),
-    "mixed": ("fp8_autoquant_full", 12.0),
+CT = "compressed-tensors"
+SCHEMES = {  # run: (scheme, effective bits, fused scales)
+    "lm_only": ("fp8_autoquant_full", 8.0, "shared"),
+    "all_layers": ("fp8_autoquant_all_layers_fp8", 8.0, "shared"),
+    "mixed": ("fp8_autoquant_full", 12.0, "shared"),
+    "separate": ("fp8_autoquant_all_layers_fp8", 8.0, "separate"),
 }
+EXPORTS = {  # label: (run, format, kv cache)
+    "lm_only": ("lm_only", "modelopt", "none"),
+    "all_layers": ("all_layers", "modelopt", "none"),
+    "mixed": ("mixed", "modelopt", "none"),
+    "lm_only_ct": ("lm_only", CT, "none"),
+    "all_layers_ct": ("all_layers", CT, "none"),
+    "mixed_ct": ("mixed", CT, "none"),
+    "all_layers_kv": ("all_layers", "modelopt", "fp8"),
+    "all_layers_ct_kv": ("all_layers", CT, "fp8"),
+    "separate": ("separate", "modelopt", "none"),
+    "separate_ct": ("separate", CT, "none"),
+}
+RUNS = ("lm_only", "all_layers", "mixed")  # the ModelOpt-format exports of the three cases, both engines' rules
+DEFAULT_SCALES = sorted(k for k, (run, _, _) in EXPORTS.items() if run != "separate")
 
 
 @pytest.fixture(scope="module")
 def conformance_exports(loaded, calib, tiny_model_dir, tmp_path_factory):
-    """label -> (manifest, export dir) for the three runs (random-weight tiny model, CPU)."""
+    """label -> (manifest, export dir) for every export (random-weight tiny model, CPU)."""
     root = tmp_path_factory.mktemp("conformance")
+    for run, (base, bits, fused) in SCHEMES.items():
+        scheme = dataclasses.replace(resolve_scheme(get_scheme(base)), name=f"conf_{run}", effective_bits=bits,
+                                     fused_scales=fused)
+        run_scheme(loaded, calib, scheme, root / run, cache_dir=root / "cache")
     out = {}
-    for label, (base, bits) in RUNS.items():
-        scheme = dataclasses.replace(resolve_scheme(get_scheme(base)), name=f"conf_{label}", effective_bits=bits)
-        run_scheme(loaded, calib, scheme, root / label, cache_dir=root / "cache")
-        export_run(root / label, tiny_model_dir, root / f"export_{label}")
-        out[label] = (find_run(root / label).manifest, root / f"export_{label}")
+    for label, (run, fmt, kv) in EXPORTS.items():
+        export_run(root / run, tiny_model_dir, root / f"export_{label}", format=fmt, kv_cache=kv)
+        out[label] = (find_run(root / run).manifest, root / f"export_{label}")
     return out
 
 
@@ -238,3 +269,111 @@ def test_requantized_when_shard_scales_differ(views):
     for engine in ENGINES.values():
         plan = engine.check(v)
         assert not next(m for n, m in plan.modules.items() if n.endswith("layers.0.mlp.gate_up_proj")).requantized
+
+
+# --- both formats, FP8 KV cache, fused scales (check_all picks the rule sets by quant_method) -------------------
+
+
+@pytest.mark.parametrize("label", sorted(set(EXPORTS) - {"all_layers_kv"}))
+def test_every_export_loads_with_the_manifests_layers(conformance_exports, views, label):
+    """check_all: both ModelOpt rule sets, or vLLM's compressed-tensors rules, by the export's quant_method."""
+    manifest, _ = conformance_exports[label]
+    plans = check_all(views[label])
+    assert [p.engine for p in plans] == (["vLLM 0.34.0 (compressed-tensors)"] if EXPORTS[label][1] == CT
+                                         else ["vLLM 0.34.0", "SGLang 0.5.23"])
+    for plan in plans:
+        assert plan.ok, plan.summary()
+        assert plan.served_fp8() == _fp8_layers(manifest)
+        assert plan.lm_head_tied is (manifest["layers"]["lm_head"]["dtype"] != "fp8")
+        assert not any(m.quantized for n, m in plan.modules.items() if "visual" in n)
+        assert plan.kv_cache_fp8 is (EXPORTS[label][2] == "fp8")
+
+
+def test_fp8_kv_cache_exports(views):
+    """An FP8 KV cache with calibrated scales: vLLM loads both formats' names (ModelOpt's
+    ``k_proj.k_scale`` remapped, compressed-tensors' ``self_attn.k_scale``); SGLang 0.5.23 refuses ModelOpt's names
+    for Qwen2.5-VL (the export warns and its README_LOADING.md says so)."""
+    for label in ("all_layers_kv", "all_layers_ct_kv"):
+        vllm = check_all(views[label])[0]
+        assert vllm.ok and vllm.kv_cache_fp8, vllm.summary()
+    sg = sglang_modelopt.check(views["all_layers_kv"])
+    assert sg.rules() == {"unexpected-tensor"} and all(f.subject.endswith(("k_proj.k_scale", "v_proj.v_scale"))
+                                                      for f in sg.findings)
+
+
+@pytest.mark.parametrize("label", DEFAULT_SCALES)
+def test_default_exports_are_served_as_stored(views, label):
+    """Shared fused scales (the default): no engine requantizes any module (one weight and input scale per fused
+    group already)."""
+    plans = check_all(views[label])
+    fused = [m for p in plans for m in p.modules.values() if m.quantized and len(m.sources) > 1]
+    assert fused and not any(m.requantized for m in fused)
+
+
+@pytest.mark.parametrize("label", ["separate", "separate_ct"])
+def test_separate_scales_exports_are_requantized(views, label):
+    for plan in check_all(views[label]):
+        assert plan.ok and any(m.requantized for m in plan.modules.values()), plan.engine
+
+
+def _ct(v: ExportView) -> dict:
+    return v.config["quantization_config"]
+
+
+def _ct_vision_glob(v):  # ModelOpt's spelling in a compressed-tensors config: vLLM matches no globs
+    _ct(v)["ignore"] = ["visual*" if e.startswith("re:") else e for e in _ct(v)["ignore"]]
+
+
+def _ct_head_target_dropped(v):  # "Linear" does not match vLLM's ParallelLMHead
+    group = next(iter(_ct(v)["config_groups"].values()))
+    group["targets"] = [t for t in group["targets"] if t != "re:.*lm_head$"]
+
+
+def _ct_one_shard_ignored(v):
+    _ct(v)["ignore"].append("model.language_model.layers.1.self_attn.k_proj")
+
+
+def _ct_drop_input_scale(v):
+    del v.tensors[_first_fp8(v, "o_proj.weight").replace(".weight", ".input_scale")]
+
+
+def _ct_dynamic_activations(v):
+    next(iter(_ct(v)["config_groups"].values()))["input_activations"]["dynamic"] = True
+
+
+def _ct_not_compressed_tensors(v):
+    _ct(v)["quant_method"] = "llmc"
+
+
+def _ct_layer_ignored(v):  # an FP8 layer spelled into ignore: served BF16 from FP8 codes
+    _ct(v)["ignore"].append("model.language_model.layers.2.mlp.down_proj")
+
+
+# (tamper, rule, effect). Run on the all-layers compressed-tensors export.
+CT_TAMPER = {
+    "vision_glob": (_ct_vision_glob, "bf16-into-fp8", SILENT),
+    "head_target_dropped": (_ct_head_target_dropped, "fp8-into-bf16", SILENT),
+    "one_shard_ignored": (_ct_one_shard_ignored, "fused-shard-mismatch", REFUSED),
+    "drop_input_scale": (_ct_drop_input_scale, "missing-scale", SILENT),
+    "dynamic_activations": (_ct_dynamic_activations, "unmodelled-scheme", REFUSED),
+    "not_compressed_tensors": (_ct_not_compressed_tensors, "quant-method", REFUSED),
+    "layer_ignored": (_ct_layer_ignored, "fp8-into-bf16", SILENT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CT_TAMPER))
+def test_tampered_compressed_tensors_export_is_caught(views, case):
+    tamper, rule, effect = CT_TAMPER[case]
+    v = views["all_layers_ct"].copy()
+    tamper(v)
+    plan = vllm_compressed_tensors.check(v)
+    assert any(f.rule == rule and f.effect == effect for f in plan.findings), plan.summary()
+
+
+def test_compressed_tensors_names_match_in_vllm_not_by_checkpoint_spelling(views):
+    """The export's ignore entries use transformers' runtime names, which vLLM's rename maps; its vision regex
+    matches vLLM's ``visual.`` names. The rules see the lm_head regex and class target as the export intends."""
+    v = views["mixed_ct"]
+    plan = vllm_compressed_tensors.check(v)
+    assert plan.ok
+    assert all(e.startswith(("re:", "language_model.")) or e == "lm_head" for e in plan.exclusions), plan.exclusions

@@ -207,3 +207,15 @@ def test_analysis_names_the_trial_to_ship_and_its_command_ships_it(sweep, tmp_pa
     assert "| trial_id | scheme |" in trials_md and "| exportable |" in trials_md
     assert all(t in trials_md for t in _ok(sweep["trials"])["trial_id"])
     assert "_quant_manifest.json |" in trials_md
+
+
+def test_ship_in_compressed_tensors_with_an_fp8_kv_cache(sweep, tmp_path, capsys):
+    """--format and --kv-cache reach the export; the serve lines name only the engines whose load is checked for
+    that format (vLLM's compressed-tensors rules; no --quantization flag: vLLM reads config.json)."""
+    out = tmp_path / "ct"
+    assert main(["ship", sweep["dir"], "--max-kl", "1", "--exportable-only", "--output-dir", str(out),
+                 "--format", "compressed-tensors", "--kv-cache", "fp8"]) == 0
+    text = capsys.readouterr().out
+    info = json.loads((out / "autoquant_export.json").read_text())
+    assert info["format"] == "compressed-tensors" and info["kv_cache"]["calibrated"] is True
+    assert f"serve (vLLM, not run here): vllm serve {out}\n" in text and "sglang" not in text

@@ -178,6 +178,20 @@ def test_whole_vlm_run_exports(pairs, tiny_model_dir, tmp_path, capsys):
     assert t["visual.patch_embed.proj.weight"].dtype == torch.bfloat16
     assert t["visual.blocks.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
     assert torch.equal(t["visual.blocks.0.mlp.up_proj.weight_scale"], t["visual.blocks.0.mlp.gate_proj.weight_scale"])
+    # The compressed-tensors format holds the same tensors, vision FP8 layers included (vLLM's rules load them);
+    # an FP8 KV cache cannot be calibrated on image-caption pairs through the language model: scale 1.0, said so.
+    from engine_rules import ExportView, check_all
+
+    assert main(["export", str(out), "--model-dir", str(tiny_model_dir), "--output-dir", str(tmp_path / "ct"),
+                 "--format", "compressed-tensors", "--kv-cache", "fp8"]) == 0
+    ct = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    assert all(torch.equal(ct[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)) for k, v in t.items())
+    kv = json.loads((tmp_path / "ct" / "autoquant_export.json").read_text())["kv_cache"]
+    assert kv["calibrated"] is False and "image_caption" in kv["reason"] and set(kv["k_scale"]) == {1.0}
+    (plan,) = check_all(ExportView.read(tmp_path / "ct"))
+    assert plan.ok and plan.kv_cache_fp8, plan.summary()
+    assert len(plan.served_fp8()) == sum(lay["dtype"] == "fp8" for lay in m["layers"].values())
+    assert any(n.startswith("visual.") for n in plan.served_fp8())
     capsys.readouterr()
     m["layers"]["model.visual.patch_embed.proj"].update(dtype="fp8", format="FP8_ALL_LAYERS_CFG")
     mf.write_text(json.dumps(m))

@@ -8,7 +8,6 @@ refuses other weights.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import shlex
@@ -21,12 +20,16 @@ import pandas as pd
 from auto_quantize_model.analysis.aggregate import trial_rows
 from auto_quantize_model.analysis.pick import Pick, ShipRule, pick
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.export.settings import ExportOptions
 
 log = logging.getLogger(__name__)
 
 # The engines' own flags for a ModelOpt-format checkpoint (README, "Export"); a checkpoint whose quant_method an
 # engine detects from config.json (compressed-tensors) needs none.
 ENGINE_FLAG = {"modelopt": "--quantization modelopt"}
+# Engines whose load of a format this project checks (tests/engine_rules): SGLang's only for ModelOpt's format, and
+# not with ModelOpt's FP8 KV-cache scale names (SGLang 0.5.23 refuses them for Qwen2.5-VL).
+CHECKED_ENGINES = {"modelopt": ("vLLM", "SGLang"), "compressed-tensors": ("vLLM",)}
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Shipped:
     pick: Pick
     output_dir: Path | None = None
     export_info: dict[str, Any] = field(default_factory=dict)
-    serve: list[str] = field(default_factory=list)
+    serve: list[tuple[str, str]] = field(default_factory=list)  # (engine, command line)
 
 
 def load_candidates(sources: list[str]) -> pd.DataFrame:
@@ -50,12 +53,16 @@ def load_candidates(sources: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def serve_commands(export_dir: str | Path, quant_method: str | None = "modelopt") -> list[str]:
-    """vLLM and SGLang command lines for an export (README's serving lines; not run here)."""
+def serve_commands(export_dir: str | Path, quant_method: str | None = "modelopt", kv_cache: bool = False) -> \
+        list[tuple[str, str]]:
+    """(engine, command line) for the engines whose load of this export is checked (README's serving lines; not
+    run here)."""
     d = shlex.quote(str(export_dir))
     flag = ENGINE_FLAG.get(quant_method or "", "")
     tail = f" {flag}" if flag else ""
-    return [f"vllm serve {d}{tail}", f"python -m sglang.launch_server --model-path {d}{tail}"]
+    lines = {"vLLM": f"vllm serve {d}{tail}", "SGLang": f"python -m sglang.launch_server --model-path {d}{tail}"}
+    engines = CHECKED_ENGINES.get(quant_method or "", ("vLLM", "SGLang"))
+    return [(e, lines[e]) for e in engines if not (kv_cache and e == "SGLang")]
 
 
 def ship_command(sources: list[str], rule: ShipRule, output_dir: str | Path) -> str:
@@ -91,22 +98,19 @@ def _check_output_dir(out: Path) -> None:
         raise UserError(f"export dir {out} exists and is not empty; pass a new --output-dir")
 
 
-def _export(run: str, model_dir: Path, out: Path, device: str, export_format: str | None) -> dict[str, Any]:
-    """``export_run`` with ``format=`` only when asked for and when this export has formats to choose from."""
+def _export(run: str, model_dir: Path, out: Path, device: str, options: ExportOptions) -> dict[str, Any]:
     from auto_quantize_model.export.hf import export_run
 
-    kwargs: dict[str, Any] = {"device": device}
-    if export_format is not None:
-        if "format" not in inspect.signature(export_run).parameters:
-            raise UserError("this version of export writes one format (ModelOpt's); drop --format")
-        kwargs["format"] = export_format
-    return dict(export_run(run, model_dir, out, **kwargs).info)
+    return dict(export_run(run, model_dir, out, device=device, format=options.format,
+                           kv_cache=options.kv_cache).info)
 
 
 def ship(sources: list[str], rule: ShipRule, output_dir: str | Path | None, *, model_dir: str | Path | None = None,
-         device: str = "cpu", export_format: str | None = None, dry_run: bool = False) -> Shipped:
-    """Pick ``rule``'s trial among ``sources`` and export it to ``output_dir`` (nothing is written on a dry run
-    or a refusal)."""
+         device: str = "cpu", export_format: str = "modelopt", kv_cache: str = "none",
+         dry_run: bool = False) -> Shipped:
+    """Pick ``rule``'s trial among ``sources`` and export it to ``output_dir`` in ``export_format`` (nothing is
+    written on a dry run or a refusal)."""
+    options = ExportOptions(format=export_format, kv_cache=kv_cache)
     out = Path(output_dir) if output_dir is not None else None
     if out is None and not dry_run:
         raise UserError("--output-dir is required (a new directory for the export), unless --dry-run")
@@ -117,5 +121,5 @@ def ship(sources: list[str], rule: ShipRule, output_dir: str | Path | None, *, m
         return Shipped(chosen)
     row = chosen.winner
     ckpt = _model_dir(row, model_dir)
-    info = _export(str(row["manifest_path"]), ckpt, out, device, export_format)
-    return Shipped(chosen, out, info, serve_commands(out, _quant_method(out)))
+    info = _export(str(row["manifest_path"]), ckpt, out, device, options)
+    return Shipped(chosen, out, info, serve_commands(out, _quant_method(out), options.kv_cache == "fp8"))

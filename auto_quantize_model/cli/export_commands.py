@@ -1,21 +1,29 @@
-"""``autoquant export`` (a run as a deployable Hugging Face checkpoint, ModelOpt unified format, equal to the
-evaluated model) and ``autoquant ship`` (pick a trial of a sweep by a rule, export it, print how to serve it)."""
+"""``autoquant export`` (a run as a deployable Hugging Face checkpoint, ModelOpt unified format or compressed-tensors,
+equal to the evaluated model) and ``autoquant ship`` (pick a trial of a sweep by a rule, export it, print how to serve
+it)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 
+from auto_quantize_model.export.settings import ExportOptions
+from auto_quantize_model.settings import add_arguments
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the whole VLM with the run's FP8/BF16 layer choice; print where it went."""
     from auto_quantize_model.export.hf import export_run
 
-    result = export_run(args.run_dir, args.model_dir, args.output_dir, device=args.device)
-    w = result.info["weights"]
-    print(f"export: {result.output_dir} ({result.info['layers']['fp8']}/{result.info['layers']['total']} layers FP8, "
-          f"{result.info['serving']['fused_scales']} fused scales, language model "
-          f"{w['language_model_bytes'] / 1e9:.3f} GB, lm_head {result.info['lm_head']})")
+    result = export_run(args.run_dir, args.model_dir, args.output_dir, device=args.device, format=args.format,
+                        kv_cache=args.kv_cache)
+    info = result.info
+    w = info["weights"]
+    kv = "FP8 KV cache (not scored by the search)" if info["kv_cache"].get("dtype") == "fp8_e4m3" else "BF16 KV cache"
+    print(f"export: {result.output_dir} ({info['format']} format, {info['layers']['fp8']}/{info['layers']['total']} "
+          f"layers FP8, {info['serving']['fused_scales']} fused scales, {kv}, language model "
+          f"{w['language_model_bytes'] / 1e9:.3f} GB, lm_head {info['lm_head']})")
+    print(f"which loaders read it: {result.output_dir / info['loaders']['file']}")
     return 0
 
 
@@ -28,7 +36,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
                     max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase, trial=args.trial,
                     exportable_only=args.exportable_only)
     done = ship(args.sources, rule, args.output_dir, model_dir=args.model_dir, device=args.device,
-                export_format=args.format, dry_run=args.dry_run)
+                export_format=args.format, kv_cache=args.kv_cache, dry_run=args.dry_run)
     print(f"ship: {done.pick.line()}")
     if done.output_dir is None:
         trial = str(done.pick.winner["trial_id"])
@@ -38,7 +46,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     layers = done.export_info.get("layers") or {}
     detail = f" ({layers['fp8']}/{layers['total']} LM layers FP8)" if {"fp8", "total"} <= set(layers) else ""
     print(f"export: {done.output_dir}{detail}")
-    for engine, line in zip(("vLLM", "SGLang"), done.serve):
+    for engine, line in done.serve:
         print(f"serve ({engine}, not run here): {line}")
     print(f"check it here: autoquant infer --exported {shlex.quote(str(done.output_dir))} --prompt \"Describe a photo.\"")
     return 0
@@ -46,11 +54,13 @@ def cmd_ship(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add this module's subcommands."""
-    p = sub.add_parser("export", help="write a run's scheme as a Hugging Face FP8 checkpoint (ModelOpt format)")
+    p = sub.add_parser("export", help="write a run's scheme as a Hugging Face FP8 checkpoint (ModelOpt or "
+                       "compressed-tensors format)")
     p.add_argument("run_dir", help="output dir of an `autoquant run` (or its manifest file)")
     p.add_argument("--model-dir", required=True, help="the checkpoint the run was made on")
     p.add_argument("--output-dir", required=True, help="new directory for the exported checkpoint")
     p.add_argument("--device", default="cpu", help="where to run the export: cpu (default), cuda, auto")
+    add_arguments(p, ExportOptions, defaults=True)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ship", help="pick a sweep's trial by a rule and export it (prints why, and how to serve it)",
@@ -76,6 +86,6 @@ def register(sub) -> None:
     p.add_argument("--output-dir", help="new directory for the exported checkpoint (required unless --dry-run)")
     p.add_argument("--model-dir", help="the checkpoint (default: the one the trial's manifest records)")
     p.add_argument("--device", default="cpu", help="where to run the export: cpu (default), cuda, auto")
-    p.add_argument("--format", default=None, help="export format, where export offers more than one")
+    add_arguments(p, ExportOptions, defaults=True)
     p.add_argument("--dry-run", action="store_true", help="print the pick and the command, write nothing")
     p.set_defaults(func=cmd_ship)

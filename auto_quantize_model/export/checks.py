@@ -5,7 +5,9 @@ generating text from NaN scales or silently ignoring tensors.
 Checked: every ``.safetensors`` file parses; every FP8 weight belongs to a Linear of the model the config
 describes and has a scalar float32 ``weight_scale`` and ``input_scale``, finite and positive; no tensor is named
 that the config's model does not have (a Linear's two scales are the only additions); and no weight of that model
-is missing (a tied lm_head may be stored once, as the embedding).
+is missing (a tied lm_head may be stored once, as the embedding). An FP8 KV cache's scales may be stored per
+attention layer, as ModelOpt names them (``<attn>.k_proj.k_scale``, ``<attn>.v_proj.v_scale``) or as
+compressed-tensors does (``<attn>.k_scale``, ``<attn>.v_scale``), scalar float32, finite and positive.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from auto_quantize_model.errors import UserError
 
 FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIXES = ("weight_scale", "input_scale")
+KV_SCALE_SUFFIXES = ("k_scale", "v_scale")
 _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16,
            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool, "U8": torch.uint8}
 
@@ -73,7 +76,7 @@ def read_scales(meta: dict[str, TensorMeta]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for k, m in meta.items():
-        if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES:
+        if k.rsplit(".", 1)[-1] in SCALE_SUFFIXES + KV_SCALE_SUFFIXES:
             by_file.setdefault(m.file, []).append(k)
     for f, keys in by_file.items():
         try:
@@ -109,6 +112,14 @@ def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     # The reversal keeps order per key; map by position of the sorted originals it processed.
     by_tensor = {id(t): k for k, t in reverted.items()}
     return {n: by_tensor[id(probe[f"{n}.weight"])].removesuffix(".weight") for n in names}
+
+
+def runtime_names(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Checkpoint prefixes of Linears of ``model`` -> their module names in ``model`` (the inverse of
+    :func:`checkpoint_names`)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    back = {v: k for k, v in checkpoint_names(model, linears).items()}
+    return [back[p] for p in prefixes]
 
 
 def expected_tensors(model: nn.Module) -> tuple[set[str], set[str], set[str]]:
@@ -150,6 +161,28 @@ def config_model(export_dir: str | Path) -> nn.Module:
         return cls._from_config(config, dtype=torch.bfloat16)
 
 
+def kv_scale_names(linears: set[str]) -> set[str]:
+    """Every name an FP8 KV cache's scales may have, for each attention layer with ``k_proj`` and ``v_proj``."""
+    attn = {p.rsplit(".", 1)[0] for p in linears if p.endswith(".k_proj") and f"{p[:-7]}.v_proj" in linears}
+    return {n for a in attn for n in (f"{a}.k_proj.k_scale", f"{a}.v_proj.v_scale", f"{a}.k_scale", f"{a}.v_scale")}
+
+
+def stored_kv_scales(meta: dict[str, TensorMeta]) -> list[str]:
+    """Names of the stored tensors that are KV-cache scales."""
+    return sorted(k for k in meta if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES)
+
+
+def _check_scale(d: Path, name: str, t: torch.Tensor | None, what: str) -> None:
+    if t is None:
+        raise UserError(f"{d}: {what} has no {name.rsplit('.', 1)[-1]}; the export is incomplete: re-export")
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise UserError(f"{d}: {name} is {t.dtype} of shape {tuple(t.shape)}, not one float32 per-tensor scale; "
+                        "re-export")
+    v = float(t.reshape(()))
+    if not math.isfinite(v) or v <= 0:
+        raise UserError(f"{d}: {name} is {v}, not a finite positive scale; the export is damaged: re-export")
+
+
 def check_export_tensors(export_dir: str | Path, meta: dict[str, TensorMeta], model: nn.Module | None = None) -> \
         list[str]:
     """Refuse (one line) an export whose tensors do not fit the model its config describes (``model``, else
@@ -162,7 +195,7 @@ def check_export_tensors(export_dir: str | Path, meta: dict[str, TensorMeta], mo
     if not_linear:
         raise UserError(f"{d}: FP8 tensor {not_linear[0]}.weight is not a Linear of the model its config describes; "
                         "only per-tensor FP8 Linears are supported: re-export")
-    allowed = keys | {f"{p}.{s}" for p in fp8 for s in SCALE_SUFFIXES}
+    allowed = keys | {f"{p}.{s}" for p in fp8 for s in SCALE_SUFFIXES} | kv_scale_names(linears)
     extra = sorted(set(meta) - allowed)
     if extra:
         raise UserError(f"{d} holds {len(extra)} tensors its config does not name (e.g. {extra[0]}); the export was "
@@ -173,13 +206,7 @@ def check_export_tensors(export_dir: str | Path, meta: dict[str, TensorMeta], mo
     scales = read_scales(meta)
     for p in fp8:
         for s in SCALE_SUFFIXES:
-            t = scales.get(f"{p}.{s}")
-            if t is None:
-                raise UserError(f"{d}: FP8 layer {p} has no {s}; the export is incomplete: re-export")
-            if t.dtype != torch.float32 or t.numel() != 1:
-                raise UserError(f"{d}: {p}.{s} is {t.dtype} of shape {tuple(t.shape)}, not one float32 per-tensor "
-                                "scale; re-export")
-            v = float(t.reshape(()))
-            if not math.isfinite(v) or v <= 0:
-                raise UserError(f"{d}: {p}.{s} is {v}, not a finite positive scale; the export is damaged: re-export")
+            _check_scale(d, f"{p}.{s}", scales.get(f"{p}.{s}"), f"FP8 layer {p}")
+    for name in stored_kv_scales(meta):
+        _check_scale(d, name, scales.get(name), "KV-cache scale")
     return fp8

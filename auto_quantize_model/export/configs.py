@@ -39,8 +39,12 @@ def finish_configs(export_dir: Path, tensors: dict[str, TensorMeta]) -> dict[str
                 section["tie_word_embeddings"] = False
                 untied = True
     cfg_path.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
-    if head_fp8:
-        desc = "fp8, stored as its own tensor beside the BF16 embedding" + (" (untied)" if untied else "")
-    else:
-        desc = "bf16" + ("" if head is not None else ", tied to model.embed_tokens (stored once)")
-    return {"excluded_vision_prefixes": extra, "lm_head": desc}
+    return {"excluded_vision_prefixes": extra, "lm_head": describe_lm_head(tensors, untied)}
+
+
+def describe_lm_head(tensors: dict[str, TensorMeta], untied: bool) -> str:
+    """How the export stores lm_head (the export record's ``lm_head``)."""
+    head = tensors.get("lm_head.weight")
+    if head is not None and head.dtype == FP8_DTYPE:
+        return "fp8, stored as its own tensor beside the BF16 embedding" + (" (untied)" if untied else "")
+    return "bf16" + ("" if head is not None else ", tied to model.embed_tokens (stored once)")

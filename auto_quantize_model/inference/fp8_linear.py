@@ -128,13 +128,21 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedModel:
-    """Load the language model and lm_head of an ``autoquant export`` checkpoint (vision tower left out).
+    """Load the language model and lm_head of an ``autoquant export`` checkpoint, ModelOpt or compressed-tensors
+    format (vision tower left out; a declared FP8 KV cache is not emulated: the KV cache stays BF16).
 
     Layers stored as FP8 become :class:`Fp8Linear`; BF16 layers stay ``nn.Linear`` in bfloat16.
     """
     from transformers import AutoConfig
 
-    from auto_quantize_model.export.checks import check_export_tensors, config_model, read_json, read_tensor_meta
+    from auto_quantize_model.export.checks import (
+        check_export_tensors,
+        config_model,
+        read_json,
+        read_tensor_meta,
+        runtime_names,
+        stored_kv_scales,
+    )
     from auto_quantize_model.models.loading import (
         LanguageModelWithHead,
         _model_class,
@@ -148,17 +156,29 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     if not (d / "config.json").is_file():
         raise UserError(f"export dir {d} has no config.json; pass the --output-dir of an `autoquant export`")
     cfg = read_checkpoint_config(d)
-    if "quantization_config" not in cfg or not (d / "hf_quant_config.json").is_file():
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    compressed = method == "compressed-tensors"
+    if not compressed and (method is None or not (d / "hf_quant_config.json").is_file()):
         raise UserError(f"{d} is not an FP8 export (no quantization_config/hf_quant_config.json); "
                         "create one with `autoquant export`, or pass a plain checkpoint as --model-dir")
-    quant = read_json(d / "hf_quant_config.json", "quantization config").get("quantization")
-    algo = quant.get("quant_algo") if isinstance(quant, dict) else None
-    if algo != "FP8":
-        raise UserError(f"{d} is quantized as {algo}; only per-tensor FP8 exports run here")
+    if not compressed:
+        quant = read_json(d / "hf_quant_config.json", "quantization config").get("quantization")
+        algo = quant.get("quant_algo") if isinstance(quant, dict) else None
+        if algo != "FP8":
+            raise UserError(f"{d} is quantized as {algo}; only per-tensor FP8 exports run here")
     info_file = d / "autoquant_export.json"
     info = read_json(info_file, "export record") if info_file.is_file() else {}
     # Every check on the files and an empty (meta) model first: a damaged export is refused before any weight loads.
-    check_export_tensors(d, read_tensor_meta(d), config_model(d))
+    meta = read_tensor_meta(d)
+    empty = config_model(d)
+    stored_fp8 = check_export_tensors(d, meta, empty)
+    if compressed:  # the config must select exactly the FP8 Linears stored (compressed-tensors' own matcher)
+        from auto_quantize_model.export.compressed_tensors import check_config
+
+        check_config(d, empty, set(runtime_names(empty, stored_fp8)), bool(stored_kv_scales(meta)))
+    kv_scales = set(stored_kv_scales(meta))
+    if kv_scales:
+        log.info("%s declares an FP8 KV cache; this loader keeps the KV cache in BF16, as the search scored it", d)
     _, cls = _model_class(cfg)
     dev = resolve_device(device)
     config = AutoConfig.from_pretrained(str(d))
@@ -170,7 +190,8 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     lm = LanguageModelWithHead(decoder, lm_head).eval().requires_grad_(False)
     del full
     own = set(lm.state_dict())
-    tensors = {k: v for k, v in _load_tensors(d, dev).items() if k in own or k.rsplit(".", 1)[0] + ".weight" in own}
+    tensors = {k: v for k, v in _load_tensors(d, dev).items()
+               if k not in kv_scales and (k in own or k.rsplit(".", 1)[0] + ".weight" in own)}
     fp8 = sorted(k.removesuffix(".weight") for k, v in tensors.items() if k.endswith(".weight") and v.dtype == FP8_DTYPE)
     for name in fp8:
         old = lm.get_submodule(name)
