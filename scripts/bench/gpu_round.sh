@@ -12,7 +12,7 @@ R=${R:-/tmp/round}
 REPO=/tmp/aqrepo
 DEPS=/opt/aqdeps
 MODEL=${MODEL:-/tmp/qwen3b}
-STEPS=${STEPS:-setup load_warm export_all_fp8 sweeps load_cold export_top50 gpu_tests}
+STEPS=${STEPS:-setup load_warm export_all_fp8 sweeps gpu_tests load_cold export_top50}
 
 step() {  # name, command...: run it, log it, record its wall time and status
   local name=$1; shift
