@@ -42,7 +42,7 @@ run_pipeline() {
         step "$s" python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir "/tmp/fp8bench-$s" \
           --schemes "${s#export_}" --output "$R/h100_fp8_$s.json" ;;
       sweeps)
-        step sweeps env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep kept api loop report" \
+        step sweeps env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep kept loop api report" \
           bash scripts/bench/run_kept_workers.sh ;;
       gpu_tests)
         step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kept_workers.py -k pinned ;;
