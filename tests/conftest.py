@@ -50,6 +50,28 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if the model is loaded (a refusal must come first)."""
+    import auto_quantize_model.models.loading as loading
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if Ray starts (a refusal must come first)."""
+    import ray
+
+    def boom(*a, **k):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(ray, "init", boom)
+
+
 # Fixtures that make a test ``slow``: the shared local Ray (Ray start plus a sweep is tens of seconds) and the
 # module fixtures that run several searches or exports. Other slow tests carry ``@pytest.mark.slow``.
 SLOW_FIXTURES = {"ray_cluster", "runs_root", "catalog_runs", "pair_runs", "exports", "run12", "comparison",

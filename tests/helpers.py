@@ -1,5 +1,5 @@
 """Test helpers: numeric closeness with per-dtype tolerances (float32 is exact-ish, bf16 is not); the sweep spec
-the CLI builds."""
+the CLI builds; a CLI refusal in one line."""
 
 from __future__ import annotations
 
@@ -34,3 +34,14 @@ def sweep_spec_from_cli(argv: list[str], monkeypatch: Any) -> Any:
     monkeypatch.setattr(driver, "run_sweep", fake_run_sweep)
     assert main(["sweep", *argv]) == 0
     return seen["spec"]
+
+
+def refused_one_line(capsys: Any, argv: list[str], match: str) -> str:
+    """Run the CLI; it must exit 2 with one stderr line (no traceback) containing ``match``."""
+    from auto_quantize_model.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    return err

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import refused_one_line
 
 import auto_quantize_model.models.fingerprint as fingerprint
 import auto_quantize_model.models.safetensors_read as st_read
-from auto_quantize_model.cli import main
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.loading import load_model
 from auto_quantize_model.models.safetensors_read import read_header
@@ -188,12 +188,6 @@ def test_sharded_and_bin_checkpoints_load_identically(tiny_model_dir, tmp_path):
 
 # -- weights that do not match config.json: refused in one line, before any search ------------------------------
 
-def _refused(capsys, argv: list[str], match: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert match in err, err
-    return err
 
 
 def _run_argv(model_dir: Path, out: Path) -> list[str]:
@@ -205,7 +199,7 @@ def test_config_naming_more_layers_than_the_weights_hold_is_refused(tiny_model_d
     # Old code: layer 4 was initialised at random, searched, scored and recorded; `run` exited 0.
     bad = _copy(tiny_model_dir, tmp_path / "more")
     _edit_config(bad, num_hidden_layers=5)
-    err = _refused(capsys, _run_argv(bad, tmp_path / "out"), "do not match its config.json")
+    err = refused_one_line(capsys, _run_argv(bad, tmp_path / "out"), "do not match its config.json")
     assert "missing" in err and "layers.4." in err and "fix config.json" in err
     assert not list((tmp_path / "out").glob("**/*manifest*"))
     for via in (False, True):
@@ -219,7 +213,7 @@ def test_extra_and_misshaped_tensors_are_refused(tiny_model_dir, tmp_path, capsy
     # Old code: the weights of layer 3 were dropped without a word and the 3-layer model was searched (exit 0).
     fewer = _copy(tiny_model_dir, tmp_path / "fewer")
     _edit_config(fewer, num_hidden_layers=3)
-    err = _refused(capsys, _run_argv(fewer, tmp_path / "o1"), "not in the model")
+    err = refused_one_line(capsys, _run_argv(fewer, tmp_path / "o1"), "not in the model")
     assert "model.layers.3." in err
     # One tensor stored with another shape. Old code: exit 2, but after transformers' 10-line load report on stderr.
     odd = _copy(tiny_model_dir, tmp_path / "odd")
@@ -227,7 +221,7 @@ def test_extra_and_misshaped_tensors_are_refused(tiny_model_dir, tmp_path, capsy
     key = "model.layers.1.mlp.down_proj.weight"
     tensors[key] = tensors[key].t().contiguous()
     save_file(tensors, odd / "model.safetensors", metadata={"format": "pt"})
-    err = _refused(capsys, _run_argv(odd, tmp_path / "o2"), "wrong shape")
+    err = refused_one_line(capsys, _run_argv(odd, tmp_path / "o2"), "wrong shape")
     assert key in err
     # A mis-shaped vision tensor does not stop a language-model load (nothing of the vision tower is read) ...
     vis = _copy(tiny_model_dir, tmp_path / "vis")
@@ -247,10 +241,10 @@ def test_infer_on_truncated_weights_is_one_line(tiny_model_dir, tmp_path, capsys
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 1000])
     argv = ["infer", "--bf16", "--model-dir", str(bad), "--prompt", "A dog", "--max-new-tokens", "2", "--device", "cpu"]
-    err = _refused(capsys, argv, "is corrupt")
+    err = refused_one_line(capsys, argv, "is corrupt")
     assert "truncated" in err and "model.safetensors" in err
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    _refused(capsys, argv, "is corrupt")
+    refused_one_line(capsys, argv, "is corrupt")
 
 
 def test_file_shrinking_during_the_read_is_one_line(tiny_model_dir, tmp_path):

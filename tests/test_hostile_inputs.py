@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import refused_one_line
 
 from auto_quantize_model.cli import main
 from auto_quantize_model.errors import UserError
@@ -26,35 +27,8 @@ RECIPE = REPO / "examples" / "recipes" / "int4w_fp8_lm_at_10bits.yaml"
 SCHEME = '[schemes."{name}"]\ncandidate_formats = ["FP8_DEFAULT_CFG"]\neffective_bits = 12.0\n'
 
 
-def _refused(capsys, argv: list[str], match: str) -> str:
-    """Run the CLI; it must exit 2 with one stderr line containing ``match``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert match in err, err
-    return err
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Fail the test if the model is loaded (a refusal must come first)."""
-    import auto_quantize_model.models.loading as loading
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(loading, "load_model", boom)
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if Ray starts (a refusal must come first)."""
-    import ray
-
-    def boom(*a, **k):
-        raise AssertionError("Ray was started before the input was checked")
-
-    monkeypatch.setattr(ray, "init", boom)
 
 
 def _run_argv(model_dir, out, scheme="fp8_autoquant_top25", *extra: str) -> list[str]:
@@ -86,7 +60,7 @@ def test_scheme_name_from_a_schemes_file_never_writes_outside_the_run(tiny_model
     victim.mkdir()
     schemes = tmp_path / "s.toml"
     schemes.write_text(SCHEME.format(name=name))
-    shown = _refused(capsys, _run_argv(tiny_model_dir, tmp_path / "run", name, "--schemes-file", str(schemes)),
+    shown = refused_one_line(capsys, _run_argv(tiny_model_dir, tmp_path / "run", name, "--schemes-file", str(schemes)),
                      "scheme name")
     assert "rename" in shown
     assert _files(tmp_path) == [schemes]  # nothing written anywhere: not the run, not the other run, not elsewhere
@@ -95,7 +69,7 @@ def test_scheme_name_from_a_schemes_file_never_writes_outside_the_run(tiny_model
 def test_scheme_table_cannot_rename_itself_through_a_name_key(tmp_path, capsys):
     schemes = tmp_path / "s.toml"
     schemes.write_text(SCHEME.format(name="ok") + 'name = "../escape"\n')
-    _refused(capsys, ["schemes", "--schemes-file", str(schemes)], "drop the name key")
+    refused_one_line(capsys, ["schemes", "--schemes-file", str(schemes)], "drop the name key")
 
 
 @pytest.mark.parametrize("name", ["../other_run/fp8_autoquant_top25", "{abs}/x"])
@@ -103,13 +77,13 @@ def test_sweep_with_a_path_scheme_name_refused_before_ray(tiny_model_dir, tmp_pa
     name = name.replace("{abs}", str(tmp_path))
     schemes = tmp_path / "s.toml"
     schemes.write_text(SCHEME.format(name=name))
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", name, "--schemes-file", str(schemes)),
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", name, "--schemes-file", str(schemes)),
              "scheme name")
     # An unknown scheme spelled as a path (its trial id would be a path) is refused too, not crashed on in Tune.
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", f"fp8_autoquant_top25,{name}"),
-             "unknown scheme")
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", f"fp8_autoquant_top25,{tmp_path}/no.yaml"),
-             "does not exist")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", f"fp8_autoquant_top25,{name}"),
+                     "unknown scheme")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes",
+                                         f"fp8_autoquant_top25,{tmp_path}/no.yaml"), "does not exist")
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -117,7 +91,7 @@ def test_sweep_with_a_path_scheme_name_refused_before_ray(tiny_model_dir, tmp_pa
 def test_recipe_file_whose_name_is_no_safe_scheme_name_refused(tiny_model_dir, tmp_path, capsys, no_load, file_name):
     recipe = tmp_path / file_name
     recipe.write_text(RECIPE.read_text())
-    _refused(capsys, _run_argv(tiny_model_dir, tmp_path / "run", str(recipe)), "rename the recipe file")
+    refused_one_line(capsys, _run_argv(tiny_model_dir, tmp_path / "run", str(recipe)), "rename the recipe file")
     assert not (tmp_path / "run").exists()
 
 
@@ -127,7 +101,7 @@ def test_report_only_cannot_write_into_another_run(tmp_path, capsys):
     (victim / "fp8_autoquant_top50_quant_manifest.json").write_text("{}")
     ours = tmp_path / "ours"
     ours.mkdir()
-    _refused(capsys, ["run", "--scheme-name", "../victim/fp8_autoquant_top50", "--output-dir", str(ours),
+    refused_one_line(capsys, ["run", "--scheme-name", "../victim/fp8_autoquant_top50", "--output-dir", str(ours),
                       "--report-only"], "scheme name")
     assert sorted(p.name for p in victim.iterdir()) == ["fp8_autoquant_top50_quant_manifest.json"]
 
@@ -165,7 +139,7 @@ def test_yaml_alias_bomb_refused_in_one_line(tmp_path, capsys, no_load):
     assert bomb.stat().st_size < 1024
     with pytest.raises(UserError, match="expands to more than"):
         get_scheme(str(bomb))
-    _refused(capsys, _run_argv("/nonexistent", tmp_path / "run", str(bomb)), "expands to more than")
+    refused_one_line(capsys, _run_argv("/nonexistent", tmp_path / "run", str(bomb)), "expands to more than")
     recursive = tmp_path / "self.yaml"
     recursive.write_text("metadata: {recipe_type: auto_quantize}\nauto_quantize: &a {disabled_layers: [*a]}\n")
     with pytest.raises(UserError, match="alias refers to itself"):
@@ -215,9 +189,9 @@ def test_oversized_recipe_and_schemes_files_refused(tmp_path, capsys):
         get_scheme(str(big))
     schemes = tmp_path / "s.toml"
     schemes.write_text(SCHEME.format(name="ok") + "# padding\n" * 120_000)  # valid TOML, 1.2 MB
-    _refused(capsys, ["schemes", "--schemes-file", str(schemes)], "larger than 1024 KiB")
+    refused_one_line(capsys, ["schemes", "--schemes-file", str(schemes)], "larger than 1024 KiB")
     schemes.write_text('[schemes.x]\ncandidate_formats = ' + "[" * 5000 + "]" * 5000 + "\n")
-    _refused(capsys, ["schemes", "--schemes-file", str(schemes)], "too deeply")
+    refused_one_line(capsys, ["schemes", "--schemes-file", str(schemes)], "too deeply")
 
 
 def test_builtin_and_example_recipes_still_load():
@@ -295,13 +269,13 @@ def test_nul_bearing_lines_dropped_counted_and_named(tmp_path, caplog):
 
 @pytest.mark.parametrize("flag", [",", "", " , ,"])
 def test_empty_scheme_list_refused_not_the_default_grid(tiny_model_dir, tmp_path, capsys, no_ray, flag):
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", flag), "--schemes")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", flag), "--schemes")
 
 
 def test_empty_scheme_list_in_toml_refused(tiny_model_dir, tmp_path, capsys, no_ray):
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\nschemes = []\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], "schemes must be a non-empty list")
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], "schemes must be a non-empty list")
 
 
 # -- 6. expected I/O failures: one line, exit 2, nothing complete-looking left ------------------------------
@@ -356,7 +330,8 @@ def test_expected_os_errors_become_one_line_naming_the_path(tmp_path, capsys, mo
 
     monkeypatch.setattr(io_utils.os, "fsync", failing)
     out = tmp_path / "demo"
-    err = _refused(capsys, ["make-demo-images", "--output-dir", str(out), "--num-images", "2"], os.strerror(code))
+    err = refused_one_line(capsys, ["make-demo-images", "--output-dir", str(out), "--num-images", "2"],
+                           os.strerror(code))
     if code in (errno.ENOSPC, errno.EDQUOT):
         assert str(out / "images" / "shape_0000.png") in err and "free space" in err
     assert not (out / "pairs.jsonl").exists() and not list((out / "images").glob("*.png"))
@@ -430,8 +405,8 @@ def test_demo_image_size_is_bounded_before_drawing(tmp_path, capsys, monkeypatch
         raise AssertionError("images were drawn before the size was checked")
 
     monkeypatch.setattr(demo, "make_demo_image_captions", boom)
-    _refused(capsys, ["make-demo-images", "--output-dir", str(tmp_path / "d"), "--size", "2000000"], "--size")
-    _refused(capsys, ["make-demo-images", "--output-dir", str(tmp_path / "d"), "--num-images", "10000000"],
+    refused_one_line(capsys, ["make-demo-images", "--output-dir", str(tmp_path / "d"), "--size", "2000000"], "--size")
+    refused_one_line(capsys, ["make-demo-images", "--output-dir", str(tmp_path / "d"), "--num-images", "10000000"],
              "--num-images")
 
 
@@ -441,7 +416,8 @@ def test_infer_on_truncated_weights_refused_before_load(tiny_model_dir, tmp_path
     bad = Path(shutil.copytree(tiny_model_dir, tmp_path / "truncated"))
     weights = next(bad.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _refused(capsys, ["infer", "--bf16", "--model-dir", str(bad), "--prompt", "hi", "--device", "cpu"], "is corrupt")
+    refused_one_line(capsys, ["infer", "--bf16", "--model-dir", str(bad), "--prompt", "hi", "--device", "cpu"],
+                     "is corrupt")
 
 
 @pytest.mark.parametrize("content, match", [(b"\xff\xfe\x00 not utf-8\n", "not UTF-8"), (None, "regular file")])
@@ -451,11 +427,11 @@ def test_infer_prompts_file_that_is_no_text_refused(tiny_model_dir, tmp_path, ca
         os.mkfifo(p)
     else:
         p.write_bytes(content)
-    _refused(capsys, ["infer", "--bf16", "--model-dir", str(tiny_model_dir), "--prompts-file", str(p)], match)
+    refused_one_line(capsys, ["infer", "--bf16", "--model-dir", str(tiny_model_dir), "--prompts-file", str(p)], match)
 
 
 def test_image_caption_source_without_pairs_refused_before_load(tiny_model_dir, tmp_path, capsys, no_load):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"image": "a.png", "caption": "\u200b"}\nnot json\n', encoding="utf-8")
-    _refused(capsys, _run_argv(tiny_model_dir, tmp_path / "run", "fp8_autoquant_top25", "--image-captions-path",
+    refused_one_line(capsys, _run_argv(tiny_model_dir, tmp_path / "run", "fp8_autoquant_top25", "--image-captions-path",
                                str(pairs)), "no usable image-caption pairs")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import refused_one_line
 
 from auto_quantize_model.cli import main
 from auto_quantize_model.errors import UserError
@@ -25,35 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 UNWRITABLE = "/proc/autoquant-no-such-dir"  # even root cannot create directories in procfs
 
 
-def _refused(capsys, argv: list[str], match: str) -> str:
-    """Run the CLI; it must exit 2 with one stderr line containing ``match``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert match in err, err
-    return err
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Fail the test if the model is loaded (a refusal must come first)."""
-    import auto_quantize_model.models.loading as loading
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(loading, "load_model", boom)
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if Ray starts (a refusal must come first)."""
-    import ray
-
-    def boom(*a, **k):
-        raise AssertionError("Ray was started before the input was checked")
-
-    monkeypatch.setattr(ray, "init", boom)
 
 
 def _sweep_argv(tiny_model_dir, tmp_path, *extra: str, name: str = "s") -> list[str]:
@@ -71,11 +45,11 @@ def _run_argv(tiny_model_dir, out, *extra: str) -> list[str]:
 
 
 def test_unwritable_output_and_cache_dirs_refused_before_load(tiny_model_dir, tmp_path, capsys, no_load):
-    _refused(capsys, _run_argv(tiny_model_dir, UNWRITABLE), "is not writable")
-    _refused(capsys, _run_argv(tiny_model_dir, tmp_path / "out", "--cache-dir", UNWRITABLE), "cache dir")
+    refused_one_line(capsys, _run_argv(tiny_model_dir, UNWRITABLE), "is not writable")
+    refused_one_line(capsys, _run_argv(tiny_model_dir, tmp_path / "out", "--cache-dir", UNWRITABLE), "cache dir")
     (tmp_path / "afile").write_text("x")
-    _refused(capsys, _run_argv(tiny_model_dir, tmp_path / "afile" / "out"), "not writable")
-    _refused(capsys, ["analyze", str(tmp_path), "--output-dir", UNWRITABLE], "not writable")
+    refused_one_line(capsys, _run_argv(tiny_model_dir, tmp_path / "afile" / "out"), "not writable")
+    refused_one_line(capsys, ["analyze", str(tmp_path), "--output-dir", UNWRITABLE], "not writable")
 
 
 def test_storage_path_that_is_a_file_or_unwritable_refused_before_ray(tiny_model_dir, tmp_path, capsys, no_ray):
@@ -83,9 +57,9 @@ def test_storage_path_that_is_a_file_or_unwritable_refused_before_ray(tiny_model
     f.write_text("not a directory")
     argv = _sweep_argv(tiny_model_dir, tmp_path)
     argv[argv.index("--storage-path") + 1] = str(f)
-    _refused(capsys, argv, "is a file")
+    refused_one_line(capsys, argv, "is a file")
     argv[argv.index("--storage-path") + 1] = UNWRITABLE
-    _refused(capsys, argv, "not writable")
+    refused_one_line(capsys, argv, "not writable")
 
 
 def _copy_checkpoint(src, dst) -> Path:
@@ -98,17 +72,17 @@ def test_corrupt_safetensors_and_missing_tokenizer_refused_before_load(tiny_mode
     bad = _copy_checkpoint(tiny_model_dir, tmp_path / "truncated")
     weights = next(bad.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _refused(capsys, _run_argv(bad, tmp_path / "o1"), "is corrupt")
-    _refused(capsys, _sweep_argv(bad, tmp_path), "is corrupt")
+    refused_one_line(capsys, _run_argv(bad, tmp_path / "o1"), "is corrupt")
+    refused_one_line(capsys, _sweep_argv(bad, tmp_path), "is corrupt")
     garbage = _copy_checkpoint(tiny_model_dir, tmp_path / "garbage")
     next(garbage.glob("*.safetensors")).write_bytes(b"\xff" * 64)
-    _refused(capsys, _run_argv(garbage, tmp_path / "o2"), "is corrupt")
+    refused_one_line(capsys, _run_argv(garbage, tmp_path / "o2"), "is corrupt")
     notok = _copy_checkpoint(tiny_model_dir, tmp_path / "notok")
     for f in notok.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
             f.unlink()
-    _refused(capsys, _run_argv(notok, tmp_path / "o3"), "no tokenizer files")
-    _refused(capsys, _sweep_argv(notok, tmp_path), "no tokenizer files")
+    refused_one_line(capsys, _run_argv(notok, tmp_path / "o3"), "no tokenizer files")
+    refused_one_line(capsys, _sweep_argv(notok, tmp_path), "no tokenizer files")
 
 
 @pytest.mark.parametrize("line, match", [
@@ -123,7 +97,7 @@ def test_corrupt_safetensors_and_missing_tokenizer_refused_before_load(tiny_mode
 def test_wrongly_typed_sweep_toml_values_refused(tiny_model_dir, tmp_path, capsys, no_ray, line, match):
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\ncaptions_path = "demo"\n{line}\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], match)
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], match)
 
 
 @pytest.mark.parametrize("body, match", [
@@ -137,7 +111,7 @@ def test_wrongly_typed_sweep_toml_values_refused(tiny_model_dir, tmp_path, capsy
 def test_wrongly_typed_schemes_file_values_refused(tmp_path, capsys, body, match):
     f = tmp_path / "schemes.toml"
     f.write_text(f"[schemes.mine]\n{body}\n")
-    _refused(capsys, ["schemes", "--schemes-file", str(f)], match)
+    refused_one_line(capsys, ["schemes", "--schemes-file", str(f)], match)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +156,7 @@ def test_analyze_skips_each_malformed_manifest_by_name(one_manifest, tmp_path, c
 
 def test_report_only_on_malformed_manifest_is_one_line(one_manifest, tmp_path, capsys):
     for path in _malformed_copies(one_manifest, tmp_path / "bad")[:3]:  # the report needs no "best"
-        _refused(capsys, ["run", "--scheme-name", "fp8_autoquant_top25", "--output-dir", str(path.parent),
+        refused_one_line(capsys, ["run", "--scheme-name", "fp8_autoquant_top25", "--output-dir", str(path.parent),
                           "--report-only"], "manifest")
 
 
@@ -192,31 +166,31 @@ def test_report_only_on_malformed_manifest_is_one_line(one_manifest, tmp_path, c
 def test_string_where_list_belongs_is_refused_not_split(tiny_model_dir, tmp_path, capsys, no_ray):
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\nschemes = "fp8_autoquant_top25"\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], "schemes must be a list of strings")
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], "schemes must be a list of strings")
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\nmethods = "gradient"\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], "methods must be a list of strings")
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], "methods must be a list of strings")
 
 
 def test_grid_with_no_runnable_trial_refused_before_ray(tiny_model_dir, tmp_path, capsys, no_ray, no_load):
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", "nope,also_nope"), "none of the 2 trials")
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--effective-bits", "7,4"), "between 8 and 16")
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--methods", "bogus"), "method 'bogus' is unknown")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--schemes", "nope,also_nope"), "none of the 2 trials")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--effective-bits", "7,4"), "between 8 and 16")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--methods", "bogus"), "method 'bogus' is unknown")
     assert not (tmp_path / "sweeps" / "s" / "autoquant").exists()
 
 
 def test_non_integer_step_counts_refused_not_truncated(tiny_model_dir, tmp_path, capsys, no_ray):
-    _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--num-score-steps", "2.5"), "whole numbers")
+    refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path, "--num-score-steps", "2.5"), "whole numbers")
     cfg = tmp_path / "sweep.toml"
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\nnum_score_steps = [2.5, 4]\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], "num_score_steps must be a list of integers")
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], "num_score_steps must be a list of integers")
     cfg.write_text(f'name = "t"\nmodel_dir = "{tiny_model_dir}"\nnum_calib_steps = 3.7\n')
-    _refused(capsys, ["sweep", "--config", str(cfg)], "num_calib_steps must be an integer")
+    refused_one_line(capsys, ["sweep", "--config", str(cfg)], "num_calib_steps must be an integer")
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", "..", ".", "x\\y", ""])
 def test_sweep_name_with_path_components_refused(tiny_model_dir, tmp_path, capsys, no_ray, name):
     argv = _sweep_argv(tiny_model_dir, tmp_path, name=name)
-    _refused(capsys, argv, "sweep name" if name else "'name' is missing")
+    refused_one_line(capsys, argv, "sweep name" if name else "'name' is missing")
     assert not (tmp_path / "escape").exists()
 
 
@@ -242,7 +216,7 @@ def test_second_live_sweep_of_same_name_refused_and_dead_holder_does_not_block(t
         import ray
 
         monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Ray started")))
-        err = _refused(capsys, _sweep_argv(tiny_model_dir, tmp_path), "already running")
+        err = refused_one_line(capsys, _sweep_argv(tiny_model_dir, tmp_path), "already running")
         assert f"pid {holder.pid}" in err
     finally:
         holder.kill()  # SIGKILL: no cleanup runs, as when a driver's machine dies
@@ -368,10 +342,10 @@ def test_relative_paths_refused_under_ray_job_submit(tiny_model_dir, tmp_path, c
     monkeypatch.chdir(tmp_path)
     argv = _sweep_argv(tiny_model_dir, tmp_path)
     argv[argv.index("--storage-path") + 1] = "runs/sweeps"
-    _refused(capsys, argv, "storage_path 'runs/sweeps' is relative")
+    refused_one_line(capsys, argv, "storage_path 'runs/sweeps' is relative")
     rel = os.path.relpath(tiny_model_dir, tmp_path)
     argv = _sweep_argv(rel, tmp_path)
-    _refused(capsys, argv, "model_dir")
+    refused_one_line(capsys, argv, "model_dir")
 
 
 def test_job_example_config_has_absolute_paths_and_loads(monkeypatch):
