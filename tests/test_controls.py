@@ -137,3 +137,13 @@ def test_calibration_defaults_follow_hf_ptq_and_sweep_takes_chat_template():
     assert spec.chat_template is True and spec.to_dict()["chat_template"] is True
     args = build_parser().parse_args(["run", "--scheme-name", "x", "--output-dir", "o", "--chat-template"])
     assert (args.max_calib_samples, args.batch_size, args.calib_seq_len, args.chat_template) == (1024, 8, 512, True)
+
+
+def test_control_id_names_the_weights_and_the_served_scales(calib):
+    """A resumed sweep reuses a control record only under the same id: other weights, or a control calibrated before
+    fused scales were shared (schema 1), must not match (old code: the id hashed format, data and steps only)."""
+    from auto_quantize_model.inference.controls import CONTROL_SCHEMA_VERSION, control_id
+
+    assert control_id(calib, 4, "weights-a") != control_id(calib, 4, "weights-b")
+    assert control_id(calib, 4, "weights-a") == control_id(calib, 4, "weights-a")
+    assert CONTROL_SCHEMA_VERSION >= 2

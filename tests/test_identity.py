@@ -188,6 +188,17 @@ def test_unreachable_budget_is_the_same_error_on_every_path(loaded, calib, tmp_p
     assert not (tmp_path / "b8").exists() or not list((tmp_path / "b8").glob("*_quant_manifest.json"))
 
 
+def test_the_lowest_bits_a_refusal_names_are_themselves_reachable():
+    """The exact solve has no tolerance, so the lowest reachable bits the refusal prints must not be rounded below the
+    true value (old code printed ``.4g``: 9.28125 -> 9.281, itself refused)."""
+    from auto_quantize_model.autoquant.search import unreachable_budget
+
+    for lowest in (9.28125, 12.64001, 8.0, 4.000049):
+        msg = str(unreachable_budget(_scheme(effective_bits=8.0), lowest))
+        printed = float(msg.split("disabled layers is ")[1].split(";")[0])
+        assert lowest <= printed <= lowest + 1e-4, (lowest, printed)
+
+
 # -- 6. labels for every quantizer kind, checked before the search -------------------------------------------------
 
 def test_sequential_quantizer_is_labelled_and_unlabellable_formats_fail_first(loaded, calib, tmp_path, monkeypatch):

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 CONTROL_FORMAT = "FP8_DEFAULT_CFG"
 CONTROL_NAME = "uniform_fp8_ptq"
 CONTROL_SUFFIX = "_control.json"
-CONTROL_SCHEMA_VERSION = 1
+CONTROL_SCHEMA_VERSION = 2  # 2: calibrated with shared fused scales (autoquant/serving.py); the id names weights
+# Served semantics of the control (autoquant/serving.py), part of its id: a record calibrated otherwise is not reused.
+CONTROL_FUSED_SCALES = "shared"
 
 
 @dataclass
@@ -58,9 +60,13 @@ class Control:
         }
 
 
-def control_id(calib: CalibrationData, num_calib_steps: int, quant_format: str = CONTROL_FORMAT) -> str:
-    """Deterministic id of a control: same format, data and steps = same control."""
-    h = sha256_json({"format": quant_format, "calibration": calib.token_hash, "steps": num_calib_steps})[:8]
+def control_id(calib: CalibrationData, num_calib_steps: int, weights_fingerprint: str,
+               quant_format: str = CONTROL_FORMAT) -> str:
+    """Deterministic id of a control: same weights, format, served scales, data and steps = same control (a resumed
+    sweep reuses a record on disk only under the same id)."""
+    h = sha256_json({"format": quant_format, "calibration": calib.token_hash, "steps": num_calib_steps,
+                     "weights": weights_fingerprint, "fused_scales": CONTROL_FUSED_SCALES,
+                     "schema_version": CONTROL_SCHEMA_VERSION})[:8]
     return f"{CONTROL_NAME}-c{num_calib_steps}-{h}"
 
 
@@ -96,7 +102,7 @@ def build_uniform_ptq(
     from auto_quantize_model.autoquant.serving import serving_calibration
 
     # Served semantics as for every search (autoquant/serving.py): the control is what an engine would serve.
-    with serving_calibration("shared"), as_in_a_fresh_process(model):
+    with serving_calibration(CONTROL_FUSED_SCALES), as_in_a_fresh_process(model):
         model = mtq.quantize(model, cfg, forward_loop)
     seconds = time.perf_counter() - t
     live = live_layer_formats(model)
@@ -141,7 +147,7 @@ def evaluate_control(
     from auto_quantize_model.records.tables import control_trials_table, write_table_file
 
     steps = len(calib.batches) if num_calib_steps is None else min(num_calib_steps, len(calib.batches))
-    cid = control_id(calib, steps)
+    cid = control_id(calib, steps, loaded.weights_fingerprint)
     path = Path(trials_dir) / cid / f"{cid}{CONTROL_SUFFIX}"
     if path.is_file():
         return path
