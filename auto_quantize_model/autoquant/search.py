@@ -68,7 +68,7 @@ class PhaseClock:
 
 def unreachable_budget(scheme: Scheme, lowest: float) -> UserError:
     """The one refusal for a budget below what the searchable layers can reach, on every path. The lowest reachable
-    bits are printed rounded up (4 decimals): the exact solve has no tolerance, so the printed value must be feasible."""
+    bits are printed rounded up (4 decimals): the exact solve has no tolerance, so the printed value is feasible."""
     shown = f"{math.ceil(lowest * 1e4) / 1e4:g}" if math.isfinite(lowest) else "unknown"
     return UserError(f"scheme {scheme.name}: effective bits {scheme.effective_bits:g} is infeasible: the lowest "
                      f"achievable with these formats and disabled layers is {shown}; choose a higher "
