@@ -12,7 +12,7 @@ R=${R:-/tmp/round}
 REPO=/tmp/aqrepo
 DEPS=/opt/aqdeps
 MODEL=${MODEL:-/tmp/qwen3b}
-STEPS=${STEPS:-setup load_warm export_all_fp8 sweeps gpu_tests load_cold export_top50}
+STEPS=${STEPS:-setup load_warm export_all_fp8 sweeps gpu_tests sweeps_extra load_cold export_top50}
 
 step() {  # name, command...: run it, log it, record its wall time and status
   local name=$1; shift
@@ -41,8 +41,11 @@ run_pipeline() {
       export_all_fp8|export_top50)
         step "$s" python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir "/tmp/fp8bench-$s" \
           --schemes "${s#export_}" --output "$R/h100_fp8_$s.json" ;;
-      sweeps)
-        step sweeps env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep kept loop api report" \
+      sweeps)  # the first sweep against the strongest single process, then kept workers (first and repeat)
+        step sweeps env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep kept report" \
+          bash scripts/bench/run_kept_workers.sh ;;
+      sweeps_extra)  # the weaker baselines: the shared-cache CLI loop, the one-process API loop
+        step sweeps_extra env MODEL="$MODEL" OUT="$R/kept" STEPS="loop api report" \
           bash scripts/bench/run_kept_workers.sh ;;
       gpu_tests)
         step gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_kept_workers.py -k pinned ;;
