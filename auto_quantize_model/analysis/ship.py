@@ -85,7 +85,10 @@ def _model_dir(row: pd.Series, override: str | Path | None) -> Path:
         return Path(override)
     from auto_quantize_model.autoquant.manifest import load_manifest
 
-    path = Path(load_manifest(row["manifest_path"])["model"]["path"])
+    recorded = load_manifest(row["manifest_path"])["model"].get("path")
+    if not isinstance(recorded, str) or not recorded:
+        raise UserError(f"trial {row['trial_id']}'s manifest records no checkpoint path; pass --model-dir")
+    path = Path(recorded)
     if not (path / "config.json").is_file():
         raise UserError(f"trial {row['trial_id']} was made on {path}, which is not a checkpoint here; pass "
                         "--model-dir with that checkpoint (its weights are checked against the run's)")

@@ -59,7 +59,8 @@ REQUIRED_KEYS = {
     "timings": dict,
     "versions": dict,
 }
-SCORED_NEVER_QUANTIZED = "scored, never quantized: cost-excluded but searched (cost weight 0, so no choice saves budget)"
+SCORED_NEVER_QUANTIZED = ("scored, never quantized (unless its score is exactly 0): cost-excluded but searched (cost "
+                          "weight 0, so no choice saves budget)")
 LAYER_KEYS = ("dtype", "format", "search_group", "block_index", "kind", "num_params")
 GROUP_KEYS = ("candidate_formats", "scores", "costs", "chosen_format", "module_names")
 

@@ -1,7 +1,8 @@
 """``SearchSession``: one loaded model and calibration set, many schemes, each scoring pass paid once.
 
 The session keeps the last search. A scheme with the same scoring identity re-solves in memory on that searched
-model (:func:`resolve_budget`, ~0.04 s on the 3B); anything else starts from a fresh copy of the pristine model
+model (:func:`resolve_budget`: an exact solve of milliseconds, ModelOpt's CBC solve beside it for comparison, the
+manifest and artifact written); anything else starts from a fresh copy of the pristine model
 and searches, reusing ModelOpt's checkpoint from the cache when the identity matches one on disk.
 
 When the session moves to another identity it parks the last searched model instead of dropping it: its weights

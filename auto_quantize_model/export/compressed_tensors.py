@@ -104,7 +104,12 @@ def _untie_head(model: nn.Module) -> None:
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """Attention modules the library gave KV-cache scales, in layer order."""
     mods = [m for m in model.modules() if isinstance(getattr(m, "k_scale", None), torch.Tensor)]
-    return sorted(mods, key=lambda m: int(m.layer_idx))
+    # A module without a layer index sorts last; the caller's count check then names the mismatch in one line.
+    def index(m: nn.Module) -> int:
+        idx = getattr(m, "layer_idx", None)
+        return int(idx) if isinstance(idx, int) else 1 << 30
+
+    return sorted(mods, key=index)
 
 
 def write_compressed_tensors(model: nn.Module, layers: list[Fp8Layer], kv: KvCacheScales | None,

@@ -101,6 +101,10 @@ def _rebuild_batches(manifest: dict[str, Any], tokenizer: Any, device: torch.dev
     if not path or not Path(path).is_file():
         raise UserError(f"--kv-cache fp8 calibrates on the run's captions, but {path} is not a file here; restore it "
                         "(or export without --kv-cache)")
+    missing = [k for k in ("num_samples", "batch_size", "seq_len", "seed") if not isinstance(cal.get(k), int)]
+    if missing:
+        raise UserError(f"the run's manifest does not record its calibration's {', '.join(missing)}; --kv-cache fp8 "
+                        "rebuilds the run's batches from them: re-run the scheme, or export without --kv-cache")
     calib = build_calibration_set(tokenizer, read_captions(path), max_samples=cal["num_samples"],
                                   batch_size=cal["batch_size"], seq_len=cal["seq_len"], seed=cal["seed"],
                                   device=device, chat_template=bool(cal.get("chat_template")))

@@ -31,8 +31,8 @@ _MODELOPT = """# Loading this checkpoint: ModelOpt FP8 format
 no loader for ModelOpt's format: it reads the FP8 weight codes without their `weight_scale` and `input_scale` and
 returns a wrong model without an error. Do not evaluate or fine-tune this directory through `from_pretrained`.
 
-Loaders that apply the scales (vLLM and SGLang serve the evaluated model; see README "Export" of
-auto_quantize_model):
+Loaders that apply the scales (by their loading rules, re-implemented from vLLM 0.34.0's and SGLang 0.5.23's sources
+in auto_quantize_model's tests, they hold the evaluated model; no engine was run there; see README "Export"):
 - vLLM (>= 0.23.0 for an FP8 lm_head): `vllm serve {d} --quantization modelopt`
 - SGLang (>= 0.5.15 for an FP8 lm_head):
   `python -m sglang.launch_server --model-path {d} --quantization modelopt`{sglang}

@@ -69,8 +69,10 @@ def run_with_tune(units: list[dict[str, Any]], context: dict[str, str], *, name:
                                         trial_name_creator=lambda t: t.config["unit"]["unit_id"]),
         )
         stop.in_fit = True
-        grid = tuner.fit()
-        stop.in_fit = False
+        try:
+            grid = tuner.fit()
+        finally:
+            stop.in_fit = False
     finally:
         _START_FAILED.pop(pool_name, None)
     errors = {}
