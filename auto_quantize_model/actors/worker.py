@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from auto_quantize_model.actors.phases import LoadPhases
 from auto_quantize_model.actors.trial import Trial, write_trial_error
 
 log = logging.getLogger(__name__)
@@ -43,27 +44,6 @@ class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
 
-class _Phases:
-    """Seconds per step of a worker's load, for its log line and the benchmarks."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def done(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = round(now - self._last, 3)
-        self._last = now
-
-    def __str__(self) -> str:
-        return format_phases(self.seconds)
-
-
-def format_phases(seconds: dict[str, float]) -> str:
-    """``imports 3.6s, load 17.4s, ...``: a worker's load phases, for log lines (the worker's and the driver's)."""
-    return ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-
-
 # ``attach``, ``busy`` and ``info`` answer while a trial runs (their own thread): a second sweep must learn at once
 # that a kept worker is taken, not queue behind a scoring pass.
 @ray.remote(max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 1})
@@ -72,7 +52,7 @@ class ModelWorker:
 
     def __init__(self, spec_dict: dict[str, Any], name: str, pool_name: str, namespace: str) -> None:
         t = time.perf_counter()
-        phases = _Phases()
+        phases = LoadPhases()
         import torch
 
         from auto_quantize_model.actors.settings import WorkerSpec
@@ -404,13 +384,6 @@ class ModelWorker:
 
 def _exportable(result: Any) -> bool:
     """Whether `autoquant export` takes the run's formats (export's own check; the trials table's ``exportable``)."""
-    from auto_quantize_model.autoquant.rebuild import RunArtifacts
-    from auto_quantize_model.errors import UserError
-    from auto_quantize_model.export.hf import check_exportable
+    from auto_quantize_model.export.hf import export_blocker
 
-    try:
-        run_dir = Path(result.manifest_path).parent
-        check_exportable(RunArtifacts(run_dir, result.manifest, Path(result.restore_path or run_dir)))
-    except UserError:
-        return False
-    return True
+    return export_blocker(result.manifest, Path(result.manifest_path).parent) is None

@@ -75,24 +75,11 @@ def read_one(path: Path) -> tuple[str, dict[str, Any] | None, dict[str, Any] | N
     return str(path), manifest, metrics, None
 
 
-def export_blocker(manifest: dict[str, Any], manifest_path: str | Path) -> str | None:
-    """Why `autoquant export` would refuse this run's formats (export.hf.check_exportable's line), None if it takes
-    them. Only the formats are judged here; the checkpoint is checked when the export runs."""
-    from auto_quantize_model.autoquant.rebuild import RunArtifacts
-    from auto_quantize_model.export.hf import check_exportable
-
-    run_dir = Path(manifest_path).parent
-    restore = run_dir / str(manifest.get("artifacts", {}).get("restore", ""))
-    try:
-        check_exportable(RunArtifacts(run_dir, manifest, restore))
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
 def is_exportable(manifest: dict[str, Any], manifest_path: str | Path) -> bool:
     """True when `autoquant export` takes the run's formats (the trials table's ``exportable``)."""
-    return export_blocker(manifest, manifest_path) is None
+    from auto_quantize_model.export.hf import export_blocker
+
+    return export_blocker(manifest, Path(manifest_path).parent) is None
 
 
 # What a manifest that passes the shape check but holds wrong types raises while becoming rows.

@@ -111,22 +111,29 @@ def _manifest_plan(run: RunArtifacts) -> ExportPlan:
     return ExportPlan(run, scope, tuple(fp8), len(m["layers"]), mode or LEGACY_FUSED_SCALES, mode is not None)
 
 
-def check_exportable(run: RunArtifacts) -> None:
-    """Refuse runs with layers the FP8 export cannot write: formats other than per-tensor FP8 or BF16, and
-    quantized layers that are not Linears (a whole-VLM run made before searches left the patch embedding out)."""
-    formats = {layer["format"] for layer in run.manifest["layers"].values()} - {NO_QUANT}
+def export_blocker(manifest: dict[str, Any], run_dir: str | Path) -> str | None:
+    """Why the FP8 export cannot write this run (one line), or None: formats other than per-tensor FP8 or BF16, and
+    quantized layers that are not Linears (a whole-VLM run made before searches left the patch embedding out). Only
+    the manifest is judged; the checkpoint is checked when an export runs. The trials table's ``exportable``."""
+    formats = {layer["format"] for layer in manifest["layers"].values()} - {NO_QUANT}
     bad = sorted(formats - EXPORTABLE_FORMATS)
     if bad:
-        raise UserError(
-            f"run {run.run_dir} uses {', '.join(bad)}, which export does not support; only per-tensor FP8 "
-            f"({', '.join(sorted(EXPORTABLE_FORMATS))}) and BF16 layers are exported: re-run with one of those"
-        )
+        return (f"run {run_dir} uses {', '.join(bad)}, which export does not support; only per-tensor FP8 "
+                f"({', '.join(sorted(EXPORTABLE_FORMATS))}) and BF16 layers are exported: re-run with one of those")
     # An unquantized layer is labelled by the run's dtype ("fp32" on a float32 CPU run), not always "bf16".
-    conv = sorted(n for n, lay in run.manifest["layers"].items() if is_quantized_label(lay["dtype"]) and
+    conv = sorted(n for n, lay in manifest["layers"].items() if is_quantized_label(lay["dtype"]) and
                   lay.get("kind") == "patch_embed")
     if conv:
-        raise UserError(f"run {run.run_dir} quantized {conv[0]}, a convolution the FP8 export writes in BF16 (so the "
-                        "export would not be the evaluated model); re-run the scheme: searches now leave it out")
+        return (f"run {run_dir} quantized {conv[0]}, a convolution the FP8 export writes in BF16 (so the export "
+                "would not be the evaluated model); re-run the scheme: searches now leave it out")
+    return None
+
+
+def check_exportable(run: RunArtifacts) -> None:
+    """Refuse, in one line, a run the FP8 export cannot write (:func:`export_blocker`)."""
+    why = export_blocker(run.manifest, run.run_dir)
+    if why is not None:
+        raise UserError(why)
 
 
 def _check_checkpoint(run: RunArtifacts, config: dict[str, Any], model_dir: Path, arch: str) -> dict[str, str]:

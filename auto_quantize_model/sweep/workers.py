@@ -226,7 +226,7 @@ def await_workers(launch: WorkerLaunch, on_first: Callable[[dict[str, Any]], Non
     publishes the trials' scoring keys there). A worker that fails to load, or loaded other weights or data than
     the first, is refused with a ``UserError``.
     """
-    from auto_quantize_model.actors.worker import format_phases
+    from auto_quantize_model.actors.phases import format_phases
 
     pending = {w.info.remote(): (w, kept) for w, kept in zip(launch.workers, launch.kept, strict=True)}
     identity: dict[str, Any] | None = None
