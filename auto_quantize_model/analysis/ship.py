@@ -95,12 +95,6 @@ def _model_dir(row: pd.Series, override: str | Path | None) -> Path:
     return path
 
 
-def _check_output_dir(out: Path) -> None:
-    """Refuse before picking, so a refusal leaves nothing behind and a pick is never half-shipped."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export dir {out} exists and is not empty; pass a new --output-dir")
-
-
 def _export(run: str, model_dir: Path, out: Path, device: str, options: ExportOptions) -> dict[str, Any]:
     from auto_quantize_model.export.hf import export_run
 
@@ -118,7 +112,10 @@ def ship(sources: list[str], rule: ShipRule, output_dir: str | Path | None, *, m
     if out is None and not dry_run:
         raise UserError("--output-dir is required (a new directory for the export), unless --dry-run")
     if out is not None and not dry_run:
-        _check_output_dir(out)
+        # Export's own check, before picking: a refusal leaves nothing behind and a pick is never half-shipped.
+        from auto_quantize_model.export.files import check_output_dir
+
+        check_output_dir(out)
     chosen = pick(load_candidates(sources), rule)
     if dry_run or out is None:
         return Shipped(chosen)
