@@ -188,6 +188,23 @@ def test_unreachable_budget_is_the_same_error_on_every_path(loaded, calib, tmp_p
     assert not (tmp_path / "b8").exists() or not list((tmp_path / "b8").glob("*_quant_manifest.json"))
 
 
+def test_scores_of_a_budget_refused_after_scoring_are_kept_in_the_cache(loaded, calib, tmp_path):
+    """ModelOpt's pre-check admits a target up to 1e-12 (relative) below the lowest reachable bits; the exact solve
+    then refuses it after calibrating and scoring. Those finished scores are committed to the cache, so the next
+    budget re-solves (old code: the refusal deleted the saved checkpoint and the next run scored again)."""
+    from auto_quantize_model.autoquant.selection import Problem
+
+    scheme = dataclasses.replace(_scheme(effective_bits=15.0), disabled_layers=("*mlp*",), cost_exclude_disabled=False)
+    probe = run_scheme(loaded, calib, scheme, tmp_path / "probe", cache_dir=tmp_path / "probe-cache", write=False)
+    state = probe.search_state
+    lowest = Problem.from_candidate_stats(state["candidate_stats"], 0.0, state["cost_denominator"]).lowest_bits()
+    with pytest.raises(UserError, match="infeasible"):
+        run_scheme(loaded, calib, dataclasses.replace(scheme, effective_bits=lowest * (1 - 5e-13)), tmp_path / "low",
+                   cache_dir=tmp_path / "cache")
+    again = run_scheme(loaded, calib, scheme, tmp_path / "b15", cache_dir=tmp_path / "cache")
+    assert not again.scored and again.manifest["score_cache"]["reused"]
+
+
 def test_the_lowest_bits_a_refusal_names_are_themselves_reachable():
     """The exact solve has no tolerance, so the lowest reachable bits the refusal prints must not be rounded below the
     true value (old code printed ``.4g``: 9.28125 -> 9.281, itself refused)."""

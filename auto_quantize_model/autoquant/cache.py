@@ -39,7 +39,7 @@ CACHE_FORMAT = "auto_quantize_model.search-cache/v1"
 _MARKER_CHECKS = frozenset({"format", "key", "identity", "sha256"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class CacheEntry:
     """Where ModelOpt should read/write, and whether it holds finished, verified scores."""
 
@@ -51,6 +51,9 @@ class CacheEntry:
     marker: dict[str, Any] = field(default_factory=dict)
     # What the block adds to the marker it commits (a scoring pass's ``raw_scores``).
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set by a block that fails after ModelOpt saved finished scores (a budget the exact solve refuses): the scores
+    # are committed all the same, so the next budget re-solves instead of scoring again.
+    scores_complete: bool = False
 
 
 def _torch_write_failed(exc: RuntimeError) -> bool:
@@ -155,6 +158,8 @@ class SearchCache:
             try:
                 yield entry
             except BaseException as exc:
+                if entry.scores_complete and not reusable and isinstance(exc, Exception):
+                    self._commit(key, identity, partial, entry.extra)
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
                 if isinstance(exc, RuntimeError) and _torch_write_failed(exc):

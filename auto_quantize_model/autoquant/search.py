@@ -106,7 +106,8 @@ def auto_quantize(loaded: LoadedModel, model: nn.Module, calib: CalibrationData,
                 verbose=False,
                 **steps,
             )
-    except InfeasibleBudget as exc:  # the exact solve's check (no tolerance)
+    except InfeasibleBudget as exc:  # the exact solve's check (no tolerance), after ModelOpt saved its scores
+        entry.scores_complete = True
         raise unreachable_budget(scheme, exc.lowest_bits) from exc
     except ValueError as exc:
         if "infeasible" in str(exc):  # ModelOpt's own check before calibration
