@@ -12,7 +12,7 @@ R=${R:-/tmp/round}
 REPO=/tmp/aqrepo
 DEPS=/opt/aqdeps
 MODEL=${MODEL:-/tmp/qwen3b}
-STEPS=${STEPS:-setup load_warm export_all_fp8 sweeps gpu_tests sweeps_extra load_cold export_top50}
+STEPS=${STEPS:-setup load_warm sweeps export_all_fp8 gpu_tests sweeps_extra load_cold export_top50}
 
 step() {  # name, command...: run it, log it, record its wall time and status
   local name=$1; shift
@@ -33,7 +33,7 @@ run_pipeline() {
         step setup bash -c "python3 scripts/bench/make_full_size_checkpoint.py --output-dir $MODEL > $R/checkpoint.log 2>&1 &
           python3 scripts/bench/gpu_setup.py --model-dir $MODEL --no-checkpoint --formats INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG; wait" ;;
       load_warm)
-        step load_warm python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 2 \
+        step load_warm python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 1 \
           --json-out "$R/h100_load_warm.json" ;;
       load_cold)
         step load_cold python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 1 --cold \
