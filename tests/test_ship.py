@@ -152,9 +152,10 @@ def test_ship_exports_the_chosen_trial_and_says_how_to_serve_it(sweep, tmp_path,
     out = tmp_path / "export"
     assert main(["ship", sweep["dir"], "--max-kl", "1", "--exportable-only", "--output-dir", str(out)]) == 0
     text = capsys.readouterr().out
-    # The fewest bits over all LM Linears among exportable trials (any KL is within 1).
+    # The fewest bits over all LM Linears among exportable trials (any KL is within 1); ties by KL, then trial id
+    # (the mix at 10 bits picks the full scheme's layers on the tiny model: same bits, same KL).
     ok = _ok(sweep["trials"])
-    best = ok[ok["exportable"].astype(bool)].sort_values(["effective_bits_all_layers", "kl_mean"]).iloc[0]
+    best = ok[ok["exportable"].astype(bool)].sort_values(["effective_bits_all_layers", "kl_mean", "trial_id"]).iloc[0]
     assert _ship_line(text).startswith(f"ship: {best['trial_id']} (")
     assert "fewest bits over all LM Linears at KL <= 1 among exportable trials" in text
     assert ("runner-up" in text) == bool(ok["exportable"].astype(bool).sum() > 1)
