@@ -12,7 +12,7 @@ R=${R:-/tmp/round}
 REPO=/tmp/aqrepo
 DEPS=/opt/aqdeps
 MODEL=${MODEL:-/tmp/qwen3b}
-STEPS=${STEPS:-setup load_warm sweeps export_all_fp8 gpu_tests sweeps_extra load_cold export_top50}
+STEPS=${STEPS:-setup sweeps export_all_fp8 load_warm gpu_tests sweeps_extra load_cold export_top50}
 
 step() {  # name, command...: run it, log it, record its wall time and status
   local name=$1; shift
