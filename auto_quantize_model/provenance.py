@@ -11,7 +11,8 @@ from pathlib import Path
 PACKAGES = ("torch", "transformers", "nvidia-modelopt", "auto-quantize-model", "pulp")
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, None where it is not installed."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -26,7 +27,7 @@ def versions() -> dict[str, str | None]:
 @functools.cache
 def _versions() -> tuple[tuple[str, str | None], ...]:
     # Read once per process: parsing the installed packages' metadata took ~27 ms per manifest (every re-solve).
-    return (*((name, _version(name)) for name in PACKAGES), ("python", platform.python_version()))
+    return (*((name, package_version(name)) for name in PACKAGES), ("python", platform.python_version()))
 
 
 @functools.cache

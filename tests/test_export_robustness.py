@@ -272,3 +272,22 @@ def test_a_run_made_before_served_semantics_still_exports(exported, tiny_model_d
     info = json.loads((tmp_path / "out" / "autoquant_export.json").read_text())
     assert info["serving"] == {**info["serving"], "fused_scales": "separate", "recorded_in_manifest": False}
     assert "predates the manifest's serving section" in caplog.text
+
+
+def test_a_modelopt_export_needs_no_compressed_tensors_installed(exported, tiny_model_dir, tmp_path, monkeypatch):
+    """The ModelOpt format never touches compressed-tensors; its export record says the library's version, or null
+    where it is not installed (old code: PackageNotFoundError, a traceback, on the H100 machine whose image lacks it)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        if dist == "compressed-tensors":
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert main(["export", str(exported[0]), "--model-dir", str(tiny_model_dir), "--output-dir",
+                 str(tmp_path / "out")]) == 0
+    info = json.loads((tmp_path / "out" / "autoquant_export.json").read_text())
+    assert info["versions"]["compressed-tensors"] is None

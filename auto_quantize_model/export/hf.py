@@ -25,7 +25,6 @@ directory) is one line and leaves only the temporary directory's removal behind.
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from auto_quantize_model.export.kv_cache import KvCacheScales
 from auto_quantize_model.export.settings import COMPRESSED_TENSORS, ExportOptions
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
 from auto_quantize_model.models.scope import Scope
-from auto_quantize_model.provenance import git_revision, versions
+from auto_quantize_model.provenance import git_revision, package_version, versions
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +343,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
             "seconds": {"load_and_restore": t_load, "total": time.perf_counter() - t0},
             "device": str(dev),
             # compressed-tensors writes the second format; the other versions are every record's.
-            "versions": {**versions(), "compressed-tensors": importlib.metadata.version("compressed-tensors")},
+            "versions": {**versions(), "compressed-tensors": package_version("compressed-tensors")},
             "git_revision": git_revision(),
         }
         note = loading_notes.loading_note(options.format, kv_on, str(out), kv is None or bool(kv.source["calibrated"]))
