@@ -276,7 +276,7 @@ def test_a_run_made_before_served_semantics_still_exports(exported, tiny_model_d
 
 def test_a_modelopt_export_needs_no_compressed_tensors_installed(exported, tiny_model_dir, tmp_path, monkeypatch):
     """The ModelOpt format never touches compressed-tensors; its export record says the library's version, or null
-    where it is not installed (old code: PackageNotFoundError, a traceback, on the H100 machine whose image lacks it)."""
+    where it is not installed (old code: PackageNotFoundError, a traceback, on the H100 image, which lacks it)."""
     import importlib.metadata
 
     real = importlib.metadata.version

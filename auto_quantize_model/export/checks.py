@@ -109,7 +109,7 @@ def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
     reverted = revert_weight_conversion(model, dict(probe))
     if len(reverted) != len(probe):
         raise RuntimeError("transformers' checkpoint renaming is not one-to-one for these modules")
-    # The reversal keeps order per key; map by position of the sorted originals it processed.
+    # The reversal keeps each tensor object: map every renamed key back to its module through the tensor's identity.
     by_tensor = {id(t): k for k, t in reverted.items()}
     return {n: by_tensor[id(probe[f"{n}.weight"])].removesuffix(".weight") for n in names}
 

@@ -178,7 +178,7 @@ def trials_table(
 ) -> pa.Table:
     """One row for a trial; ``m`` is None for a failed trial (then ``method`` and ``effective_bits_target`` say
     what its settings asked for); ``measurement`` fills the measured-cost columns; ``exportable`` is export's
-    verdict on its formats (``analysis.ship.exportable``)."""
+    verdict on its formats (``export.hf.export_blocker``)."""
     if m is None:
         if trial_id is None:
             raise ValueError("a failed trial needs an explicit trial_id")
