@@ -45,3 +45,38 @@ def refused_one_line(capsys: Any, argv: list[str], match: str) -> str:
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert match in err, err
     return err
+
+
+def kill_first_busy_worker(sweep_name: str, timeout: float = 240.0) -> tuple[Any, list[tuple[str, Any]]]:
+    """Start a thread that kills (Ray restarts it) the first worker the sweep's lease pool reports busy, mid-trial.
+
+    Returns the started thread and the list it appends ``(worker name, its trial)`` to once it has killed one."""
+    import threading
+    import time
+
+    import ray
+    from ray.util import list_named_actors
+
+    killed: list[tuple[str, Any]] = []
+
+    def killer() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not killed:
+            pools = [a for a in list_named_actors(all_namespaces=True)
+                     if a["name"].startswith(f"autoquant-pool-{sweep_name}")]
+            if pools:
+                try:
+                    pool = ray.get_actor(pools[0]["name"], namespace=pools[0]["namespace"])
+                    busy = ray.get(pool.stats.remote())["busy"]
+                except (ValueError, ray.exceptions.RayActorError):
+                    busy = {}
+                if busy:
+                    name = next(iter(busy))
+                    ray.kill(ray.get_actor(name, namespace="autoquant"), no_restart=False)
+                    killed.append((name, busy[name]))
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread, killed

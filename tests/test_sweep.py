@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import kill_first_busy_worker
 
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.errors import UserError
@@ -285,34 +285,11 @@ def test_worker_runs_the_drivers_scheme_without_the_schemes_file(ray_cluster, ti
 
 @pytest.mark.timeout(420)
 def test_worker_killed_mid_trial_sweep_finishes_each_trial_once(ray_cluster, tiny_model_dir, tmp_path):
-    import ray
-    from ray.util import list_named_actors
-
     from auto_quantize_model.sweep.driver import run_sweep
 
     spec = _spec(tiny_model_dir, tmp_path, name="faults", schemes=("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"),
                  effective_bits=(14.0, 10.0), max_calib_samples=48, max_failures=3)
-    killed = []
-
-    def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            pools = [a for a in list_named_actors(all_namespaces=True) if a["name"].startswith("autoquant-pool-faults")]
-            if pools:
-                try:
-                    pool = ray.get_actor(pools[0]["name"], namespace=pools[0]["namespace"])
-                    busy = ray.get(pool.stats.remote())["busy"]
-                except (ValueError, ray.exceptions.RayActorError):
-                    busy = {}
-                if busy:
-                    name = next(iter(busy))
-                    ray.kill(ray.get_actor(name, namespace="autoquant"), no_restart=False)
-                    killed.append((name, busy[name]))
-                    return
-            time.sleep(0.02)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t, killed = kill_first_busy_worker("faults")
     res = run_sweep(spec)
     t.join(5)
     assert killed, "the test never caught a busy worker"

@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from helpers import kill_first_busy_worker
 
 from auto_quantize_model.analysis import load_layers, load_trials
 from auto_quantize_model.sweep.spec import expand_grid, load_sweep_spec
@@ -87,34 +87,11 @@ def test_direct_scheduler_gives_the_outputs_of_tune(ray_cluster, tiny_model_dir,
 
 @pytest.mark.timeout(420)
 def test_direct_scheduler_retries_the_unit_of_a_worker_killed_mid_trial(ray_cluster, tiny_model_dir, tmp_path):
-    import ray
-    from ray.util import list_named_actors
-
     from auto_quantize_model.sweep.driver import run_sweep
 
     spec = _spec(tiny_model_dir, tmp_path, name="dfaults", scheduler="direct", max_calib_samples=48, max_failures=3,
                  schemes=("fp8_autoquant_top25", "fp8_autoquant_all_layers_fp8"))
-    killed = []
-
-    def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            pools = [a for a in list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("autoquant-pool-dfaults")]
-            if pools:
-                try:
-                    busy = ray.get(ray.get_actor(pools[0]["name"], namespace="autoquant").stats.remote())["busy"]
-                except (ValueError, ray.exceptions.RayActorError):
-                    busy = {}
-                if busy:
-                    name = next(iter(busy))
-                    ray.kill(ray.get_actor(name, namespace="autoquant"), no_restart=False)
-                    killed.append(name)
-                    return
-            time.sleep(0.02)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t, killed = kill_first_busy_worker("dfaults")
     res = run_sweep(spec)
     t.join(5)
     assert killed, "the test never caught a busy worker"
