@@ -306,7 +306,7 @@ class ModelWorker:
             "scored": scored, "time_scoring_pass": pass_s, "trial_dir": str(trial_dir), "gpu_peak_bytes": peak,
             "time_restore": restore_s, "time_write": m["timings"].get("write_restore", 0.0),
             "time_evaluate": eval_s, "time_trial": time.perf_counter() - t0, "worker_load_seconds": self.load_seconds,
-            "worker_load_phases": self.load_phases,
+            "worker_load_phases": self.load_phases, "worker_load_steps": self.loaded.load_steps,
         }
 
     def _inputs_stamp(self) -> list[str | None]:
@@ -377,6 +377,7 @@ class ModelWorker:
                 # trials of those keys.
                 "warm_keys": self.session.warm_keys() if self.session is not None else [],
                 "pristine_on": self.pristine_on, "load_seconds": self.load_seconds, "load_phases": self.load_phases,
+                "load_steps": self.loaded.load_steps,
                 "load_bytes": self.loaded.load_bytes, "load_gb_per_s": self.loaded.load_gb_per_s,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}}

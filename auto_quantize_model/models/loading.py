@@ -71,6 +71,7 @@ class LoadedModel:
     weights_fingerprint: str = ""  # models/fingerprint.py: the weight files' content hash
     load_bytes: int = 0  # the scope's tensor bytes the load read (or mapped, on the host), not the whole checkpoint's
     loader: str = ""  # "safetensors" (models/weights.py) or "from_pretrained"
+    load_steps: dict[str, float] = field(default_factory=dict)  # seconds per step of the load (log, benchmarks)
 
     @property
     def load_gb_per_s(self) -> float:
@@ -207,6 +208,7 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     host and then move. Both refuse weights that do not match config.json (missing, unexpected, mis-shaped).
     """
     t0 = time.perf_counter()
+    steps = _Steps()
     scope = Scope(scope)  # also takes the manifest string
     config = read_checkpoint_config(model_dir)
     arch, cls = _model_class(config)
@@ -214,17 +216,23 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
         raise UserError(f"{model_dir} ({arch}) has no vision tower; image-caption calibration needs a VLM checkpoint")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    steps.done("config")
     tokenizer = load_tokenizer(model_dir)
     image_processor = load_image_processor(model_dir) if scope is Scope.WHOLE_VLM else None
+    steps.done("tokenizer")
     fast = None
     if not via_from_pretrained:
         fast = _read_fast(cls, Path(model_dir), scope, torch_dtype, dev)
     if fast is not None:
         full, read, fingerprint = fast.full, fast.stats, fast.fingerprint
         parts = fast.scope_modules
+        steps.seconds.update(fast.steps)
+        steps.mark()
     else:
         full = _from_pretrained(cls, Path(model_dir), torch_dtype)
+        steps.done("from_pretrained")
         fingerprint = weights_fingerprint(model_dir)
+        steps.done("fingerprint")
         parts = [full] if scope is Scope.WHOLE_VLM else list(split_language_model(full))
     total = count_parameters(full)
     if scope is Scope.LANGUAGE_MODEL:
@@ -235,6 +243,7 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     else:
         model = full
     model.eval().requires_grad_(False).to(dev)
+    steps.done("to_device")
     searched = count_parameters(model)
     counts = {"checkpoint_total": total, "language_model": searched, "left_out": total - searched,
               "searchable_linear_weights": linear_weight_count(model)}
@@ -246,14 +255,33 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
         how = (f"{nbytes / 1e9:.2f} GB of tensors mapped, read on first use" if fast.mapped else
                f"read {nbytes / 1e9:.2f} GB of tensors to {dev} in {read.seconds:.2f}s ({read.gb_per_s:.2f} GB/s)")
         how += f", {read.bytes_hashed / 1e9:.2f} GB hashed alongside"
-    log.info("phase load: %s (%s) %s on %s/%s in %.2fs (%.2f GB/s; %s), %s", model_dir, arch,
+    log.info("phase load: %s (%s) %s on %s/%s in %.2fs (%.2f GB/s; %s; %s), %s", model_dir, arch,
              "LM-only" if scope is Scope.LANGUAGE_MODEL else "whole VLM", dev, torch_dtype, seconds,
-             nbytes / 1e9 / seconds, how, counts)
+             nbytes / 1e9 / seconds, how, steps, counts)
     return LoadedModel(model=model, tokenizer=tokenizer, model_dir=str(Path(model_dir).resolve()), architecture=arch,
                        model_type=str(config.get("model_type")), config_hash=config_hash(config), device=dev,
                        dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope=scope,
                        image_processor=image_processor, weights_fingerprint=fingerprint, load_bytes=nbytes,
-                       loader="from_pretrained" if fast is None else "safetensors")
+                       loader="from_pretrained" if fast is None else "safetensors", load_steps=steps.seconds)
+
+
+class _Steps:
+    """Seconds per step of one load, in order (where a slow load spends its time: benchmarks, worker phases)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self) -> None:
+        self._last = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self._last, 3)
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
 
 
 def load_whole_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -273,8 +301,13 @@ def _read_fast(cls, model_dir: Path, scope: Scope, dtype: torch.dtype, device: t
     def scope_of(full: nn.Module) -> list[nn.Module]:
         return [full] if scope is Scope.WHOLE_VLM else list(split_language_model(full))
 
+    t = time.perf_counter()
+    plan = plan_fingerprint(model_dir)  # stats and samples the files; hashes come from the cache where it can
+    planned = round(time.perf_counter() - t, 3)
     try:
-        return read_model(cls, model_dir, scope_of, dtype, device, plan_fingerprint(model_dir))
+        fast = read_model(cls, model_dir, scope_of, dtype, device, plan)
+        fast.steps = {"fingerprint_plan": planned, **fast.steps}
+        return fast
     except NotFastLoadable as why:
         log.info("%s: loading through from_pretrained (%s)", model_dir, why)
         return None

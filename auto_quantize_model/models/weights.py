@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class ReadModel:
     fingerprint: str
     tensor_bytes: int  # the scope's tensor bytes in the files (read to the GPU, or mapped on the host)
     mapped: bool  # host tensors mapped from the files (pages read on first use)
+    steps: dict[str, float]  # seconds per step: skeleton, check, plan, read, init
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -235,14 +237,24 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
     ``device`` in ``dtype``; the fingerprint's unhashed files are hashed during the read."""
     files = safetensors_files(model_dir)
     headers = [read_header(f) for f in files]
+    t = [time.perf_counter()]
+    steps: dict[str, float] = {}
+
+    def done(step: str) -> None:
+        t.append(time.perf_counter())
+        steps[step] = round(t[-1] - t[-2], 3)
+
     full = _skeleton(cls, model_dir, dtype)
+    done("skeleton")
     scope_modules: list[nn.Module] = scope_of(full)
     meta = full.state_dict()
     names = _rename(full, [k for h in headers for k in h.tensors], meta)
     load, absent = _check(full, model_dir, headers, names, meta, _scope_names(full, scope_modules, meta))
     reads = _materialize(full, load, meta, scope_modules, device)
+    done("check")
     todo = fingerprint.todo
     stats = read_into(list(reads.items()), device, todo)
+    done("read_and_hash" if todo else "read")
     digest = fingerprint.finish(stats.digests if todo else {})
     with torch.no_grad():
         for name in getattr(full, "all_tied_weights_keys", {}) or {}:
@@ -259,5 +271,6 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
         full.adjust_generation_fn(None, False, None, str(model_dir), cache_dir=None, force_download=False,
                                   proxies=None, local_files_only=True, token=None, revision="main", subfolder="",
                                   trust_remote_code=False)
+    done("init")
     tensor_bytes = sum(h.tensors[k].end - h.tensors[k].start for h, k in load.values())
-    return ReadModel(full, scope_modules, stats, digest, tensor_bytes, mapped=device.type == "cpu")
+    return ReadModel(full, scope_modules, stats, digest, tensor_bytes, mapped=device.type == "cpu", steps=steps)

@@ -83,6 +83,7 @@ def _child(args: argparse.Namespace) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"path": args.child, "seconds": seconds, "bytes": loaded.load_bytes, "class_import_s": class_import,
             "cuda_init_s": cuda_init, "worker_phase_s": class_import + cuda_init + seconds,
+            "load_steps": loaded.load_steps,
             "gb_per_s": loaded.load_bytes / 1e9 / seconds, "peak_rss_bytes": rss, "rss_rise_bytes": rss - rss0,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
             "fingerprint": loaded.weights_fingerprint, "device": str(loaded.device), "dtype": str(loaded.dtype),

@@ -137,7 +137,7 @@ def api_loop(args: argparse.Namespace) -> dict:
                        cache_dir=Path(args.work) / "api-loop-cache")
         scored += r.scored
     return {"mode": "api-loop", "trials": len(grid), "scoring_passes": scored, "load_s": load_s,
-            "wall_s": time.perf_counter() - T_PROCESS}
+            "load_steps": loaded.load_steps, "wall_s": time.perf_counter() - T_PROCESS}
 
 
 def session(args: argparse.Namespace) -> dict:
@@ -155,7 +155,7 @@ def session(args: argparse.Namespace) -> dict:
     for trial, scheme in grid:
         scored += s.run(scheme, Path(args.work) / "session" / trial["trial_id"]).scored
     return {"mode": "session", "trials": len(grid), "scoring_passes": scored, "shared_passes": len(passes),
-            "load_s": load_s, "prepare_s": prepare_s, "wall_s": time.perf_counter() - T_PROCESS}
+            "load_s": load_s, "load_steps": loaded.load_steps, "prepare_s": prepare_s, "wall_s": time.perf_counter() - T_PROCESS}
 
 
 def _trace_old_driver(marks: dict[str, float]) -> None:
@@ -231,6 +231,7 @@ def sweep(args: argparse.Namespace) -> dict:
             # Seconds to make (and check) each new search's working copy from the pristine one.
             "fresh_copy_s": restores, "pristine_on": args.pristine,
             "worker_load_phases": sorted({json.dumps(r.get("worker_load_phases")) for r in ok}),
+            "worker_load_steps": sorted({json.dumps(r.get("worker_load_steps")) for r in ok}),
             # From the run_sweep call: when the first unit asked for work and when each worker was ready.
             "first_tune_request_s": (stats["first_unit_request_at"] or t_wall) - t_wall,
             "workers_ready_s": sorted(v - t_wall for v in stats["registered_at"].values())}

@@ -38,6 +38,9 @@ run_pipeline() {
       load_cold)
         step load_cold python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 1 --cold \
           --fresh-fingerprint --no-check --json-out "$R/h100_load_cold.json" ;;
+      export_both)  # both schemes in one process: one load, one BF16 baseline for the speed ratios
+        step export_both python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir /tmp/fp8bench-both \
+          --schemes all_fp8,top50 --output "$R/h100_fp8_export_both.json" ;;
       export_all_fp8|export_top50)
         step "$s" python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir "/tmp/fp8bench-$s" \
           --schemes "${s#export_}" --output "$R/h100_fp8_$s.json" ;;
