@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.models.safetensors_header import check_header
 
 # Set by Ray's job supervisor in the driver of a `ray job submit` job (ray/_private/runtime_env/constants.py).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -39,30 +39,6 @@ def probe_writable(path: str | Path, what: str, flag: str) -> Path:
     return p
 
 
-def _safetensors_header_ok(path: Path) -> str | None:
-    """None if the file's header parses and its data fits in the file, else the reason."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                return "shorter than a safetensors header"
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 << 20):
-                return "header length beyond the end of the file"
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"unreadable header ({exc.__class__.__name__})"
-    if not isinstance(header, dict):
-        return "header is not a JSON object"
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-               and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)), default=0)
-    if 8 + n + end > size:
-        return "truncated (tensor data ends past the end of the file)"
-    return None
-
-
 def check_checkpoint_files(model_dir: str | Path) -> None:
     """Tokenizer files present and every ``*.safetensors`` header intact (the weights are not read)."""
     p = Path(model_dir)
@@ -70,9 +46,7 @@ def check_checkpoint_files(model_dir: str | Path) -> None:
         raise UserError(f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer from the "
                         "original checkpoint into it")
     for f in sorted(p.glob("*.safetensors")):
-        reason = _safetensors_header_ok(f)
-        if reason:
-            raise UserError(f"checkpoint file {f} is corrupt: {reason}; re-download or re-save the checkpoint")
+        check_header(f)  # the loader's own checks, without torch: a corrupt file is refused before Ray or the load
 
 
 def read_checkpoint_config(model_dir: str | Path) -> dict[str, Any]:

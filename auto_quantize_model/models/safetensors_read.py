@@ -1,12 +1,8 @@
 """Read tensors straight from ``*.safetensors`` files into tensors already placed on their device.
 
-The format (https://huggingface.co/docs/safetensors, "Format"): an 8-byte little-endian header length ``N``, ``N``
-bytes of JSON mapping each tensor name to ``{dtype, shape, data_offsets: [begin, end]}`` (offsets relative to the
-first byte after the header; ``__metadata__`` holds strings), then the raw little-endian tensor bytes.
-
-:func:`read_header` checks a file before anything is read from it (a truncated or corrupt file is one
-``UserError``). On the host, :func:`map_tensors` maps the chosen tensors (no read, no copy). For a GPU,
-:func:`read_into` copies the bytes of the chosen tensors into destination tensors: each file range is
+:func:`read_header` checks a file before anything is read from it (``safetensors_header.check_header``: a truncated
+or corrupt file is one ``UserError``). On the host, :func:`map_tensors` maps the chosen tensors (no read, no copy).
+For a GPU, :func:`read_into` copies the bytes of the chosen tensors into destination tensors: each file range is
 read with ``preadv`` into a small staging buffer (pinned when the destination is a GPU, so the upload is a DMA that
 overlaps the next read), and scattered into the destinations' bytes; a destination of another dtype gets the bytes in
 a scratch tensor of the file's dtype on its device and is cast there (what ``tensor.to(dtype)`` does). Ranges run in
@@ -19,13 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
-import json
 import math
 import mmap
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +29,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.models.safetensors_header import ITEM_BYTES, check_header
 
 # safetensors dtype names (safetensors/src/tensor.rs ``Dtype``) -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -44,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
+assert DTYPES.keys() == ITEM_BYTES.keys()
 CHUNK = 16 << 20  # staging buffer size: big enough for full-speed reads and uploads, small enough to pin cheaply
 HASH_CHUNK = 1 << 20  # hashed while still in the CPU cache: 1 MiB reads hash about twice as fast as 16 MiB ones
 PIECE = 256 << 20  # ranges not hashed are split into pieces of about this size (at tensor boundaries) for threads
@@ -70,63 +64,11 @@ class SafetensorsHeader:
     tensors: dict[str, TensorEntry]
 
 
-def _corrupt(path: Path, reason: str) -> UserError:
-    return UserError(f"checkpoint file {path} is corrupt: {reason}; re-download or re-save the checkpoint")
-
-
 def read_header(path: str | Path) -> SafetensorsHeader:
-    """Parse and check ``path``'s header: JSON object, known dtypes, byte counts that match the shapes, no overlaps,
-    and every tensor's data inside the file (a truncated file is refused here, before any weight is read)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise _corrupt(path, "shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, MAX_HEADER):
-                raise _corrupt(path, "header length beyond the end of the file")
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _corrupt(path, f"unreadable header ({exc.__class__.__name__})") from exc
-    except OSError as exc:
-        raise UserError(f"cannot read checkpoint file {path} ({exc.strerror or exc.__class__.__name__})") from exc
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    base = 8 + n
-    tensors: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entry = _entry(path, name, info, base)
-        if entry.end > size:
-            raise _corrupt(path, f"truncated (tensor {name} ends at byte {entry.end:,}, the file has {size:,})")
-        tensors[name] = entry
-    spans = sorted((e.start, e.end, e.name) for e in tensors.values() if e.end > e.start)
-    for (_, end_a, a), (start_b, _, b) in itertools.pairwise(spans):
-        if start_b < end_a:
-            raise _corrupt(path, f"tensors {a} and {b} overlap")
-    return SafetensorsHeader(path, size, tensors)
-
-
-def _entry(path: Path, name: str, info: object, base: int) -> TensorEntry:
-    if not isinstance(info, dict):
-        raise _corrupt(path, f"entry {name!r} is not an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
-        raise UserError(f"checkpoint file {path}: tensor {name} has dtype {dtype!r}, which this loader does not read; "
-                        f"save the checkpoint in one of {', '.join(DTYPES)}")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-        raise _corrupt(path, f"entry {name!r} has a malformed shape or data_offsets")
-    nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
-    if offsets[1] - offsets[0] != nbytes:
-        raise _corrupt(path, f"tensor {name} holds {offsets[1] - offsets[0]:,} bytes; its shape {shape} needs "
-                             f"{nbytes:,}")
-    return TensorEntry(name, DTYPES[dtype], tuple(shape), base + offsets[0], base + offsets[1])
-
+    """``check_header`` (models/safetensors_header.py), with each tensor's dtype as the torch dtype it is read as."""
+    checked = check_header(path)
+    tensors = {k: TensorEntry(e.name, DTYPES[e.dtype], e.shape, e.start, e.end) for k, e in checked.entries.items()}
+    return SafetensorsHeader(checked.path, checked.size, tensors)
 
 
 def map_tensors(header: SafetensorsHeader, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
