@@ -91,6 +91,21 @@ def test_limits_printed_for_commands_admit_the_trial_they_come_from():
                         9.28125)
 
 
+def test_rounded_limits_never_cross_the_value_and_flags_read_back_exactly():
+    """A value a hair above a 4-digit number (1.2340000000001e-5) was rounded to 1.234e-5, below itself, and a
+    flag printed with 6 digits read back as another limit: the printed command then refused its own trial."""
+    import random
+
+    rng = random.Random(0)
+    values = [1.2340000000001e-5, 9.2810000000004, 0.99999999999, 1.0000000001]
+    values += [rng.uniform(0.5, 1.5) * 10.0 ** rng.randint(-9, 3) for _ in range(2000)]
+    for x in values:
+        assert round_limit(x) >= x and round_limit(x, upper=False) <= x, x
+    for x in (1.23456789e-5, 9.28125, 1e-7 / 3):
+        flags = ShipRule(max_kl=x).flags()
+        assert float(flags[flags.index("--max-kl") + 1]) == x
+
+
 def test_pareto_points_are_labelled_and_non_exportable_ones_hollow():
     import matplotlib.pyplot as plt
 

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from auto_quantize_model.errors import UserError
+from auto_quantize_model.settings import setting, validate_settings
 
 # --bits-basis value -> trials column.
 BITS_BASES = {"all-layers": "effective_bits_all_layers", "budget": "effective_bits_achieved"}
@@ -32,19 +33,33 @@ SLACK = 1e-6
 
 @dataclass(frozen=True)
 class ShipRule:
-    """What to ship: limits and the objective they imply, or one trial by id."""
+    """What to ship: limits and the objective they imply, or one trial by id. Declared once for ``autoquant ship``'s
+    flags and the Python API (settings.py)."""
 
-    max_bits: float | None = None
-    bits_basis: str = "all-layers"
-    min_prefill_speedup: float | None = None
-    max_kl: float | None = None
-    max_ppl_increase: float | None = None  # percent above the unquantized model's perplexity
-    trial: str | None = None
-    exportable_only: bool = False
+    max_bits: float | None = setting(
+        None, kind="number?", flag="--max-bits", minimum=0,
+        help="at most this many effective bits (basis: --bits-basis); the lowest KL wins")
+    bits_basis: str = setting(
+        "all-layers", kind="str", flag="--bits-basis", choices=tuple(BITS_BASES),
+        help="bits over every LM Linear, excluded layers at 16 (all-layers, default: what ships and the basis the "
+             "uniform FP8 control shares), or over the layers the search's budget counts (budget)")
+    min_prefill_speedup: float | None = setting(
+        None, kind="number?", flag="--min-prefill-speedup", minimum=0,
+        help="at least this prefill speed-up over BF16, as the sweep measured it (--measure); the lowest KL wins")
+    max_kl: float | None = setting(
+        None, kind="number?", flag="--max-kl", minimum=0,
+        help="at most this mean KL vs the unquantized model; the fewest bits win")
+    max_ppl_increase: float | None = setting(
+        None, kind="number?", flag="--max-ppl-increase", minimum=0,
+        help="perplexity at most this many percent above the unquantized model's; the fewest bits win")
+    trial: str | None = setting(
+        None, kind="str?", flag="--trial", help="ship this trial (its id, or a unique part of it) instead of a rule")
+    exportable_only: bool = setting(
+        False, kind="bool", flag="--exportable-only",
+        help="apply the rule among exportable trials only (default: refuse a winner export cannot take)")
 
     def __post_init__(self) -> None:
-        if self.bits_basis not in BITS_BASES:
-            raise UserError(f"--bits-basis must be one of {', '.join(BITS_BASES)}, got {self.bits_basis!r}")
+        validate_settings(self, "ship rule")
         limits = [self.max_bits, self.min_prefill_speedup, self.max_kl, self.max_ppl_increase]
         if self.trial is not None and any(v is not None for v in limits):
             raise UserError("--trial names the trial to ship; drop the rule flags (--max-bits, --min-prefill-speedup, "
@@ -90,7 +105,7 @@ class ShipRule:
         for flag, v in (("--max-bits", self.max_bits), ("--min-prefill-speedup", self.min_prefill_speedup),
                         ("--max-kl", self.max_kl), ("--max-ppl-increase", self.max_ppl_increase)):
             if v is not None:
-                out += [flag, f"{v:.6g}"]
+                out += [flag, repr(float(v))]  # the shortest text that reads back as the same float
         if self.max_bits is not None and self.bits_basis != "all-layers":
             out += ["--bits-basis", self.bits_basis]
         return out + (["--exportable-only"] if self.exportable_only else [])
@@ -315,8 +330,11 @@ def round_limit(x: float, upper: bool = True, digits: int = 4) -> float:
         return x
     exp = math.floor(math.log10(abs(x))) - digits + 1
     scaled = x / 10.0**exp
-    mant = math.ceil(scaled - 1e-9) if upper else math.floor(scaled + 1e-9)
-    return float(f"{mant}e{exp}")
+    mant = math.ceil(scaled - 1e-9) if upper else math.floor(scaled + 1e-9)  # 1.234 stays 1.234, not 1.235
+    limit = float(f"{mant}e{exp}")
+    if (limit < x) if upper else (limit > x):  # the 1e-9 slack (or the division) crossed x: one step further out
+        limit = float(f"{mant + (1 if upper else -1)}e{exp}")
+    return limit
 
 
 def standard_rules(trials: pd.DataFrame) -> list[StandardRule]:

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 # Sibling Linears that engines run as one GEMM (the same leaves ModelOpt's AutoQuantize groups into one decision).
 FUSED_LEAVES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-FP8_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn  # the one FP8 format of this project: weights, activations, exports
+FP8_MAX = 448.0  # its largest finite value
 FP8_BITS = (4, 3)
 # ModelOpt's fake quant treats amax <= 2^-24 as "all zeros" and uses scale 448 (tensor_quant.py, _fp8_eager).
 ZERO_AMAX = 1.0 / (1 << 24)

@@ -8,7 +8,7 @@ import argparse
 import shlex
 
 from auto_quantize_model.export.settings import ExportOptions
-from auto_quantize_model.settings import add_arguments
+from auto_quantize_model.settings import add_arguments, overrides_from_args
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -32,9 +32,7 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from auto_quantize_model.analysis.pick import ShipRule
     from auto_quantize_model.analysis.ship import ship, ship_command
 
-    rule = ShipRule(max_bits=args.max_bits, bits_basis=args.bits_basis, min_prefill_speedup=args.min_prefill_speedup,
-                    max_kl=args.max_kl, max_ppl_increase=args.max_ppl_increase, trial=args.trial,
-                    exportable_only=args.exportable_only)
+    rule = ShipRule(**overrides_from_args(args, ShipRule))
     done = ship(args.sources, rule, args.output_dir, model_dir=args.model_dir, device=args.device,
                 export_format=args.format, kv_cache=args.kv_cache, dry_run=args.dry_run)
     print(f"ship: {done.pick.line()}")
@@ -69,20 +67,9 @@ def register(sub) -> None:
                        "bits win; ties go to the other measure (fewer bits, resp. lower KL), then to the smaller "
                        "trial id. A winner that export cannot take is refused, naming the best trial it can.")
     p.add_argument("sources", nargs="+", help="a sweep directory (or run directories, manifest files, globs)")
-    g = p.add_argument_group("rule: one or more limits, or --trial")
-    g.add_argument("--max-bits", type=float, help="at most this many effective bits (basis: --bits-basis); "
-                   "the lowest KL wins")
-    g.add_argument("--bits-basis", choices=("all-layers", "budget"), default="all-layers",
-                   help="bits over every LM Linear, excluded layers at 16 (all-layers, default: what ships and the "
-                   "basis the uniform FP8 control shares), or over the layers the search's budget counts (budget)")
-    g.add_argument("--min-prefill-speedup", type=float, help="at least this prefill speed-up over BF16, as the sweep "
-                   "measured it (--measure); the lowest KL wins")
-    g.add_argument("--max-kl", type=float, help="at most this mean KL vs the unquantized model; the fewest bits win")
-    g.add_argument("--max-ppl-increase", type=float, metavar="PCT",
-                   help="perplexity at most PCT percent above the unquantized model's; the fewest bits win")
-    g.add_argument("--trial", help="ship this trial (its id, or a unique part of it) instead of a rule")
-    g.add_argument("--exportable-only", action="store_true",
-                   help="apply the rule among exportable trials only (default: refuse a winner export cannot take)")
+    from auto_quantize_model.analysis.pick import ShipRule
+
+    add_arguments(p.add_argument_group("rule: one or more limits, or --trial"), ShipRule, defaults=True)
     p.add_argument("--output-dir", help="new directory for the exported checkpoint (required unless --dry-run)")
     p.add_argument("--model-dir", help="the checkpoint (default: the one the trial's manifest records)")
     p.add_argument("--device", default="cpu", help="where to run the export: cpu (default), cuda, auto")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from auto_quantize_model.autoquant.serving import FP8_DTYPE
 from auto_quantize_model.errors import UserError
 
-FP8_DTYPE = torch.float8_e4m3fn
 SCALE_SUFFIXES = ("weight_scale", "input_scale")
 KV_SCALE_SUFFIXES = ("k_scale", "v_scale")
 _DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16,

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from auto_quantize_model.export.checks import FP8_DTYPE, TensorMeta
+from auto_quantize_model.autoquant.serving import FP8_DTYPE
+from auto_quantize_model.export.checks import TensorMeta
 
 
 def vision_prefixes(keys: list[str]) -> list[str]:

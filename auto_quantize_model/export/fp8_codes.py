@@ -26,9 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from auto_quantize_model.autoquant.serving import FP8_MAX, fp8_scale_pair, is_fp8_per_tensor
-
-FP8_DTYPE = torch.float8_e4m3fn
+from auto_quantize_model.autoquant.serving import FP8_DTYPE, FP8_MAX, fp8_scale_pair, is_fp8_per_tensor
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from torch import nn
 from auto_quantize_model.autoquant.layers import is_quantized_label
 from auto_quantize_model.autoquant.manifest import NO_QUANT
 from auto_quantize_model.autoquant.rebuild import RunArtifacts, check_same_checkpoint, find_run
+from auto_quantize_model.autoquant.serving import FP8_DTYPE
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.export.checks import (
     TensorMeta,
@@ -46,7 +47,7 @@ from auto_quantize_model.export.checks import (
     stored_kv_scales,
 )
 from auto_quantize_model.export.compressed_tensors import Fp8Layer
-from auto_quantize_model.export.fp8_codes import FP8_DTYPE, fp8_layer_tensors
+from auto_quantize_model.export.fp8_codes import fp8_layer_tensors
 from auto_quantize_model.export.kv_cache import KvCacheScales
 from auto_quantize_model.export.settings import COMPRESSED_TENSORS, ExportOptions
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auto_quantize_model.autoquant.serving import FP8_DTYPE, FP8_MAX
 from auto_quantize_model.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 # torch._scaled_mm wants the token dimension of the FP8 activation padded to a multiple of 16.
 _MM_ALIGN = 16
 

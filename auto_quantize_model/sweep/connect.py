@@ -149,6 +149,11 @@ def _canonical(address: str, source: str) -> str:
     return resolved
 
 
+def given_address(address: str | None) -> str | None:
+    """The cluster address the user gave: ``address`` (``--address``), else RAY_ADDRESS; None: none given."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def resolve_target(address: str | None, needs_cluster: str | None = None) -> Target:
     """Where to run: ``address`` (``--address``), else RAY_ADDRESS, else the head ``ray start`` recorded on this
     machine, else a local Ray. Every address is checked with a deadline (:func:`check_head`).
@@ -157,7 +162,7 @@ def resolve_target(address: str | None, needs_cluster: str | None = None) -> Tar
     is refused with this text as the fix.
     """
     source = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = given_address(address)
     if address:
         return check_head(_canonical(address, source), source, shown=address)
     if needs_cluster:

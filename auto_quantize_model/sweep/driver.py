@@ -27,7 +27,7 @@ import ray
 from auto_quantize_model.actors.trial import Trial, write_trial_error
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.io_utils import atomic_write_json, atomic_write_text
-from auto_quantize_model.sweep.connect import Target, connect, resolve_target
+from auto_quantize_model.sweep.connect import Target, connect, given_address, resolve_target
 from auto_quantize_model.sweep.lock import sweep_lock
 from auto_quantize_model.sweep.progress import Progress
 from auto_quantize_model.sweep.signals import SweepInterrupted, stop_on_signals
@@ -44,7 +44,6 @@ from auto_quantize_model.sweep.workers import (  # noqa: F401 - start_workers, r
     NAMESPACE,
     BackgroundStart,
     WorkerLaunch,
-    cluster_address,
     fit_to_cluster,
     launch_workers,
     release_kept_workers,
@@ -71,7 +70,7 @@ def _preflight(spec: SweepSpec, resume: bool) -> tuple[list[Trial], int]:
         read_checkpoint_config,
     )
 
-    if spec.worker.keep and not (cluster_address(spec.address) or ray.is_initialized()):
+    if spec.worker.keep and not (given_address(spec.address) or ray.is_initialized()):
         raise UserError(KEEP_NEEDS_CLUSTER)
     check_job_paths(storage_path=spec.storage_path, model_dir=spec.model_dir)
     read_checkpoint_config(spec.model_dir)

@@ -61,11 +61,6 @@ def fit_to_cluster(spec: SweepSpec) -> tuple[SweepSpec, int]:
 KEEP_PREFIX = "autoquant-keep-"
 
 
-def cluster_address(address: str | None) -> str | None:
-    """The running cluster to join: ``address`` (``--address``), else RAY_ADDRESS; None: none given."""
-    return address or os.environ.get("RAY_ADDRESS")
-
-
 def _kept_worker_names() -> list[str]:
     """Names of kept (detached) model workers on the cluster, from any earlier sweep."""
     from ray.util import list_named_actors
