@@ -13,3 +13,11 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# The deployment side's transformers, apart from the project's (scripts/consumer-requirements.txt says why).
+consumer=.venv/consumer
+cstamp=$consumer/.installed-$(sha256sum scripts/consumer-requirements.txt | cut -c1-16)
+if [ ! -f "$cstamp" ]; then
+  rm -rf "$consumer"
+  .venv/bin/python -m pip install -q --no-deps --target "$consumer" -r scripts/consumer-requirements.txt
+  touch "$cstamp"
+fi

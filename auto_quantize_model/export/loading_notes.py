@@ -9,9 +9,10 @@ Facts behind them (tests/test_export_formats.py and tests/test_engine_conformanc
   ``weight_scale`` of every FP8 Linear in the decoder layers uninitialised: the MoE decompression converter it always
   adds (``quantizers/quantizer_compressed_tensors.py`` ``get_weight_conversions``, sources ``.weight_packed$``,
   ``.weight_scale$``, ``.weight_shape$``) claims those keys and returns nothing for a dense Linear; its load report
-  lists them MISSING (tested, also on a checkpoint llm-compressor's own save path writes). transformers
-  PR #47216 removes that converter and loads FP8 Linears as ``CompressedTensorsFP8Linear``, which quantizes
-  activations dynamically per row and ignores the static ``input_scale``: not the evaluated model either.
+  lists them MISSING (tested, also on a checkpoint llm-compressor's own save path writes).
+- transformers 5.23.0 (installed apart, ``.venv/consumer``) with compressed-tensors 0.20.1 loads it completely: in
+  float32 the logits equal the evaluated model's bit for bit; in bf16 compressed-tensors rounds the scales to bf16
+  and divides activations in bf16, so a few % of activation codes move one FP8 step (tested).
 - vLLM 0.34.0 loads both formats (``--quantization modelopt``; compressed-tensors from config.json), FP8 KV cache
   included (tests/engine_rules). SGLang 0.5.23 loads the ModelOpt format, but not ModelOpt's KV-cache scale names
   for Qwen2.5-VL. TensorRT-LLM loads the ModelOpt format (BF16 lm_head only).
@@ -41,7 +42,7 @@ in auto_quantize_model's tests, they hold the evaluated model; no engine was run
   GPUs with FP8 tensor cores, the exact fake-quant arithmetic on CPU
 
 The other format, `--format compressed-tensors`, is the one transformers' compressed-tensors integration reads; its
-README_LOADING.md says how far transformers 5.14.1 gets with it.
+README_LOADING.md says which transformers loads it (5.23.0: yes; 5.14.1: no).
 {kv}"""
 
 _CT = """# Loading this checkpoint: compressed-tensors format (float-quantized: static per-tensor FP8 W8A8)
@@ -50,13 +51,13 @@ Written with the `compressed-tensors` library as llm-compressor writes it; scale
 
 - vLLM (0.34.0 checked): `vllm serve {d}` (quant_method `compressed-tensors` is read from config.json)
 - auto_quantize_model: `autoquant infer --exported {d}` (or `load_exported_lm`), the exact fake-quant arithmetic
-- transformers + compressed-tensors: **transformers 5.14.1 does not load it correctly**: it leaves the
-  `weight_scale` of every FP8 Linear of the decoder layers uninitialised (its MoE decompression converter claims those
-  keys; its load report lists them MISSING), for llm-compressor's own checkpoints as for this one. Newer
-  transformers (PR #47216) loads the scales but quantizes activations dynamically per row, ignoring the static
-  `input_scale`. compressed-tensors' own load steps (the ones transformers runs) give the evaluated model's logits
-  bit for bit in float32; in bf16 its activation fake quant returns the float32 scales' dtype and meets bf16 weights
-  (dtype error).
+- transformers + compressed-tensors: **transformers 5.23.0** (compressed-tensors 0.20.1 checked):
+  `AutoModelForImageTextToText.from_pretrained("{d}", dtype=torch.float32)` is the evaluated model bit for bit.
+  In bf16 it loads too, but compressed-tensors rounds the scales to bf16 and divides activations in bf16: close to
+  the evaluated model, not equal; evaluate in float32.
+  **transformers 5.14.1 does not load it correctly**: it leaves the `weight_scale` of every FP8 Linear of the
+  decoder layers uninitialised (its MoE decompression converter claims those keys; its load report lists them
+  MISSING), for llm-compressor's own checkpoints as for this one.
 {kv}"""
 
 _KV = """
@@ -73,8 +74,8 @@ def loaders(export_format: str, kv_cache: bool) -> dict[str, str]:
     if export_format == COMPRESSED_TENSORS:
         return {"vllm": "loads it (compressed-tensors from config.json; rules of 0.34.0 checked)",
                 "autoquant infer --exported": "loads it: the evaluated model",
-                "transformers": "5.14.1 leaves the decoder layers' weight_scale uninitialised (README_LOADING.md); "
-                                "not the evaluated model",
+                "transformers": "5.23.0 loads it: the evaluated model in float32 (bf16: scales rounded, close); "
+                                "5.14.1 leaves the decoder layers' weight_scale uninitialised (README_LOADING.md)",
                 "sglang": "not checked", "tensorrt-llm": "not checked"}
     return {"vllm": "loads it (--quantization modelopt)",
             "sglang": ("refuses ModelOpt's KV-cache scale names for Qwen2.5-VL (0.5.23)" if kv_cache else
