@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.models.safetensors_header import check_header
+from auto_quantize_model.safetensors_header import check_header
 
 # Set by Ray's job supervisor in the driver of a `ray job submit` job (ray/_private/runtime_env/constants.py).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -1,6 +1,6 @@
 """Read tensors straight from ``*.safetensors`` files into tensors already placed on their device.
 
-:func:`read_header` checks a file before anything is read from it (``safetensors_header.check_header``: a truncated
+:func:`read_header` checks a file before anything is read from it (``safetensors_header.py``: a truncated
 or corrupt file is one ``UserError``). On the host, :func:`map_tensors` maps the chosen tensors (no read, no copy).
 For a GPU, :func:`read_into` copies the bytes of the chosen tensors into destination tensors: each file range is
 read with ``preadv`` into a small staging buffer (pinned when the destination is a GPU, so the upload is a DMA that
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.models.safetensors_header import ITEM_BYTES, check_header
+from auto_quantize_model.safetensors_header import ITEM_BYTES, check_header
 
 # safetensors dtype names (safetensors/src/tensor.rs ``Dtype``) -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -65,7 +65,7 @@ class SafetensorsHeader:
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
-    """``check_header`` (models/safetensors_header.py), with each tensor's dtype as the torch dtype it is read as."""
+    """``check_header`` (safetensors_header.py), with each tensor's dtype as the torch dtype it is read as."""
     checked = check_header(path)
     tensors = {k: TensorEntry(e.name, DTYPES[e.dtype], e.shape, e.start, e.end) for k, e in checked.entries.items()}
     return SafetensorsHeader(checked.path, checked.size, tensors)
