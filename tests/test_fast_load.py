@@ -21,7 +21,7 @@ import auto_quantize_model.models.fingerprint as fingerprint
 import auto_quantize_model.models.safetensors_read as st_read
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.loading import load_model
-from auto_quantize_model.models.safetensors_read import read_header
+from auto_quantize_model.models.safetensors_read import DTYPES, read_header
 from auto_quantize_model.models.scope import Scope
 
 
@@ -110,7 +110,7 @@ def test_language_model_scope_reads_no_vision_tensor(tiny_model_dir, monkeypatch
     monkeypatch.setattr(weights, "map_tensors", spy)
     loaded = load_model(tiny_model_dir, Scope.LANGUAGE_MODEL, device="cpu")
     header = read_header(tiny_model_dir / "model.safetensors")
-    lm = [e for e in header.tensors.values() if not e.name.startswith("visual.")]
+    lm = [e for e in header.entries.values() if not e.name.startswith("visual.")]
     assert sorted(asked) == sorted(e.name for e in lm)  # every LM tensor, no vision tensor
     assert loaded.load_bytes == sum(e.end - e.start for e in lm) and loaded.load_gb_per_s > 0
 
@@ -127,8 +127,8 @@ def test_gpu_reader_fills_every_tensor_exactly_and_hashes_alongside(tiny_model_d
     monkeypatch.setattr(st_read, "PIECE", 20_000)
     path = tiny_model_dir / "model.safetensors"
     header = read_header(path)
-    names = sorted(header.tensors)[::2]
-    dests = [(header.tensors[n], torch.full(header.tensors[n].shape, 7, dtype=to)) for n in names]
+    names = sorted(header.entries)[::2]
+    dests = [(header.entries[n], torch.full(header.entries[n].shape, 7, dtype=to)) for n in names]
     read: list[tuple[int, int]] = []
     real = st_read._read_unit
     monkeypatch.setattr(st_read, "_read_unit", lambda u, s: read.append((u.start, u.end)) or real(u, s))
@@ -138,7 +138,7 @@ def test_gpu_reader_fills_every_tensor_exactly_and_hashes_alongside(tiny_model_d
         assert torch.equal(dest, expected[entry.name].to(to)), entry.name
     assert stats.digests == {path: sha256_file(path)} and stats.bytes_hashed == path.stat().st_size
     assert stats.bytes_loaded == sum(e.end - e.start for e, _ in dests) == sum(b - a for a, b in read)
-    skipped = [header.tensors[n] for n in header.tensors if n not in names]
+    skipped = [header.entries[n] for n in header.entries if n not in names]
     assert not any(a < e.end and e.start < b for a, b in read for e in skipped if e.end > e.start)
 
 
@@ -252,8 +252,8 @@ def test_file_shrinking_during_the_read_is_one_line(tiny_model_dir, tmp_path):
     weights = bad / "model.safetensors"
     header = read_header(weights)
     os.truncate(weights, header.size - 100)  # after the header check: what a concurrent writer would do
-    entry = max(header.tensors.values(), key=lambda e: e.end)
-    dest = torch.empty(entry.shape, dtype=entry.dtype)
+    entry = max(header.entries.values(), key=lambda e: e.end)
+    dest = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
     with pytest.raises(UserError, match="is corrupt: it ends at byte"):
         st_read.read_into([(weights, [(entry, dest)])], torch.device("cpu"), [])
 

@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "auto_quantize_model"
 LAYERS = [
     ["errors"],
     ["safetensors_header"],  # the checkpoint files' header check, shared by preflight and the loader (no torch)
-    ["io_utils", "config_types", "modelopt_configs", "provenance", "logs", "preflight", "path_names"],
+    ["io_utils", "config_types", "modelopt_configs", "provenance", "logs", "preflight", "path_names", "timing"],
     # setting fields over config_types' kinds (actors' and sweep's settings); formats' facts over modelopt_configs
     ["settings", "format_facts"],
     ["records"],

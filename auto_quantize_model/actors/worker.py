@@ -23,8 +23,8 @@ from typing import Any
 
 import ray
 
-from auto_quantize_model.actors.phases import LoadPhases
 from auto_quantize_model.actors.trial import Trial, write_trial_error
+from auto_quantize_model.timing import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ModelWorker:
 
     def __init__(self, spec_dict: dict[str, Any], name: str, pool_name: str, namespace: str) -> None:
         t = time.perf_counter()
-        phases = LoadPhases()
+        phases = StepTimes()  # imports, load, data, probe, pristine copy, input stamp
         import torch
 
         from auto_quantize_model.actors.settings import WorkerSpec

@@ -30,6 +30,7 @@ from auto_quantize_model.models.fingerprint import weights_fingerprint
 from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.models.steps import STEPS, Batch
 from auto_quantize_model.preflight import read_checkpoint_config  # noqa: F401 - here since before it moved
+from auto_quantize_model.timing import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
     host and then move. Both refuse weights that do not match config.json (missing, unexpected, mis-shaped).
     """
     t0 = time.perf_counter()
-    steps = _Steps()
+    steps = StepTimes(digits=2)
     scope = Scope(scope)  # also takes the manifest string
     config = read_checkpoint_config(model_dir)
     arch, cls = _model_class(config)
@@ -263,25 +264,6 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
                        dtype=torch_dtype, param_counts=counts, load_seconds=seconds, scope=scope,
                        image_processor=image_processor, weights_fingerprint=fingerprint, load_bytes=nbytes,
                        loader="from_pretrained" if fast is None else "safetensors", load_steps=steps.seconds)
-
-
-class _Steps:
-    """Seconds per step of one load, in order (where a slow load spends its time: benchmarks, worker phases)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def mark(self) -> None:
-        self._last = time.perf_counter()
-
-    def done(self, step: str) -> None:
-        now = time.perf_counter()
-        self.seconds[step] = round(now - self._last, 3)
-        self._last = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
 
 
 def load_whole_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.safetensors_header import ITEM_BYTES, check_header
+from auto_quantize_model.safetensors_header import ITEM_BYTES, CheckedHeader, HeaderEntry, check_header
 
 # safetensors dtype names (safetensors/src/tensor.rs ``Dtype``) -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -44,31 +44,14 @@ HASH_CHUNK = 1 << 20  # hashed while still in the CPU cache: 1 MiB reads hash ab
 PIECE = 256 << 20  # ranges not hashed are split into pieces of about this size (at tensor boundaries) for threads
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors file: absolute byte range ``[start, end)`` in the file."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """A checked safetensors header."""
-
-    path: Path
-    size: int
-    tensors: dict[str, TensorEntry]
+# A checked header and its entries (safetensors_header.py); an entry's dtype is the file's name for it (``DTYPES``).
+TensorEntry = HeaderEntry
+SafetensorsHeader = CheckedHeader
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
-    """``check_header`` (safetensors_header.py), with each tensor's dtype as the torch dtype it is read as."""
-    checked = check_header(path)
-    tensors = {k: TensorEntry(e.name, DTYPES[e.dtype], e.shape, e.start, e.end) for k, e in checked.entries.items()}
-    return SafetensorsHeader(checked.path, checked.size, tensors)
+    """``check_header`` (safetensors_header.py): a truncated or corrupt file is one ``UserError``."""
+    return check_header(path)
 
 
 def map_tensors(header: SafetensorsHeader, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
@@ -80,8 +63,8 @@ def map_tensors(header: SafetensorsHeader, entries: list[TensorEntry]) -> dict[s
     out = {}
     for e in entries:
         numel = math.prod(e.shape)
-        flat = (torch.frombuffer(mm, dtype=e.dtype, count=numel, offset=e.start) if numel
-                else torch.empty(0, dtype=e.dtype))
+        flat = (torch.frombuffer(mm, dtype=DTYPES[e.dtype], count=numel, offset=e.start) if numel
+                else torch.empty(0, dtype=DTYPES[e.dtype]))
         out[e.name] = flat.view(e.shape)
     return out
 
@@ -188,7 +171,7 @@ def _scatter(view: torch.Tensor, pos: int, dests: list[Destination], scratch: di
         a, b = max(pos, entry.start), min(end, entry.end)
         if a >= b:
             continue
-        if dest.dtype == entry.dtype:
+        if dest.dtype == DTYPES[entry.dtype]:
             target = dest.view(-1).view(torch.uint8)
         else:  # the file's bytes go to a scratch tensor on the device, cast into place once complete
             if entry.name not in scratch:
@@ -196,7 +179,7 @@ def _scatter(view: torch.Tensor, pos: int, dests: list[Destination], scratch: di
             target = scratch[entry.name]
         target[a - entry.start:b - entry.start].copy_(view[a - pos:b - pos], non_blocking=True)
         if b == entry.end and entry.name in scratch:
-            dest.copy_(scratch.pop(entry.name).view(entry.dtype).view(entry.shape))
+            dest.copy_(scratch.pop(entry.name).view(DTYPES[entry.dtype]).view(entry.shape))
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -38,6 +38,7 @@ from torch import nn
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.fingerprint import FingerprintPlan
 from auto_quantize_model.models.safetensors_read import (
+    DTYPES,
     Destination,
     ReadStats,
     SafetensorsHeader,
@@ -165,7 +166,7 @@ def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], n
     unexpected: set[str] = set()
     mismatched: list[str] = []
     for header in headers:
-        for key, entry in header.tensors.items():
+        for key, entry in header.entries.items():
             name = names[key]
             if name is None or name in found:  # unknown, or a second tensor for the same name
                 unexpected.add(key)
@@ -173,8 +174,8 @@ def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], n
             found[name] = (header, key)
             if name in scope and entry.shape != tuple(meta[name].shape):
                 mismatched.append(f"{key} {list(entry.shape)} vs {list(meta[name].shape)}")
-            elif name in scope and meta[name].is_floating_point() and not entry.dtype.is_floating_point:
-                mismatched.append(f"{key} stored as {entry.dtype}")
+            elif name in scope and meta[name].is_floating_point() and not DTYPES[entry.dtype].is_floating_point:
+                mismatched.append(f"{key} stored as {DTYPES[entry.dtype]}")
     absent = set(meta) - set(found)
     tied = dict(getattr(full, "all_tied_weights_keys", {}) or {})
     covered = {a for a, b in tied.items() for x, y in ((a, b), (b, a)) if x in absent and y in found}
@@ -194,7 +195,7 @@ def _materialize(full: nn.Module, load: dict[str, tuple[SafetensorsHeader, str]]
     if device.type == "cpu":
         wanted: dict[Path, tuple[SafetensorsHeader, list[TensorEntry]]] = {}
         for header, key in load.values():
-            wanted.setdefault(header.path, (header, []))[1].append(header.tensors[key])
+            wanted.setdefault(header.path, (header, []))[1].append(header.entries[key])
         for header, entries in wanted.values():
             mapped.update({f"{header.path}:{k}": v for k, v in map_tensors(header, entries).items()})
     reads: dict[Path, list[Destination]] = {}
@@ -206,7 +207,7 @@ def _materialize(full: nn.Module, load: dict[str, tuple[SafetensorsHeader, str]]
             tensor = src if src.dtype == meta[name].dtype else src.to(meta[name].dtype)
         else:
             tensor = torch.empty(meta[name].shape, dtype=meta[name].dtype, device=device)
-            reads.setdefault(header.path, []).append((header.tensors[key], tensor))
+            reads.setdefault(header.path, []).append((header.entries[key], tensor))
         placed = nn.Parameter(tensor, requires_grad=False) if attr in module._parameters else tensor
         placed._is_hf_initialized = True  # type: ignore[attr-defined]  # initialize_weights must leave it alone
         (module._parameters if attr in module._parameters else module._buffers)[attr] = placed
@@ -248,7 +249,7 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
     done("skeleton")
     scope_modules: list[nn.Module] = scope_of(full)
     meta = full.state_dict()
-    names = _rename(full, [k for h in headers for k in h.tensors], meta)
+    names = _rename(full, [k for h in headers for k in h.entries], meta)
     load, absent = _check(full, model_dir, headers, names, meta, _scope_names(full, scope_modules, meta))
     reads = _materialize(full, load, meta, scope_modules, device)
     done("check")
@@ -272,5 +273,5 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
                                   proxies=None, local_files_only=True, token=None, revision="main", subfolder="",
                                   trust_remote_code=False)
     done("init")
-    tensor_bytes = sum(h.tensors[k].end - h.tensors[k].start for h, k in load.values())
+    tensor_bytes = sum(h.entries[k].end - h.entries[k].start for h, k in load.values())
     return ReadModel(full, scope_modules, stats, digest, tensor_bytes, mapped=device.type == "cpu", steps=steps)

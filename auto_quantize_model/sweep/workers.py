@@ -221,7 +221,7 @@ def await_workers(launch: WorkerLaunch, on_first: Callable[[dict[str, Any]], Non
     publishes the trials' scoring keys there). A worker that fails to load, or loaded other weights or data than
     the first, is refused with a ``UserError``.
     """
-    from auto_quantize_model.actors.phases import format_phases
+    from auto_quantize_model.timing import format_steps
 
     pending = {w.info.remote(): (w, kept) for w, kept in zip(launch.workers, launch.kept, strict=True)}
     identity: dict[str, Any] | None = None
@@ -244,7 +244,7 @@ def await_workers(launch: WorkerLaunch, on_first: Callable[[dict[str, Any]], Non
                             "node the same --model-dir and captions")
         ray.get(launch.pool.register.remote(info["name"], info["warm_keys"]))
         how = f"kept from an earlier sweep (serving its sweep {info['sweeps_served']})" if was_kept else \
-            f"load {info['load_seconds']:.1f}s ({format_phases(info.get('load_phases', {}))})"
+            f"load {info['load_seconds']:.1f}s ({format_steps(info.get('load_phases', {}))})"
         log.info("worker %s: %s (CUDA_VISIBLE_DEVICES=%s), %s, pristine on %s, %d host threads", info["name"],
                  info["device"], info["cuda_visible_devices"], how, info["pristine_on"], info["num_threads"])
     assert identity is not None  # at least one worker
