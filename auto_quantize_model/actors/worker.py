@@ -59,7 +59,7 @@ class ModelWorker:
         from auto_quantize_model.datasets.calibration import build_calibration_set
         from auto_quantize_model.datasets.captions import read_captions
         from auto_quantize_model.logs import setup_logging
-        from auto_quantize_model.models.loading import load_language_model
+        from auto_quantize_model.models.loading import load_language_model, model_class, read_checkpoint_config
 
         setup_logging(False)
         self.spec = WorkerSpec.from_sweep_dict(spec_dict)
@@ -69,6 +69,8 @@ class ModelWorker:
         self.pool = self._find_pool(pool_name, namespace)
         self.pool_name: str | None = pool_name if self.pool is not None else None
         self.sweeps_served = 1
+        # transformers and the model's class are imports too: the load phase is the weights' load alone.
+        model_class(read_checkpoint_config(self.spec.model_dir))
         phases.done("imports")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_language_model(self.spec.model_dir, device=device, dtype=self.spec.dtype)

@@ -147,10 +147,10 @@ def config_model(export_dir: str | Path) -> nn.Module:
     """The (empty, meta-device) model the export's config.json describes, built as a plain BF16 model."""
     from transformers import AutoConfig
 
-    from auto_quantize_model.models.loading import _model_class, read_checkpoint_config
+    from auto_quantize_model.models.loading import model_class, read_checkpoint_config
 
     d = Path(export_dir)
-    _, cls = _model_class(read_checkpoint_config(d))
+    _, cls = model_class(read_checkpoint_config(d))
     try:
         config = AutoConfig.from_pretrained(str(d))
     except (OSError, ValueError, KeyError, TypeError) as exc:

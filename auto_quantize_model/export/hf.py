@@ -282,8 +282,8 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     from auto_quantize_model.export.compressed_tensors import write_compressed_tensors
     from auto_quantize_model.export.modelopt_format import SGLANG_KV_WARNING, write_modelopt
     from auto_quantize_model.models.loading import (
-        _model_class,
         load_whole_model,
+        model_class,
         read_checkpoint_config,
         resolve_device,
     )
@@ -296,7 +296,7 @@ def export_run(run_dir: str | Path, model_dir: str | Path, output_dir: str | Pat
     files.check_output_dir(out)
     src = Path(model_dir)
     config = read_checkpoint_config(src)
-    arch, _ = _model_class(config)
+    arch, _ = model_class(config)
     ident = _check_checkpoint(run, config, src, arch)
     dev = resolve_device(device)
     kv_on = options.kv_cache == "fp8"

@@ -144,8 +144,8 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     )
     from auto_quantize_model.models.loading import (
         LanguageModelWithHead,
-        _model_class,
         load_tokenizer,
+        model_class,
         read_checkpoint_config,
         resolve_device,
         split_language_model,
@@ -178,7 +178,7 @@ def load_exported_lm(export_dir: str | Path, device: str = "auto") -> ExportedMo
     kv_scales = set(stored_kv_scales(meta))
     if kv_scales:
         log.info("%s declares an FP8 KV cache; this loader keeps the KV cache in BF16, as the search scored it", d)
-    _, cls = _model_class(cfg)
+    _, cls = model_class(cfg)
     dev = resolve_device(device)
     config = AutoConfig.from_pretrained(str(d))
     if hasattr(config, "quantization_config"):

@@ -59,12 +59,12 @@ def _child(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    from auto_quantize_model.models.loading import _model_class, load_model, read_checkpoint_config
+    from auto_quantize_model.models.loading import load_model, model_class, read_checkpoint_config
     from auto_quantize_model.models.scope import Scope
 
     _ = transformers.AutoTokenizer
     t = time.perf_counter()
-    _model_class(read_checkpoint_config(args.model_dir))  # the model class's lazy import
+    model_class(read_checkpoint_config(args.model_dir))  # the model class's lazy import
     class_import = time.perf_counter() - t
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     t = time.perf_counter()
