@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.safetensors_header import check_header
+from auto_quantize_model.safetensors_header import check_header, checkpoint_files
 
 # Set by Ray's job supervisor in the driver of a `ray job submit` job (ray/_private/runtime_env/constants.py).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -45,7 +45,8 @@ def check_checkpoint_files(model_dir: str | Path) -> None:
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{p} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer from the "
                         "original checkpoint into it")
-    for f in sorted(p.glob("*.safetensors")):
+    # The files the loader reads (a stray *.safetensors beside them is not its business), else every one there.
+    for f in checkpoint_files(p) or sorted(p.glob("*.safetensors")):
         check_header(f)  # the loader's own checks, without torch: a corrupt file is refused before Ray or the load
 
 

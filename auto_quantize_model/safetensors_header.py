@@ -44,6 +44,29 @@ class CheckedHeader:
     entries: dict[str, HeaderEntry]
 
 
+def checkpoint_files(model_dir: str | Path) -> list[Path] | None:
+    """The files ``from_pretrained`` reads: ``model.safetensors``, else those ``model.safetensors.index.json`` names;
+    None when the directory has neither (not a safetensors checkpoint)."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{index} is unreadable ({exc.__class__.__name__}); re-download or re-save the "
+                        "checkpoint") from exc
+    files = [model_dir / str(n) for n in names]
+    for f in files:
+        if Path(f.name) != Path(str(f.relative_to(model_dir))) or not f.is_file():
+            raise UserError(f"{index} names {f.name}, which is not a file of {model_dir}; re-download the checkpoint")
+    return files
+
+
 def corrupt(path: Path, reason: str) -> UserError:
     """The one-line refusal of a corrupt checkpoint file."""
     return UserError(f"checkpoint file {path} is corrupt: {reason}; re-download or re-save the checkpoint")
@@ -89,7 +112,7 @@ def _entry(path: Path, name: str, info: object, base: int) -> HeaderEntry:
     if not isinstance(info, dict):
         raise corrupt(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ITEM_BYTES:
+    if not isinstance(dtype, str) or dtype not in ITEM_BYTES:
         raise UserError(f"checkpoint file {path}: tensor {name} has dtype {dtype!r}, which this loader does not read; "
                         f"save the checkpoint in one of {', '.join(ITEM_BYTES)}")
     if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)

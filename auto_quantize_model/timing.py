@@ -18,6 +18,7 @@ class StepTimes:
         self._last = time.perf_counter()
 
     def done(self, step: str) -> None:
+        """Record ``step`` as ending now."""
         now = time.perf_counter()
         self.seconds[step] = round(now - self._last, 3)
         self._last = now

@@ -176,7 +176,7 @@ def test_newer_transformers_from_pretrained_loads_the_compressed_tensors_export_
         evaluated = fq(input_ids=ids)
         reference = copy.deepcopy(bf16_loaded.model).float()(input_ids=ids)
     torch.save({"ids": ids, "float32": evaluated.float()}, tmp_path / "expected.pt")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(consumer), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(consumer), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("consumer_load.py")), str(dirs["ct"]),
                            str(tmp_path / "expected.pt")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

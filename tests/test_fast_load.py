@@ -23,6 +23,7 @@ from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.loading import load_model
 from auto_quantize_model.models.safetensors_read import DTYPES, read_header
 from auto_quantize_model.models.scope import Scope
+from auto_quantize_model.safetensors_header import ITEM_BYTES, check_header
 
 
 @pytest.fixture(autouse=True)
@@ -258,13 +259,49 @@ def test_file_shrinking_during_the_read_is_one_line(tiny_model_dir, tmp_path):
         st_read.read_into([(weights, [(entry, dest)])], torch.device("cpu"), [])
 
 
+def _header_blob(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
 @pytest.mark.parametrize("blob", [b"", b"\x01\x00", b"\xff" * 64, b"\x02\x00\x00\x00\x00\x00\x00\x00[]",
-                                  b"\x20\x00\x00\x00\x00\x00\x00\x00" + b'{"a": {"dtype": "F32"}}         '])
+                                  b"\x20\x00\x00\x00\x00\x00\x00\x00" + b'{"a": {"dtype": "F32"}}         ',
+                                  # a dtype that is no string: a TypeError traceback in the shared check's first cut
+                                  _header_blob({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}},
+                                               b"\0" * 4)])
 def test_corrupt_headers_are_one_line(tmp_path, blob):
     path = tmp_path / "model.safetensors"
     path.write_bytes(blob)
-    with pytest.raises(UserError, match="is corrupt"):
+    with pytest.raises(UserError, match="is corrupt|does not read"):
         read_header(path)
+    with pytest.raises(UserError, match="is corrupt|does not read"):  # the preflight: the same check, no torch
+        check_header(path)
+
+
+@pytest.mark.parametrize("header, match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "holds 4 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "overlap"),
+    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, "does not read"),
+])
+def test_preflight_refuses_what_the_loader_would_and_only_in_the_files_it_reads(tiny_model_dir, tmp_path, header,
+                                                                                match):
+    """The preflight once checked only that data ended inside the file: overlapping or mis-sized tensors and dtypes
+    the loader cannot read passed it (and a run then failed after starting). It also checked every *.safetensors in
+    the directory; a stray file the loader never opens is not refused."""
+    from auto_quantize_model.preflight import check_checkpoint_files
+
+    ckpt = _copy(tiny_model_dir, tmp_path / "ckpt")
+    (ckpt / "stray.safetensors").write_bytes(_header_blob(header, b"\0" * 8))
+    check_checkpoint_files(ckpt)  # model.safetensors is what loads; the stray file is not read
+    (ckpt / "model.safetensors").write_bytes(_header_blob(header, b"\0" * 8))
+    with pytest.raises(UserError, match=match):
+        check_checkpoint_files(ckpt)
+
+
+def test_every_header_dtype_has_a_torch_dtype():
+    assert DTYPES.keys() == ITEM_BYTES.keys()
+    assert all(torch.empty((), dtype=DTYPES[k]).element_size() == n for k, n in ITEM_BYTES.items())
 
 
 # -- the fingerprint cache ---------------------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class ShipRule:
         help="apply the rule among exportable trials only (default: refuse a winner export cannot take)")
 
     def __post_init__(self) -> None:
+        # Limits first, named by their flags (validate_settings would name the field, and lets NaN through).
+        for name, v in (("max-bits", self.max_bits), ("min-prefill-speedup", self.min_prefill_speedup),
+                        ("max-kl", self.max_kl), ("max-ppl-increase", self.max_ppl_increase)):
+            if isinstance(v, (int, float)) and (not math.isfinite(v) or v < 0):
+                raise UserError(f"--{name} must be a finite number >= 0, got {v!r}")
         validate_settings(self, "ship rule")
         limits = [self.max_bits, self.min_prefill_speedup, self.max_kl, self.max_ppl_increase]
         if self.trial is not None and any(v is not None for v in limits):
@@ -67,10 +72,6 @@ class ShipRule:
         if self.trial is None and all(v is None for v in limits):
             raise UserError("give a rule: --max-bits B, --min-prefill-speedup X, --max-kl K or --max-ppl-increase PCT "
                             "(or --trial ID)")
-        for name, v in (("max-bits", self.max_bits), ("min-prefill-speedup", self.min_prefill_speedup),
-                        ("max-kl", self.max_kl), ("max-ppl-increase", self.max_ppl_increase)):
-            if v is not None and (not math.isfinite(v) or v < 0):
-                raise UserError(f"--{name} must be a finite number >= 0, got {v!r}")
 
     @property
     def bits_column(self) -> str:

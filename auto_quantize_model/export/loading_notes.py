@@ -11,8 +11,9 @@ Facts behind them (tests/test_export_formats.py and tests/test_engine_conformanc
   ``.weight_scale$``, ``.weight_shape$``) claims those keys and returns nothing for a dense Linear; its load report
   lists them MISSING (tested, also on a checkpoint llm-compressor's own save path writes).
 - transformers 5.23.0 (installed apart, ``.venv/consumer``) with compressed-tensors 0.20.1 loads it completely: in
-  float32 the logits equal the evaluated model's bit for bit; in bf16 compressed-tensors rounds the scales to bf16
-  and divides activations in bf16, so a few % of activation codes move one FP8 step (tested).
+  float32 the logits equal the evaluated model's bit for bit (tested on CPU exports of the tiny model); in bf16
+  compressed-tensors rounds the scales to bf16 and divides activations in bf16, so a few % of activation codes move
+  one FP8 step (tested).
 - vLLM 0.34.0 loads both formats (``--quantization modelopt``; compressed-tensors from config.json), FP8 KV cache
   included (tests/engine_rules). SGLang 0.5.23 loads the ModelOpt format, but not ModelOpt's KV-cache scale names
   for Qwen2.5-VL. TensorRT-LLM loads the ModelOpt format (BF16 lm_head only).
@@ -52,7 +53,8 @@ Written with the `compressed-tensors` library as llm-compressor writes it; scale
 - vLLM (0.34.0 checked): `vllm serve {d}` (quant_method `compressed-tensors` is read from config.json)
 - auto_quantize_model: `autoquant infer --exported {d}` (or `load_exported_lm`), the exact fake-quant arithmetic
 - transformers + compressed-tensors: **transformers 5.23.0** (compressed-tensors 0.20.1 checked):
-  `AutoModelForImageTextToText.from_pretrained("{d}", dtype=torch.float32)` is the evaluated model bit for bit.
+  `AutoModelForImageTextToText.from_pretrained("{d}", dtype=torch.float32)` gives the evaluated model's logits
+  bit for bit (tested on CPU exports of the tiny model; for GPU exports see the project README, "Export").
   In bf16 it loads too, but compressed-tensors rounds the scales to bf16 and divides activations in bf16: close to
   the evaluated model, not equal; evaluate in float32.
   **transformers 5.14.1 does not load it correctly**: it leaves the `weight_scale` of every FP8 Linear of the

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.safetensors_header import ITEM_BYTES, CheckedHeader, HeaderEntry, check_header
+from auto_quantize_model.safetensors_header import CheckedHeader, HeaderEntry, check_header
 
 # safetensors dtype names (safetensors/src/tensor.rs ``Dtype``) -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -38,7 +38,6 @@ DTYPES: dict[str, torch.dtype] = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-assert DTYPES.keys() == ITEM_BYTES.keys()
 CHUNK = 16 << 20  # staging buffer size: big enough for full-speed reads and uploads, small enough to pin cheaply
 HASH_CHUNK = 1 << 20  # hashed while still in the CPU cache: 1 MiB reads hash about twice as fast as 16 MiB ones
 PIECE = 256 << 20  # ranges not hashed are split into pieces of about this size (at tensor boundaries) for threads

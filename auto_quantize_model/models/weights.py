@@ -24,7 +24,6 @@ uses ``from_pretrained``.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from auto_quantize_model.models.safetensors_read import (
     read_header,
     read_into,
 )
+from auto_quantize_model.safetensors_header import checkpoint_files
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,14 @@ class ReadModel:
     fingerprint: str
     tensor_bytes: int  # the scope's tensor bytes in the files (read to the GPU, or mapped on the host)
     mapped: bool  # host tensors mapped from the files (pages read on first use)
-    steps: dict[str, float]  # seconds per step: skeleton, check, plan, read, init
+    steps: dict[str, float]  # seconds per step: skeleton, check, read (or read_and_hash), init
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The files ``from_pretrained`` reads: ``model.safetensors``, else those ``model.safetensors.index.json`` names."""
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = model_dir / "model.safetensors.index.json"
-    if not index.is_file():
+    """The files ``from_pretrained`` reads (``safetensors_header.checkpoint_files``); NotFastLoadable without them."""
+    files = checkpoint_files(model_dir)
+    if files is None:
         raise NotFastLoadable("no model.safetensors or model.safetensors.index.json")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{index} is unreadable ({exc.__class__.__name__}); re-download or re-save the "
-                        "checkpoint") from exc
-    files = [model_dir / str(n) for n in names]
-    for f in files:
-        if Path(f.name) != Path(str(f.relative_to(model_dir))) or not f.is_file():
-            raise UserError(f"{index} names {f.name}, which is not a file of {model_dir}; re-download the checkpoint")
     return files
 
 
