@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from auto_quantize_model.models.safetensors_read import (
     read_into,
 )
 from auto_quantize_model.safetensors_header import checkpoint_files
+from auto_quantize_model.timing import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ReadModel:
     fingerprint: str
     tensor_bytes: int  # the scope's tensor bytes in the files (read to the GPU, or mapped on the host)
     mapped: bool  # host tensors mapped from the files (pages read on first use)
-    steps: dict[str, float]  # seconds per step: skeleton, check, read (or read_and_hash), init
+    steps: dict[str, float]  # seconds per step: headers, skeleton, check, read (or read_and_hash), init
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -223,15 +223,11 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
                device: torch.device, fingerprint: FingerprintPlan) -> ReadModel:
     """Build ``cls`` from ``model_dir`` with the tensors of the modules ``scope_of(full)`` returns read onto
     ``device`` in ``dtype``; the fingerprint's unhashed files are hashed during the read."""
+    steps = StepTimes()
+    done = steps.done
     files = safetensors_files(model_dir)
     headers = [read_header(f) for f in files]
-    t = [time.perf_counter()]
-    steps: dict[str, float] = {}
-
-    def done(step: str) -> None:
-        t.append(time.perf_counter())
-        steps[step] = round(t[-1] - t[-2], 3)
-
+    done("headers")
     full = _skeleton(cls, model_dir, dtype)
     done("skeleton")
     scope_modules: list[nn.Module] = scope_of(full)
@@ -261,4 +257,4 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
                                   trust_remote_code=False)
     done("init")
     tensor_bytes = sum(h.entries[k].end - h.entries[k].start for h, k in load.values())
-    return ReadModel(full, scope_modules, stats, digest, tensor_bytes, mapped=device.type == "cpu", steps=steps)
+    return ReadModel(full, scope_modules, stats, digest, tensor_bytes, mapped=device.type == "cpu", steps=steps.seconds)
