@@ -30,6 +30,24 @@ def test_exact_reciprocal_amax_makes_the_engines_reciprocal_the_fake_quant_scale
     assert torch.equal(exact_reciprocal_amax(torch.tensor(0.0)), torch.tensor(0.0))  # ModelOpt's zero-amax rule kept
 
 
+def test_exact_reciprocal_amax_gives_the_cpu_and_gpu_paths_one_scale():
+    """ModelOpt's CPU path computes S as ``448.0 / amax`` in Python, which torch runs as ``amax.reciprocal() * 448``;
+    its CUDA extension divides (ATen's ``448.f / amax``). The two differ by an ulp for about a quarter of float32
+    amaxes, so a GPU search evaluated another S than the one the export wrote (found on an H100: 15 layers of 253
+    off by up to 2e-5). Rule 1 checked the CPU path only: these amaxes passed it unchanged."""
+    amax = torch.rand(4000, generator=torch.Generator().manual_seed(1)) * 20 + 1e-3
+    cpu = 448.0 / amax
+    gpu = torch.full_like(amax, 448.0) / amax
+    differ = amax[(cpu != gpu) & (1 / (1 / cpu) == cpu)]  # rule 1 was satisfied, the paths still disagree
+    assert len(differ) > 100
+    for a in differ[:200]:
+        b = exact_reciprocal_amax(a)
+        assert b > a and (b - a) / a < 1e-5
+        assert torch.equal(torch.tensor(448.0) / b, 448.0 / b)  # the GPU path's S equals the CPU path's
+        s, i = fp8_scale_pair(b)
+        assert torch.equal(1 / i, s)
+
+
 def test_fused_groups_lm_and_vision(tiny_model_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 

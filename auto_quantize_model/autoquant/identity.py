@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # annotations only: this module stays free of torch (the swee
 # Scheme fields that never change calibration, scores or the search checkpoint (``recipe`` is provenance: the
 # recipe's settings are the scheme's other fields).
 SOLVE_ONLY = frozenset({"name", "effective_bits", "description", "schema_version", "recipe"})
+# How FP8 amaxes are fixed at calibration (autoquant/serving.py ``exact_reciprocal_amax``): 1, exact engine
+# reciprocal of the CPU path's scale; 2, also the same scale on ModelOpt's GPU path. Scores and checkpoints
+# depend on it.
+FP8_SCALE_RULE = 2
 KEY_LENGTH = 20
 
 
@@ -76,6 +80,7 @@ def scoring_fields(identity: DataIdentity, scheme: Scheme) -> dict[str, Any]:
     for asked in ("score_size", "format_exclusions", "cost_exclude_disabled"):
         fields.pop(asked, None)
     fields.update(effective_steps(scheme, identity.num_batches, identity.batch_size))
+    fields["fp8_scale_rule"] = FP8_SCALE_RULE
     return {"data": identity.to_dict(), "search": fields}
 
 

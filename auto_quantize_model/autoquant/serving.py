@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from auto_quantize_model.autoquant.identity import FP8_SCALE_RULE
 from auto_quantize_model.configs.scheme import FUSED_SCALES_MODES
 
 log = logging.getLogger(__name__)
@@ -91,25 +92,36 @@ def is_fp8_per_tensor(q: Any) -> bool:
 
 
 def fp8_scale_pair(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, I) as fake quantization computes them: S = fl32(448 / amax) (zero amax: 448), I = fl32(1 / S)."""
+    """(S, I) as ModelOpt's eager fake quantization computes them (``_fp8_eager``, the CPU path): ``448.0 / amax`` is
+    torch's ``amax.reciprocal() * 448`` (``Tensor.__rdiv__``), so S = fl32(448 * fl32(1 / amax)) (zero amax: 448),
+    I = fl32(1 / S). Exact-reciprocal amaxes (:func:`exact_reciprocal_amax`) give the same S on the GPU path."""
     a = amax.detach().to(torch.float32)
     safe = torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
     scale = FP8_MAX / safe
     return scale, 1 / scale
 
 
+def _kernel_scale(amax: torch.Tensor) -> torch.Tensor:
+    """S as ModelOpt's CUDA extension computes it (``tensor_quant_gpu_fp8.cu`` ``fake_e4m3fy``: ATen's
+    ``448.f / amax`` in C++, a true division), reproduced on the host: fl32(448 / amax)."""
+    a = amax.detach().to(torch.float32)
+    safe = torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
+    return torch.full_like(safe, FP8_MAX) / safe  # tensor / tensor: a true division, unlike float / tensor
+
+
 def exact_reciprocal_amax(amax: torch.Tensor) -> torch.Tensor:
-    """The smallest float32 amax >= ``amax`` whose fake-quant scale S survives the engines' round trip
-    fl(1 / fl(1 / S)) == S (a zero amax is returned as is)."""
-    # On the host: a few scalar steps, no device syncs; CPU and CUDA float32 division both round correctly, and
-    # ModelOpt computes S with torch's own division on either.
+    """The smallest float32 amax >= ``amax`` whose fake-quant scale S is the same on ModelOpt's CPU path and its GPU
+    path (reciprocal-then-multiply and true division round differently for about a quarter of float32 amaxes) and
+    survives the engines' round trip fl(1 / fl(1 / S)) == S (a zero amax is returned as is)."""
+    # On the host: a few scalar steps, no device syncs; CPU and CUDA float32 division and reciprocal both round
+    # correctly, so the host reproduces either device's S.
     a = amax.detach().to("cpu", torch.float32).clone()
     up = torch.full_like(a, float("inf"))
     for _ in range(_MAX_NUDGE_STEPS):
         if bool((a <= ZERO_AMAX).all()):
             return a
         scale, inv = fp8_scale_pair(a)
-        if torch.equal(1 / inv, scale):
+        if torch.equal(1 / inv, scale) and torch.equal(_kernel_scale(a), scale):
             return a
         a = torch.nextafter(a, up)
     raise RuntimeError(f"no float32 amax within {_MAX_NUDGE_STEPS} ulps above {float(amax)} has an exact reciprocal")
@@ -211,5 +223,6 @@ def serving_summary(model: nn.Module, fused_scales: str) -> dict[str, Any]:
         "rule": "q/k/v and gate/up siblings are one GEMM in vLLM, SGLang and TensorRT-LLM: one weight scale and one "
                 "input scale each (the group's max)",
         "exact_reciprocal_fp8_scales": True,
+        "fp8_scale_rule": FP8_SCALE_RULE,
         "fused_groups": groups,
     }

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 CONTROL_FORMAT = "FP8_DEFAULT_CFG"
 CONTROL_NAME = "uniform_fp8_ptq"
 CONTROL_SUFFIX = "_control.json"
-CONTROL_SCHEMA_VERSION = 2  # 2: calibrated with shared fused scales (autoquant/serving.py); the id names weights
+CONTROL_SCHEMA_VERSION = 3  # 2: calibrated with shared fused scales (autoquant/serving.py); the id names weights;
+# 3: FP8 scales equal on the CPU and GPU paths (serving.exact_reciprocal_amax)
 # Served semantics of the control (autoquant/serving.py), part of its id: a record calibrated otherwise is not reused.
 CONTROL_FUSED_SCALES = "shared"
 

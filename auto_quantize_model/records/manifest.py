@@ -186,6 +186,7 @@ class Serving(TypedDict):
     fused_scales: str  # shared or separate
     rule: str  # what engines do with fused groups
     exact_reciprocal_fp8_scales: bool  # FP8 amaxes nudged so that 1 / (1 / S) == S in float32
+    fp8_scale_rule: NotRequired[int]  # 2: S also equal on ModelOpt's CPU and GPU paths (absent: 1, CPU only)
     fused_groups: list[FusedGroup]
 
 
