@@ -102,8 +102,9 @@ def fp8_scale_pair(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kernel_scale(amax: torch.Tensor) -> torch.Tensor:
-    """S as ModelOpt's CUDA extension computes it (``tensor_quant_gpu_fp8.cu`` ``fake_e4m3fy``: ATen's
-    ``448.f / amax`` in C++, a true division), reproduced on the host: fl32(448 / amax)."""
+    """S as ModelOpt's CUDA extension computes it (``tensor_quant_gpu_fp8.cu`` ``fake_e4m3fy``: ``448.f / amax`` in
+    C++, which ``ATen/TensorOperators.h`` makes ``empty_like(amax).fill_(448).div_(amax)``, a true division),
+    reproduced on the host: fl32(448 / amax)."""
     a = amax.detach().to(torch.float32)
     safe = torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
     return torch.full_like(safe, FP8_MAX) / safe  # tensor / tensor: a true division, unlike float / tensor
