@@ -41,6 +41,11 @@ run_pipeline() {
       export_both)  # both schemes in one process: one load, one BF16 baseline for the speed ratios
         step export_both python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir /tmp/fp8bench-both \
           --schemes all_fp8,top50 --output "$R/h100_fp8_export_both.json" ;;
+      diag_export)  # after export_both: each operand of the layers round five found off (docs/benchmarks.md)
+        step diag_export python3 scripts/bench/diag_fp8_layer.py --model-dir "$MODEL" \
+          --run-dir /tmp/fp8bench-both/all_fp8 --export-dir /tmp/fp8bench-both/export_all_fp8 \
+          --captions "$MODEL/bench_captions.txt" --output "$R/h100_diag_fp8_layers.json" \
+          --layers model.layers.23.self_attn.o_proj,model.layers.28.mlp.gate_proj,lm_head,model.layers.18.mlp.down_proj ;;
       export_all_fp8|export_top50)
         step "$s" python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir "/tmp/fp8bench-$s" \
           --schemes "${s#export_}" --output "$R/h100_fp8_$s.json" ;;
