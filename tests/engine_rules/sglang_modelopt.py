@@ -111,13 +111,10 @@ def module_name(linear: Linear) -> str:
 
 
 def read_config(view: ExportView, plan: LoadPlan) -> tuple[list[str], bool] | None:
-    qc = view.config.get("quantization_config") or view.text_config.get("quantization_config")
-    source = "config.json quantization_config"
-    if qc is None and view.hf_quant_config is not None:
-        qc, source = view.hf_quant_config, "hf_quant_config.json"
-    if qc is None:
-        plan.add("no-quant-config", "config.json", REFUSED, "no quantization_config nor hf_quant_config.json")
+    found = view.quant_config(plan)
+    if found is None:
         return None
+    qc, source = found
     if qc.get("quant_algo") is not None:
         algo = qc["quant_algo"]
         scheme = qc.get("kv_cache_scheme")

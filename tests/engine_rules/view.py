@@ -63,6 +63,17 @@ class ExportView:
         """Text-model settings: ``text_config`` (transformers >= 4.52 layout) or the flat top level."""
         return self.config.get("text_config") or self.config
 
+    def quant_config(self, plan: LoadPlan) -> tuple[dict[str, Any], str] | None:
+        """(the quantization config both ModelOpt loaders read, where it came from): config.json's
+        ``quantization_config`` (top level or ``text_config``), else ``hf_quant_config.json``; None with a finding."""
+        qc = self.config.get("quantization_config") or self.text_config.get("quantization_config")
+        if qc is not None:
+            return qc, "config.json quantization_config"
+        if self.hf_quant_config is not None:
+            return self.hf_quant_config, "hf_quant_config.json"
+        plan.add("no-quant-config", "config.json", REFUSED, "no quantization_config nor hf_quant_config.json")
+        return None
+
 
 def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
     """Parse a safetensors file's JSON header (8-byte little-endian length, then JSON); read scalars' values."""

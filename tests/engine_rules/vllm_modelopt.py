@@ -126,13 +126,10 @@ def module_name(linear: Linear) -> str:
 
 def read_config(view: ExportView, plan: LoadPlan) -> tuple[list[str], bool] | None:
     """(exclusions as stored, FP8 KV cache) from the config vLLM reads, or None with a finding."""
-    qc = view.config.get("quantization_config") or view.text_config.get("quantization_config")
-    source = "config.json quantization_config"
-    if qc is None and view.hf_quant_config is not None:
-        qc, source = view.hf_quant_config, "hf_quant_config.json"
-    if qc is None:
-        plan.add("no-quant-config", "config.json", REFUSED, "no quantization_config nor hf_quant_config.json")
+    found = view.quant_config(plan)
+    if found is None:
         return None
+    qc, source = found
     nested = qc.get("quantization") if isinstance(qc.get("quantization"), dict) else None
     method = str(qc.get("quant_method", "")).lower()
     if nested is not None and qc.get("producer", {}).get("name") == "modelopt":
