@@ -95,9 +95,7 @@ def fp8_scale_pair(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, I) as ModelOpt's eager fake quantization computes them (``_fp8_eager``, the CPU path): ``448.0 / amax`` is
     torch's ``amax.reciprocal() * 448`` (``Tensor.__rdiv__``), so S = fl32(448 * fl32(1 / amax)) (zero amax: 448),
     I = fl32(1 / S). Exact-reciprocal amaxes (:func:`exact_reciprocal_amax`) give the same S on the GPU path."""
-    a = amax.detach().to(torch.float32)
-    safe = torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
-    scale = FP8_MAX / safe
+    scale = FP8_MAX / _safe_amax(amax)
     return scale, 1 / scale
 
 
@@ -105,9 +103,14 @@ def _kernel_scale(amax: torch.Tensor) -> torch.Tensor:
     """S as ModelOpt's CUDA extension computes it (``tensor_quant_gpu_fp8.cu`` ``fake_e4m3fy``: ``448.f / amax`` in
     C++, which ``ATen/TensorOperators.h`` makes ``empty_like(amax).fill_(448).div_(amax)``, a true division),
     reproduced on the host: fl32(448 / amax)."""
-    a = amax.detach().to(torch.float32)
-    safe = torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
+    safe = _safe_amax(amax)
     return torch.full_like(safe, FP8_MAX) / safe  # tensor / tensor: a true division, unlike float / tensor
+
+
+def _safe_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The amax in float32 with ModelOpt's zero-amax rule applied (amax <= 2^-24 counts as 1, so S = 448)."""
+    a = amax.detach().to(torch.float32)
+    return torch.where(a <= ZERO_AMAX, torch.ones_like(a), a)
 
 
 def exact_reciprocal_amax(amax: torch.Tensor) -> torch.Tensor:
