@@ -27,8 +27,8 @@ class WorkerSettings:
                               help="CPUs per worker; explicit, since a GPU actor otherwise holds 1 CPU and trials "
                                    "can starve")
     pristine: str = setting("auto", kind="str", choices=("gpu", "cpu", "auto"), toml_only=_RESOURCE,
-                            help="where the unquantized copy lives: gpu, cpu (pinned) or auto (= cpu on a GPU "
-                                 "worker: one copy of the weights on the GPU)")
+                            help="where the unquantized copy lives: gpu, cpu (pinned) or auto (gpu when the "
+                                 "worker's share of GPU memory is at least 4x the weights, else cpu)")
     # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
     num_threads: int = setting(0, kind="int", minimum=0, toml_only=_RESOURCE,
                                note="0: the cluster's CPUs shared out among the workers",

@@ -252,7 +252,7 @@ def load_model(model_dir: str | Path, scope: Scope = Scope.LANGUAGE_MODEL, devic
               "searchable_linear_weights": linear_weight_count(model)}
     seconds = time.perf_counter() - t0
     if fast is None:
-        nbytes, how = _tensor_bytes(model), "from_pretrained"
+        nbytes, how = tensor_bytes(model), "from_pretrained"
     else:
         nbytes = fast.tensor_bytes
         how = (f"{nbytes / 1e9:.2f} GB of tensors mapped, read on first use" if fast.mapped else
@@ -325,7 +325,8 @@ def _from_pretrained(cls, model_dir: Path, dtype: torch.dtype) -> nn.Module:
     return full
 
 
-def _tensor_bytes(model: nn.Module) -> int:
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers of ``model`` (a tied weight counted once)."""
     seen = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return sum(t.numel() * t.element_size() for t in seen.values())
 

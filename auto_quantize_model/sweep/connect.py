@@ -200,8 +200,9 @@ def connect(target: Target, namespace: str, runtime_env: dict | None = None, log
     if ray.is_initialized():
         return False
     if target.address is None:
-        # "local": never the head recorded by `ray start` (checked dead, or none).
-        ray.init(address="local", namespace=namespace, runtime_env=runtime_env)
+        # "local": never the head recorded by `ray start` (checked dead, or none). This Ray lives as long as the run
+        # and nobody browses it: without the dashboard's process it starts about 1 s sooner.
+        ray.init(address="local", namespace=namespace, runtime_env=runtime_env, include_dashboard=False)
         return True
     if target.token and os.environ.get("RAY_AUTH_MODE") is None:
         # What ray.init does on its own for "auto" when a token exists (an explicit address never turns token mode

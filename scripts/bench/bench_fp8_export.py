@@ -43,9 +43,9 @@ from auto_quantize_model.configs import get_scheme, resolve_scheme
 from auto_quantize_model.datasets.calibration import build_calibration_set
 from auto_quantize_model.datasets.captions import read_captions
 from auto_quantize_model.export.hf import export_run
-from auto_quantize_model.inference.fp8_linear import Fp8Linear, load_exported_lm
+from auto_quantize_model.inference.fp8_linear import Fp8Linear, load_exported_lm, scaled_mm_supported
 from auto_quantize_model.inference.measure import MeasureSettings, measure_model
-from auto_quantize_model.inference.metrics import evaluate_against_reference
+from auto_quantize_model.inference.metrics import _logprobs, _positions, evaluate_against_reference
 from auto_quantize_model.models.loading import load_language_model
 from auto_quantize_model.provenance import git_revision, versions
 
@@ -99,6 +99,26 @@ def layer_errors(fake_quant, exported, loaded, batches) -> dict:
             "per_layer": per_layer}
 
 
+@torch.no_grad()
+def batch_split_floor(reference, model, batches, forward) -> dict:
+    """KL(reference || model) where ``model`` runs each held-out batch one sample at a time: other GEMM shapes, so
+    other cuBLAS kernels and accumulation orders, and nothing else (padding, positions and quantization are the
+    same). With ``model`` = ``reference`` it is the model's own floor: how far a change of GEMM accumulation alone,
+    of the size `_scaled_mm`'s is, moves this model's next-token distributions."""
+    total, agree, count = 0.0, 0, 0
+    for batch in batches:
+        keep = _positions(batch)
+        lp_r = _logprobs(forward, reference, batch)[keep]
+        rows = batch["input_ids"].shape[0]
+        singles = [{k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == (rows,) else v) for k, v in batch.items()}
+                   for i in range(rows)]
+        lp_q = torch.cat([_logprobs(forward, model, one) for one in singles])[keep]
+        total += float((lp_r.exp() * (lp_r - lp_q)).sum(-1).clamp(min=0).sum())
+        agree += int((lp_r.argmax(-1) == lp_q.argmax(-1)).sum())
+        count += int(keep.sum())
+    return {"kl_mean": total / max(count, 1), "top1_agreement": agree / max(count, 1)}
+
+
 def served_as_loaded(export_dir: Path, device: str, engine: str = "vllm"):
     """The export with every FP8 Linear holding what ``engine`` holds after loading, run with real FP8 GEMMs."""
     ex = load_exported_lm(export_dir, device=device)
@@ -125,6 +145,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--score-steps", type=int, default=8)
+    p.add_argument("--no-speed", action="store_true", help="stages 1-2 only (no compiled prefill, decode, memory)")
     args = p.parse_args()
     shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
     settings = MeasureSettings(batch_size=shapes[0][0], seq_len=shapes[0][1], repeats=args.repeats)
@@ -175,15 +196,36 @@ def main() -> None:
         with torch.no_grad():
             kl_served = evaluate_against_reference(served, fq, held_out.batches, forward=loaded.forward_step)
             kl_quant = evaluate_against_reference(fq, loaded.model, held_out.batches, forward=loaded.forward_step)
+            # The same served model in the dequantize path (bf16 GEMMs of the served codes): what is left without
+            # _scaled_mm's accumulation; and a noise floor: the evaluated model against itself with cuBLAS's
+            # reduced-precision bf16 reduction switched (a GEMM accumulation change only, no quantization change).
+            for m in served.modules():
+                if isinstance(m, Fp8Linear):
+                    m.use_scaled_mm = False
+            kl_deq = evaluate_against_reference(served, fq, held_out.batches, forward=loaded.forward_step)
+            floor = batch_split_floor(fq, fq, held_out.batches, loaded.forward_step)
+            floor_bf16 = batch_split_floor(loaded.model, loaded.model, held_out.batches, loaded.forward_step)
+            for m in served.modules():
+                if isinstance(m, Fp8Linear):
+                    m.use_scaled_mm = scaled_mm_supported(m.weight.device)
+            floor_served = batch_split_floor(served, served, held_out.batches, loaded.forward_step)
         row["kl"] = {"evaluated_vs_served_mean": kl_served["kl_mean"], "bf16_vs_evaluated_mean": kl_quant["kl_mean"],
                      "ratio": kl_served["kl_mean"] / kl_quant["kl_mean"] if kl_quant["kl_mean"] else None,
-                     "top1_evaluated_vs_served": kl_served["top1_agreement"], "num_tokens": kl_served["num_tokens"]}
+                     "top1_evaluated_vs_served": kl_served["top1_agreement"], "num_tokens": kl_served["num_tokens"],
+                     "evaluated_vs_served_dequantize_path_mean": kl_deq["kl_mean"],
+                     # the floors: each model against itself run one sample at a time (GEMM accumulation alone)
+                     "floor_evaluated_batch_split": floor, "floor_bf16_batch_split": floor_bf16,
+                     "floor_served_batch_split": floor_served}
         del fq, served
         _free(dev)
         save()
         print(label, json.dumps({k: row["layer_errors"][k] for k in ("max_rel_error", "worst_layer",
                                                                      "max_rel_error_dequantize_path")}),
               json.dumps(row["kl"]), flush=True)
+    if args.no_speed:
+        res["measure"] = "skipped: --no-speed"
+        save()
+        return
     if dev.type != "cuda":
         res["measure"] = "skipped: timings need a CUDA GPU (CPU runs the dequantize path)"
         save()

@@ -41,6 +41,19 @@ def _bits(x: torch.Tensor) -> str:
     return struct.pack("<f", float(x)).hex()
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = float(b.float().pow(2).sum())
+    return (float((a.float() - b.float()).pow(2).sum()) / den) ** 0.5 if den else 0.0
+
+
+def _examples(x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor, k: int = 6) -> list[dict]:
+    """A few elements where the two quantize-dequantize results differ: the input, its scaled value, both sides."""
+    idx = (a.float() != b.float()).reshape(-1).nonzero().reshape(-1)[:k]
+    xs, av, bv = x.reshape(-1)[idx].float(), a.reshape(-1)[idx].float(), b.reshape(-1)[idx].float()
+    return [{"x": float(xs[i]), "x_bits": _bits(xs[i]), "x_times_S": float(xs[i] * scale.to(xs.device)),
+             "fake_quant": float(av[i]), "export": float(bv[i])} for i in range(len(idx))]
+
+
 def _differ(a: torch.Tensor, b: torch.Tensor) -> dict:
     d = a.float() != b.float()
     return {"elements": a.numel(), "differ": int(d.sum()),
@@ -64,6 +77,16 @@ def diagnose(fq_mod, ex_mod, inputs: list[torch.Tensor]) -> dict:
     w_fq = wq(fq_mod.weight)
     w_ex = (ex_mod.weight.float() * ex_mod.weight_scale).to(fq_mod.weight.dtype)
     out["weight"] = _differ(w_fq, w_ex)
+    out["weight"]["examples"] = _examples(fq_mod.weight, torch.tensor(FP8_MAX) / wq.amax.float().reshape(()).cpu(),
+                                          w_fq, w_ex)
+    out["quantizers"] = {"weight": repr(wq), "input": repr(iq),
+                         "output": repr(getattr(fq_mod, "output_quantizer", None)),
+                         "module": type(fq_mod).__name__, "export_module": type(ex_mod).__name__}
+    # Where the output error comes from: each module against F.linear of its own operands, and the operands.
+    mods = {"fq_module_vs_its_operands": 0.0, "export_module_vs_its_operands": 0.0, "operands_fq_vs_export": 0.0,
+            "module_fq_vs_export": 0.0}
+    fast = getattr(ex_mod, "use_scaled_mm", False)
+    ex_mod.use_scaled_mm = False
     acts = {"elements": 0, "differ": 0, "differ_subnormal": 0, "max_abs_diff": 0.0}
     paths = {"elements": 0, "differ": 0}
     for x in inputs:
@@ -76,6 +99,15 @@ def diagnose(fq_mod, ex_mod, inputs: list[torch.Tensor]) -> dict:
         small = (codes.float().abs() < SMALLEST_NORMAL).reshape(x.shape)
         acts["differ_subnormal"] += int((d & small).sum())
         acts["max_abs_diff"] = max(acts["max_abs_diff"], float((a_fq.float() - a_ex.float()).abs().max()))
+        if len(acts.setdefault("examples", [])) < 6:
+            acts["examples"] += _examples(x, torch.tensor(FP8_MAX) / iq.amax.float().reshape(()).cpu(), a_fq, a_ex)
+        y_fq, y_ex = fq_mod(x), ex_mod(x)
+        lin_fq = torch.nn.functional.linear(a_fq, w_fq, fq_mod.bias)
+        lin_ex = torch.nn.functional.linear(a_ex, w_ex, ex_mod.bias)
+        for key, (a, b) in {"fq_module_vs_its_operands": (y_fq, lin_fq),
+                            "export_module_vs_its_operands": (y_ex, lin_ex),
+                            "operands_fq_vs_export": (lin_ex, lin_fq), "module_fq_vs_export": (y_ex, y_fq)}.items():
+            mods[key] = max(mods[key], _rel(a, b))
         if x.is_cuda:  # ModelOpt's own two paths on the same input
             from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
             from modelopt.torch.quantization.tensor_quant import fp8_eager
@@ -84,7 +116,9 @@ def diagnose(fq_mod, ex_mod, inputs: list[torch.Tensor]) -> dict:
             kernel, eager = ext.fake_e4m3fy(x, iq.amax), fp8_eager(x, iq.amax)
             paths["elements"] += x.numel()
             paths["differ"] += int((kernel.float() != eager.float()).sum())
+    ex_mod.use_scaled_mm = fast
     out["activations"] = acts
+    out["relative_errors_max_over_batches"] = mods
     if paths["elements"]:
         out["modelopt_kernel_vs_eager_activations"] = paths
     out["fp8_max"] = FP8_MAX

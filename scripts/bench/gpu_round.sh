@@ -38,6 +38,9 @@ run_pipeline() {
       load_cold)
         step load_cold python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 1 --cold \
           --fresh-fingerprint --no-check --json-out "$R/h100_load_cold.json" ;;
+      export_lite)  # all_fp8 only, without the speed measurements: the correctness figures and the diag's inputs
+        step export_lite python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir /tmp/fp8bench-both \
+          --schemes all_fp8 --no-speed --output "$R/h100_fp8_export_lite.json" ;;
       export_both)  # both schemes in one process: one load, one BF16 baseline for the speed ratios
         step export_both python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir /tmp/fp8bench-both \
           --schemes all_fp8,top50 --output "$R/h100_fp8_export_both.json" ;;
@@ -45,13 +48,18 @@ run_pipeline() {
         step diag_export python3 scripts/bench/diag_fp8_layer.py --model-dir "$MODEL" \
           --run-dir /tmp/fp8bench-both/all_fp8 --export-dir /tmp/fp8bench-both/export_all_fp8 \
           --captions "$MODEL/bench_captions.txt" --output "$R/h100_diag_fp8_layers.json" \
-          --layers model.layers.23.self_attn.o_proj,model.layers.28.mlp.gate_proj,lm_head,model.layers.18.mlp.down_proj ;;
+          --layers model.layers.23.self_attn.o_proj,model.layers.25.self_attn.o_proj,model.layers.28.mlp.gate_proj,lm_head,model.layers.5.mlp.down_proj,model.layers.18.mlp.down_proj ;;
       export_all_fp8|export_top50)
         step "$s" python3 scripts/bench/bench_fp8_export.py --model-dir "$MODEL" --work-dir "/tmp/fp8bench-$s" \
           --schemes "${s#export_}" --output "$R/h100_fp8_$s.json" ;;
       sweeps)  # the first sweep against the strongest single process, then kept workers (first and repeat)
         step sweeps env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep kept report" \
           bash scripts/bench/run_kept_workers.sh ;;
+      sweeps_one_gpu)  # the first sweep against the session: 1 worker, 2 workers sharing the GPU, direct scheduler
+        step sweeps_one_gpu env MODEL="$MODEL" OUT="$R/kept" STEPS="session sweep sweep2 sweep-direct" \
+          bash scripts/bench/run_kept_workers.sh ;;
+      sweeps_kept)  # kept workers alone: the first sweep on a running cluster, then the repeat
+        step sweeps_kept env MODEL="$MODEL" OUT="$R/kept" STEPS="kept" bash scripts/bench/run_kept_workers.sh ;;
       sweeps_extra)  # the weaker baselines: the shared-cache CLI loop, the one-process API loop
         step sweeps_extra env MODEL="$MODEL" OUT="$R/kept" STEPS="loop api report" \
           bash scripts/bench/run_kept_workers.sh ;;

@@ -6,6 +6,7 @@
 # facts: run it first, in the same call or an earlier one on the same machine).
 #   session  one Python process over SearchSession (shared scoring passes): the strongest single-process baseline
 #   sweep    `autoquant sweep` on a local Ray it starts itself, 1 worker (the first sweep)
+#   sweep2   the same with 2 workers sharing the one GPU (--worker-gpus 0.5; not in the default STEPS)
 #   sweep-direct  the same with --scheduler direct (the driver's threads instead of Tune; not in the default STEPS)
 #   api      one Python process over the project's API (run_scheme per trial, one cache_dir)
 #   kept     a `ray start --head` of its own (free ports; stopped through its process group, never `ray stop`), the
@@ -37,6 +38,9 @@ for step in $STEPS; do
     sweep)
       bench sweep --name local --work "$WORK/local" --json-out "$OUT/sweep-local.json" > "$WORK/local.log" 2>&1 \
         || { tail -20 "$WORK/local.log"; exit 1; } ;;
+    sweep2)  # two workers sharing the one GPU (half a GPU each): the two scoring keys' units run side by side
+      bench sweep --num-workers 2 --worker-gpus 0.5 --name local-2 --work "$WORK/local-2" \
+        --json-out "$OUT/sweep-local-2.json" > "$WORK/local-2.log" 2>&1 || { tail -20 "$WORK/local-2.log"; exit 1; } ;;
     sweep-direct)
       bench sweep --scheduler direct --name local-direct --work "$WORK/local-direct" \
         --json-out "$OUT/sweep-direct.json" > "$WORK/local-direct.log" 2>&1 || { tail -20 "$WORK/local-direct.log"; exit 1; } ;;
