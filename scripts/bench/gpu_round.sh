@@ -32,6 +32,9 @@ run_pipeline() {
       setup)  # checkpoint written beside the extension builds; gpu_setup skips it once config.json exists
         step setup bash -c "python3 scripts/bench/make_full_size_checkpoint.py --output-dir $MODEL > $R/checkpoint.log 2>&1 &
           python3 scripts/bench/gpu_setup.py --model-dir $MODEL --no-checkpoint --formats INT8_DEFAULT_CFG,INT4_BLOCKWISE_WEIGHT_ONLY_CFG,FP8_DEFAULT_CFG; wait" ;;
+      setup_fp8)  # the checkpoint and ModelOpt's FP8 extension only (enough for export_lite and diag_export)
+        step setup_fp8 bash -c "python3 scripts/bench/make_full_size_checkpoint.py --output-dir $MODEL > $R/checkpoint.log 2>&1 &
+          python3 scripts/bench/gpu_setup.py --model-dir $MODEL --no-checkpoint --formats FP8_DEFAULT_CFG; wait" ;;
       load_warm)
         step load_warm python3 scripts/bench/bench_load.py --model-dir "$MODEL" --device cuda --repeats 1 \
           --json-out "$R/h100_load_warm.json" ;;
