@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Two bootstraps at once (the demo and the tests started together) would both install into .venv and .venv/consumer,
+# the second deleting what the first is writing: the second waits here for the first (flock, where it exists).
+if command -v flock > /dev/null; then
+  exec 9> .bootstrap.lock
+  flock 9
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
