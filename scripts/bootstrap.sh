@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # Two bootstraps at once (the demo and the tests started together) would both install into .venv and .venv/consumer,
 # the second deleting what the first is writing: the second waits here for the first (flock, where it exists).
-if command -v flock > /dev/null; then
+# A checkout that cannot be written to (a read-only mount with .venv already complete) skips the lock.
+if command -v flock > /dev/null && touch .bootstrap.lock 2> /dev/null; then
   exec 9> .bootstrap.lock
   flock 9
 fi

@@ -238,13 +238,16 @@ def test_room_check_waits_for_what_a_killed_worker_is_releasing(tiny_model_dir, 
 
 
 def test_pristine_auto_keeps_the_copy_on_the_gpu_only_when_the_worker_share_has_room():
-    """``pristine = "auto"``: a second copy of the 3B's 6.2 GiB beside the working one on an 80 GB GPU for one or
-    two workers (the pinned move took 2.7 s of an H100 worker's start), pinned host memory for four workers per
-    GPU or a 24 GB GPU. The old rule put it on the host on every GPU."""
+    """``pristine = "auto"``: a second copy of the 3B's 6.2 GiB beside the working one where the worker's share of the
+    GPU holds both and a scoring pass's activations for its batch (the pinned move took 2.7 s of an H100 worker's
+    start). At 4 x 256 tokens (the benchmark grid, 22.5 GiB peak with both copies on an H100) up to three workers of
+    an 80 GB GPU; at the default 8 x 512 tokens one; a 24 GB GPU never. The old rule put it on the host on every
+    GPU."""
     from auto_quantize_model.actors.worker import pristine_fits_on_device
 
-    gib, weights = 2**30, int(6.2 * 2**30)
-    assert pristine_fits_on_device(weights, 80 * gib) and pristine_fits_on_device(weights, 80 * gib * 0.5)
-    assert not pristine_fits_on_device(weights, 80 * gib * 0.25)
-    assert not pristine_fits_on_device(weights, 24 * gib)
-    assert not pristine_fits_on_device(0, 80 * gib)
+    gib, weights, gpu = 2**30, int(6.2 * 2**30), 79.6 * 2**30  # an H100 80GB's total memory
+    bench, default = 4 * 256, 8 * 512
+    assert [pristine_fits_on_device(weights, gpu / n, bench) for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert [pristine_fits_on_device(weights, gpu / n, default) for n in (1, 2)] == [True, False]
+    assert not pristine_fits_on_device(weights, 24 * gib, bench)
+    assert not pristine_fits_on_device(0, gpu, bench)

@@ -28,7 +28,8 @@ class WorkerSettings:
                                    "can starve")
     pristine: str = setting("auto", kind="str", choices=("gpu", "cpu", "auto"), toml_only=_RESOURCE,
                             help="where the unquantized copy lives: gpu, cpu (pinned) or auto (gpu when the "
-                                 "worker's share of GPU memory is at least 4x the weights, else cpu)")
+                                 "worker's share of GPU memory holds both copies and a scoring pass at its batch "
+                                 "size, else cpu)")
     # Ray would otherwise set OMP_NUM_THREADS = num_cpus (1), and the worker's host-side work runs single-threaded.
     num_threads: int = setting(0, kind="int", minimum=0, toml_only=_RESOURCE,
                                note="0: the cluster's CPUs shared out among the workers",

@@ -1,8 +1,8 @@
 """The model worker: one actor per GPU that loads the LM and its data once and runs trials on it.
 
-A trial with a new scoring key starts from a fresh copy of the pristine model (kept in pinned CPU memory
-by default, so a worker holds one copy of the weights on its GPU; uploaded straight from the pinned pages),
-checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
+A trial with a new scoring key starts from a fresh copy of the pristine model (on the GPU beside the working copy
+where the worker's share of GPU memory has room for it, else in pinned CPU memory, uploaded straight from the pinned
+pages: :func:`pristine_fits_on_device`), checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
 A trial with the same scoring key as the worker's last search re-solves on that searched model
 (``resolve_budget``): every group's quantizer choice is set from the new solution, which a test shows equals a
 fresh search from the checkpoint bit for bit.
@@ -40,15 +40,20 @@ class WorkerBusyError(RuntimeError):
     """A kept worker asked to serve a sweep while another sweep still runs on it."""
 
 
-# A worker's GPU memory at its peak (a scoring pass of the 3B: 16.6 GiB for 6.2 GiB of weights on an H100) is about
-# 2.7 times its weights; a pristine copy beside the working one adds one more, and a share of 4 times leaves margin.
-PRISTINE_ON_DEVICE_SHARE = 4.0
+# A worker's GPU memory at its peak, measured on an H100 for the 3B (6.2 GiB of weights) at 4 x 256 tokens per batch:
+# 16.6 GiB, i.e. the weights plus about 1.7 times the weights per 1,024 tokens of a batch (activations, logits and
+# the backward pass of a scoring pass grow with the tokens).
+_PEAK_PER_1024_TOKENS = 1.7  # times the weights
+_PRISTINE_MARGIN = 1.1
 
 
-def pristine_fits_on_device(weight_bytes: int, gpu_share_bytes: float) -> bool:
-    """``pristine = "auto"``: keep the pristine copy on the GPU when this worker's share of its memory is at least
-    PRISTINE_ON_DEVICE_SHARE times the weights (an 80 GB GPU for one or two workers of the 3B: yes; four: no)."""
-    return weight_bytes > 0 and gpu_share_bytes >= PRISTINE_ON_DEVICE_SHARE * weight_bytes
+def pristine_fits_on_device(weight_bytes: int, gpu_share_bytes: float, tokens_per_batch: int) -> bool:
+    """``pristine = "auto"``: keep the pristine copy on the GPU when this worker's share of its memory (``num_gpus``,
+    at most 1, times the GPU's total memory) holds the working copy, the pristine copy and a scoring pass's
+    activations for batches of ``tokens_per_batch`` tokens, with 10 % to spare. For the 3B on an 80 GB GPU: at
+    4 x 256 tokens up to three workers per GPU, at the default 8 x 512 one."""
+    need = weight_bytes * (2 + _PEAK_PER_1024_TOKENS * tokens_per_batch / 1024) * _PRISTINE_MARGIN
+    return weight_bytes > 0 and gpu_share_bytes >= need
 
 
 class PristineModelError(RuntimeError):
@@ -147,9 +152,9 @@ class ModelWorker:
 
         ``auto`` keeps it on the GPU when this worker's share of the GPU's memory holds it with room to spare
         (:func:`pristine_fits_on_device`): a second copy there costs nothing at start, while moving it to pinned
-        host memory took 2.7 s of the 3B worker's start on an H100 (the pinned allocation). Otherwise ``host``:
-        one copy of the weights on the GPU, and a new search's working copy is uploaded straight from the pinned
-        pages (``models/copies.py``).
+        host memory took 2.7 s of the 3B worker's start on an H100 (mostly allocating the pinned block).
+        Otherwise ``host``: one copy of the weights on the GPU, and a new search's working copy is uploaded straight
+        from the pinned pages (``models/copies.py``).
         """
         want = self.spec.worker.pristine
         if self.loaded.device.type != "cuda":
@@ -159,7 +164,8 @@ class ModelWorker:
         from auto_quantize_model.models.loading import tensor_bytes
 
         share = torch.cuda.get_device_properties(self.loaded.device).total_memory * min(self.spec.worker.num_gpus, 1)
-        if want == "cpu" or (want == "auto" and not pristine_fits_on_device(tensor_bytes(self.loaded.model), share)):
+        if want == "cpu" or (want == "auto" and not pristine_fits_on_device(
+                tensor_bytes(self.loaded.model), share, self.spec.batch_size * self.spec.calib_seq_len)):
             from auto_quantize_model.models.copies import move_to_pinned_host
 
             move_to_pinned_host(self.loaded.model)

@@ -201,7 +201,7 @@ def connect(target: Target, namespace: str, runtime_env: dict | None = None, log
         return False
     if target.address is None:
         # "local": never the head recorded by `ray start` (checked dead, or none). This Ray lives as long as the run
-        # and nobody browses it: without the dashboard's process it starts about 1 s sooner.
+        # and nobody browses it: no dashboard web UI (Ray still starts its usage-stats part), less to start.
         ray.init(address="local", namespace=namespace, runtime_env=runtime_env, include_dashboard=False)
         return True
     if target.token and os.environ.get("RAY_AUTH_MODE") is None:

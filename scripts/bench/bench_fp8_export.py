@@ -197,8 +197,7 @@ def main() -> None:
             kl_served = evaluate_against_reference(served, fq, held_out.batches, forward=loaded.forward_step)
             kl_quant = evaluate_against_reference(fq, loaded.model, held_out.batches, forward=loaded.forward_step)
             # The same served model in the dequantize path (bf16 GEMMs of the served codes): what is left without
-            # _scaled_mm's accumulation; and a noise floor: the evaluated model against itself with cuBLAS's
-            # reduced-precision bf16 reduction switched (a GEMM accumulation change only, no quantization change).
+            # _scaled_mm; and the floors: each model against itself run one sample at a time (batch_split_floor).
             for m in served.modules():
                 if isinstance(m, Fp8Linear):
                     m.use_scaled_mm = False

@@ -89,34 +89,36 @@ def diagnose(fq_mod, ex_mod, inputs: list[torch.Tensor]) -> dict:
     ex_mod.use_scaled_mm = False
     acts = {"elements": 0, "differ": 0, "differ_subnormal": 0, "max_abs_diff": 0.0}
     paths = {"elements": 0, "differ": 0}
-    for x in inputs:
-        a_fq = iq(x)
-        codes = ex_mod._quantize_input(x.reshape(-1, x.shape[-1]))
-        a_ex = (codes.float() * ex_mod.input_scale).to(x.dtype).reshape(x.shape)
-        d = a_fq.float() != a_ex.float()
-        acts["elements"] += x.numel()
-        acts["differ"] += int(d.sum())
-        small = (codes.float().abs() < SMALLEST_NORMAL).reshape(x.shape)
-        acts["differ_subnormal"] += int((d & small).sum())
-        acts["max_abs_diff"] = max(acts["max_abs_diff"], float((a_fq.float() - a_ex.float()).abs().max()))
-        if len(acts.setdefault("examples", [])) < 6:
-            acts["examples"] += _examples(x, torch.tensor(FP8_MAX) / iq.amax.float().reshape(()).cpu(), a_fq, a_ex)
-        y_fq, y_ex = fq_mod(x), ex_mod(x)
-        lin_fq = torch.nn.functional.linear(a_fq, w_fq, fq_mod.bias)
-        lin_ex = torch.nn.functional.linear(a_ex, w_ex, ex_mod.bias)
-        for key, (a, b) in {"fq_module_vs_its_operands": (y_fq, lin_fq),
-                            "export_module_vs_its_operands": (y_ex, lin_ex),
-                            "operands_fq_vs_export": (lin_ex, lin_fq), "module_fq_vs_export": (y_ex, y_fq)}.items():
-            mods[key] = max(mods[key], _rel(a, b))
-        if x.is_cuda:  # ModelOpt's own two paths on the same input
-            from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
-            from modelopt.torch.quantization.tensor_quant import fp8_eager
+    try:
+        for x in inputs:
+            a_fq = iq(x)
+            codes = ex_mod._quantize_input(x.reshape(-1, x.shape[-1]))
+            a_ex = (codes.float() * ex_mod.input_scale).to(x.dtype).reshape(x.shape)
+            d = a_fq.float() != a_ex.float()
+            acts["elements"] += x.numel()
+            acts["differ"] += int(d.sum())
+            small = (codes.float().abs() < SMALLEST_NORMAL).reshape(x.shape)
+            acts["differ_subnormal"] += int((d & small).sum())
+            acts["max_abs_diff"] = max(acts["max_abs_diff"], float((a_fq.float() - a_ex.float()).abs().max()))
+            if len(acts.setdefault("examples", [])) < 6:
+                acts["examples"] += _examples(x, torch.tensor(FP8_MAX) / iq.amax.float().reshape(()).cpu(), a_fq, a_ex)
+            y_fq, y_ex = fq_mod(x), ex_mod(x)
+            lin_fq = torch.nn.functional.linear(a_fq, w_fq, fq_mod.bias)
+            lin_ex = torch.nn.functional.linear(a_ex, w_ex, ex_mod.bias)
+            for key, (a, b) in {"fq_module_vs_its_operands": (y_fq, lin_fq),
+                                "export_module_vs_its_operands": (y_ex, lin_ex),
+                                "operands_fq_vs_export": (lin_ex, lin_fq), "module_fq_vs_export": (y_ex, y_fq)}.items():
+                mods[key] = max(mods[key], _rel(a, b))
+            if x.is_cuda:  # ModelOpt's own two paths on the same input
+                from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
+                from modelopt.torch.quantization.tensor_quant import fp8_eager
 
-            ext = get_cuda_ext_fp8()
-            kernel, eager = ext.fake_e4m3fy(x, iq.amax), fp8_eager(x, iq.amax)
-            paths["elements"] += x.numel()
-            paths["differ"] += int((kernel.float() != eager.float()).sum())
-    ex_mod.use_scaled_mm = fast
+                ext = get_cuda_ext_fp8()
+                kernel, eager = ext.fake_e4m3fy(x, iq.amax), fp8_eager(x, iq.amax)
+                paths["elements"] += x.numel()
+                paths["differ"] += int((kernel.float() != eager.float()).sum())
+    finally:
+        ex_mod.use_scaled_mm = fast
     out["activations"] = acts
     out["relative_errors_max_over_batches"] = mods
     if paths["elements"]:
