@@ -251,3 +251,13 @@ def test_pristine_auto_keeps_the_copy_on_the_gpu_only_when_the_worker_share_has_
     assert [pristine_fits_on_device(weights, gpu / n, default) for n in (1, 2)] == [True, False]
     assert not pristine_fits_on_device(weights, 24 * gib, bench)
     assert not pristine_fits_on_device(0, gpu, bench)
+
+
+def test_a_worker_without_a_gpu_share_runs_on_the_cpu_even_where_cuda_is_visible():
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a ``num_gpus = 0`` actor: the old worker took ``cuda`` whenever
+    torch saw a GPU, so CPU workers on a GPU host all ran on GPU 0 without Ray knowing."""
+    from auto_quantize_model.actors.worker import worker_device
+
+    assert worker_device(0, cuda_available=True) == "cpu"
+    assert worker_device(0.5, cuda_available=True) == "cuda"
+    assert worker_device(1, cuda_available=False) == "cpu"

@@ -56,6 +56,13 @@ def pristine_fits_on_device(weight_bytes: int, gpu_share_bytes: float, tokens_pe
     return weight_bytes > 0 and gpu_share_bytes >= need
 
 
+def worker_device(num_gpus: float, cuda_available: bool) -> str:
+    """The worker's compute device: a GPU only when Ray gave it one. Ray 2.60 no longer hides the GPUs from an actor
+    with ``num_gpus = 0`` (``CUDA_VISIBLE_DEVICES`` is left as it was: ray/_private/accelerators/accelerator.py), so
+    such a "CPU worker" on a GPU host would otherwise run on GPU 0, beside whatever Ray placed there."""
+    return "cuda" if num_gpus > 0 and cuda_available else "cpu"
+
+
 class PristineModelError(RuntimeError):
     """The fresh copy of the model differs from the loaded one: refuse to run a trial on it."""
 
@@ -88,7 +95,7 @@ class ModelWorker:
         # transformers and the model's class are imports too: the load phase is the weights' load alone.
         model_class(read_checkpoint_config(self.spec.model_dir))
         phases.done("imports")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = worker_device(self.spec.worker.num_gpus, torch.cuda.is_available())
         self.loaded = load_language_model(self.spec.model_dir, device=device, dtype=self.spec.dtype)
         phases.done("load")
         self.calib = build_calibration_set(
