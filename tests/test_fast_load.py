@@ -21,7 +21,7 @@ import auto_quantize_model.models.fingerprint as fingerprint
 import auto_quantize_model.models.safetensors_read as st_read
 from auto_quantize_model.errors import UserError
 from auto_quantize_model.models.loading import load_model
-from auto_quantize_model.models.safetensors_read import DTYPES, read_header
+from auto_quantize_model.models.safetensors_read import DTYPES
 from auto_quantize_model.models.scope import Scope
 from auto_quantize_model.safetensors_header import ITEM_BYTES, check_header
 
@@ -110,7 +110,7 @@ def test_language_model_scope_reads_no_vision_tensor(tiny_model_dir, monkeypatch
 
     monkeypatch.setattr(weights, "map_tensors", spy)
     loaded = load_model(tiny_model_dir, Scope.LANGUAGE_MODEL, device="cpu")
-    header = read_header(tiny_model_dir / "model.safetensors")
+    header = check_header(tiny_model_dir / "model.safetensors")
     lm = [e for e in header.entries.values() if not e.name.startswith("visual.")]
     assert sorted(asked) == sorted(e.name for e in lm)  # every LM tensor, no vision tensor
     assert loaded.load_bytes == sum(e.end - e.start for e in lm) and loaded.load_gb_per_s > 0
@@ -127,7 +127,7 @@ def test_gpu_reader_fills_every_tensor_exactly_and_hashes_alongside(tiny_model_d
     monkeypatch.setattr(st_read, "CHUNK", 1000)
     monkeypatch.setattr(st_read, "PIECE", 20_000)
     path = tiny_model_dir / "model.safetensors"
-    header = read_header(path)
+    header = check_header(path)
     names = sorted(header.entries)[::2]
     dests = [(header.entries[n], torch.full(header.entries[n].shape, 7, dtype=to)) for n in names]
     read: list[tuple[int, int]] = []
@@ -251,7 +251,7 @@ def test_infer_on_truncated_weights_is_one_line(tiny_model_dir, tmp_path, capsys
 def test_file_shrinking_during_the_read_is_one_line(tiny_model_dir, tmp_path):
     bad = _copy(tiny_model_dir, tmp_path / "shrinks")
     weights = bad / "model.safetensors"
-    header = read_header(weights)
+    header = check_header(weights)
     os.truncate(weights, header.size - 100)  # after the header check: what a concurrent writer would do
     entry = max(header.entries.values(), key=lambda e: e.end)
     dest = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
@@ -273,7 +273,7 @@ def test_corrupt_headers_are_one_line(tmp_path, blob):
     path = tmp_path / "model.safetensors"
     path.write_bytes(blob)
     with pytest.raises(UserError, match="is corrupt|does not read"):
-        read_header(path)
+        check_header(path)
     with pytest.raises(UserError, match="is corrupt|does not read"):  # the preflight: the same check, no torch
         check_header(path)
 

@@ -2,7 +2,8 @@
 
 A trial with a new scoring key starts from a fresh copy of the pristine model (on the GPU beside the working copy
 where the worker's share of GPU memory has room for it, else in pinned CPU memory, uploaded straight from the pinned
-pages: :func:`pristine_fits_on_device`), checked before use: no quantizer modules, and logits on a probe batch bit-identical to those at load time.
+pages: :func:`pristine_fits_on_device`), checked before use: no quantizer modules, and logits on a probe batch
+bit-identical to those at load time.
 A trial with the same scoring key as the worker's last search re-solves on that searched model
 (``resolve_budget``): every group's quantizer choice is set from the new solution, which a test shows equals a
 fresh search from the checkpoint bit for bit.

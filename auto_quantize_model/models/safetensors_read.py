@@ -1,14 +1,15 @@
 """Read tensors straight from ``*.safetensors`` files into tensors already placed on their device.
 
-:func:`read_header` checks a file before anything is read from it (``safetensors_header.py``: a truncated
-or corrupt file is one ``UserError``). On the host, :func:`map_tensors` maps the chosen tensors (no read, no copy).
-For a GPU, :func:`read_into` copies the bytes of the chosen tensors into destination tensors: each file range is
-read with ``preadv`` into a small staging buffer (pinned when the destination is a GPU, so the upload is a DMA that
-overlaps the next read), and scattered into the destinations' bytes; a destination of another dtype gets the bytes in
-a scratch tensor of the file's dtype on its device and is cast there (what ``tensor.to(dtype)`` does). Ranges run in
-parallel threads (``preadv``, ``hashlib`` and the copies release the GIL). A file whose SHA-256 is wanted is hashed
-whole in a thread of its own while the tensors load: the two readers share the page cache, so the weights
-fingerprint costs no second read from disk and, hashing being the slower of the two, hides the load behind it.
+``safetensors_header.check_header`` checks a file before anything is read from it (a truncated or corrupt file is
+one ``UserError``; an entry's dtype is the file's name for it, looked up in :data:`DTYPES` here). On the host,
+:func:`map_tensors` maps the chosen tensors (no read, no copy). For a GPU, :func:`read_into` copies the bytes of the
+chosen tensors into destination tensors: each file range is read with ``preadv`` into a small staging buffer (pinned
+when the destination is a GPU, so the upload is a DMA that overlaps the next read), and scattered into the
+destinations' bytes; a destination of another dtype gets the bytes in a scratch tensor of the file's dtype on its
+device and is cast there (what ``tensor.to(dtype)`` does). Ranges run in parallel threads (``preadv``, ``hashlib``
+and the copies release the GIL). A file whose SHA-256 is wanted is hashed whole in a thread of its own while the
+tensors load: the two readers share the page cache, so the weights fingerprint costs no second read from disk and,
+hashing being the slower of the two, hides the load behind it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from auto_quantize_model.errors import UserError
-from auto_quantize_model.safetensors_header import CheckedHeader, HeaderEntry, check_header
+from auto_quantize_model.safetensors_header import CheckedHeader, HeaderEntry
 
 # safetensors dtype names (safetensors/src/tensor.rs ``Dtype``) -> torch dtypes.
 DTYPES: dict[str, torch.dtype] = {
@@ -43,17 +44,7 @@ HASH_CHUNK = 1 << 20  # hashed while still in the CPU cache: 1 MiB reads hash ab
 PIECE = 256 << 20  # ranges not hashed are split into pieces of about this size (at tensor boundaries) for threads
 
 
-# A checked header and its entries (safetensors_header.py); an entry's dtype is the file's name for it (``DTYPES``).
-TensorEntry = HeaderEntry
-SafetensorsHeader = CheckedHeader
-
-
-def read_header(path: str | Path) -> SafetensorsHeader:
-    """``check_header`` (safetensors_header.py): a truncated or corrupt file is one ``UserError``."""
-    return check_header(path)
-
-
-def map_tensors(header: SafetensorsHeader, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
+def map_tensors(header: CheckedHeader, entries: list[HeaderEntry]) -> dict[str, torch.Tensor]:
     """CPU tensors backed by a private (copy-on-write) memory map of the file, as safetensors and ``from_pretrained``
     give on the host: nothing is read until a page is touched, and the pages are the page cache's (processes loading
     one checkpoint on one host share them). Only ``entries`` get tensors."""
@@ -68,7 +59,7 @@ def map_tensors(header: SafetensorsHeader, entries: list[TensorEntry]) -> dict[s
     return out
 
 
-Destination = tuple[TensorEntry, torch.Tensor]
+Destination = tuple[HeaderEntry, torch.Tensor]
 
 
 @dataclass

@@ -39,13 +39,10 @@ from auto_quantize_model.models.safetensors_read import (
     DTYPES,
     Destination,
     ReadStats,
-    SafetensorsHeader,
-    TensorEntry,
     map_tensors,
-    read_header,
     read_into,
 )
-from auto_quantize_model.safetensors_header import checkpoint_files
+from auto_quantize_model.safetensors_header import CheckedHeader, HeaderEntry, check_header, checkpoint_files
 from auto_quantize_model.timing import StepTimes
 
 log = logging.getLogger(__name__)
@@ -145,11 +142,11 @@ class _KeyReport:
     unexpected_keys: set[str]
 
 
-def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], names: dict[str, str | None],
-           meta: dict[str, torch.Tensor], scope: set[str]) -> tuple[dict[str, tuple[SafetensorsHeader, str]], set[str]]:
+def _check(full: nn.Module, model_dir: Path, headers: list[CheckedHeader], names: dict[str, str | None],
+           meta: dict[str, torch.Tensor], scope: set[str]) -> tuple[dict[str, tuple[CheckedHeader, str]], set[str]]:
     """What to load (model name -> file and checkpoint key) and which model names the checkpoint lacks; refuses a
     checkpoint with missing, unexpected or mis-shaped tensors in the scope."""
-    found: dict[str, tuple[SafetensorsHeader, str]] = {}
+    found: dict[str, tuple[CheckedHeader, str]] = {}
     unexpected: set[str] = set()
     mismatched: list[str] = []
     for header in headers:
@@ -173,14 +170,14 @@ def _check(full: nn.Module, model_dir: Path, headers: list[SafetensorsHeader], n
     return {k: v for k, v in found.items() if k in scope}, absent
 
 
-def _materialize(full: nn.Module, load: dict[str, tuple[SafetensorsHeader, str]], meta: dict[str, torch.Tensor],
+def _materialize(full: nn.Module, load: dict[str, tuple[CheckedHeader, str]], meta: dict[str, torch.Tensor],
                  scope_modules: list[nn.Module], device: torch.device) -> dict[Path, list[Destination]]:
     """Put each tensor to load in place: on the host, memory-mapped from its file (cast where the dtype differs, as
     ``from_pretrained`` does); on a GPU, empty storage to read into. The scope's non-persistent buffers get empty
     storage too. Returns the reads left to do, by file."""
     mapped: dict[str, torch.Tensor] = {}
     if device.type == "cpu":
-        wanted: dict[Path, tuple[SafetensorsHeader, list[TensorEntry]]] = {}
+        wanted: dict[Path, tuple[CheckedHeader, list[HeaderEntry]]] = {}
         for header, key in load.values():
             wanted.setdefault(header.path, (header, []))[1].append(header.entries[key])
         for header, entries in wanted.values():
@@ -226,7 +223,7 @@ def read_model(cls: Any, model_dir: Path, scope_of: Callable[[nn.Module], list[n
     steps = StepTimes()
     done = steps.done
     files = safetensors_files(model_dir)
-    headers = [read_header(f) for f in files]
+    headers = [check_header(f) for f in files]
     done("headers")
     full = _skeleton(cls, model_dir, dtype)
     done("skeleton")

@@ -126,11 +126,12 @@ def _reader(args: argparse.Namespace) -> dict:
     staging buffers, then copies; on a GPU the copies are DMA uploads instead), page cache as it is."""
     import torch
 
-    from auto_quantize_model.models.safetensors_read import DTYPES, read_header, read_into
+    from auto_quantize_model.models.safetensors_read import DTYPES, read_into
+    from auto_quantize_model.safetensors_header import check_header
 
     plan, total = [], 0
     for f in sorted(Path(args.model_dir).glob("*.safetensors")):
-        header = read_header(f)
+        header = check_header(f)
         dests = [(e, torch.empty(e.shape, dtype=DTYPES[e.dtype])) for e in header.entries.values()
                  if not e.name.startswith("visual.")]
         for _, d in dests:
