@@ -101,10 +101,10 @@ def layer_errors(fake_quant, exported, loaded, batches) -> dict:
 
 @torch.no_grad()
 def batch_split_floor(reference, model, batches, forward) -> dict:
-    """KL(reference || model) where ``model`` runs each held-out batch one sample at a time: other GEMM shapes, so
-    other cuBLAS kernels and accumulation orders, and nothing else (padding, positions and quantization are the
-    same). With ``model`` = ``reference`` it is the model's own floor: how far a change of GEMM accumulation alone,
-    of the size `_scaled_mm`'s is, moves this model's next-token distributions."""
+    """KL(reference || model) where ``model`` runs each held-out batch one sample at a time: other shapes, so other
+    cuBLAS GEMMs and any other kernel chosen by batch size (padding, positions and quantization are the same). With
+    ``model`` = ``reference`` it is the model's own floor: how far such a change of arithmetic alone moves this
+    model's next-token distributions."""
     total, agree, count = 0.0, 0, 0
     for batch in batches:
         keep = _positions(batch)
@@ -117,6 +117,14 @@ def batch_split_floor(reference, model, batches, forward) -> dict:
         agree += int((lp_r.argmax(-1) == lp_q.argmax(-1)).sum())
         count += int(keep.sum())
     return {"kl_mean": total / max(count, 1), "top1_agreement": agree / max(count, 1)}
+
+
+def _use_scaled_mm(model, on: bool) -> None:
+    """Every exported FP8 Linear of ``model`` in the `_scaled_mm` path (where the device has one) or the dequantize
+    path."""
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.use_scaled_mm = on and scaled_mm_supported(m.weight.device)
 
 
 def served_as_loaded(export_dir: Path, device: str, engine: str = "vllm"):
@@ -198,15 +206,11 @@ def main() -> None:
             kl_quant = evaluate_against_reference(fq, loaded.model, held_out.batches, forward=loaded.forward_step)
             # The same served model in the dequantize path (bf16 GEMMs of the served codes): what is left without
             # _scaled_mm; and the floors: each model against itself run one sample at a time (batch_split_floor).
-            for m in served.modules():
-                if isinstance(m, Fp8Linear):
-                    m.use_scaled_mm = False
+            _use_scaled_mm(served, False)
             kl_deq = evaluate_against_reference(served, fq, held_out.batches, forward=loaded.forward_step)
             floor = batch_split_floor(fq, fq, held_out.batches, loaded.forward_step)
             floor_bf16 = batch_split_floor(loaded.model, loaded.model, held_out.batches, loaded.forward_step)
-            for m in served.modules():
-                if isinstance(m, Fp8Linear):
-                    m.use_scaled_mm = scaled_mm_supported(m.weight.device)
+            _use_scaled_mm(served, True)
             floor_served = batch_split_floor(served, served, held_out.batches, loaded.forward_step)
         row["kl"] = {"evaluated_vs_served_mean": kl_served["kl_mean"], "bf16_vs_evaluated_mean": kl_quant["kl_mean"],
                      "ratio": kl_served["kl_mean"] / kl_quant["kl_mean"] if kl_quant["kl_mean"] else None,
