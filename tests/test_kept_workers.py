@@ -243,7 +243,7 @@ def test_pristine_auto_keeps_the_copy_on_the_gpu_only_when_the_worker_share_has_
     start). At 4 x 256 tokens (the benchmark grid, 22.5 GiB peak with both copies on an H100) up to three workers of
     an 80 GB GPU; at the default 8 x 512 tokens one; a 24 GB GPU never. The old rule put it on the host on every
     GPU."""
-    from auto_quantize_model.actors.worker import pristine_fits_on_device
+    from auto_quantize_model.actors.placement import pristine_fits_on_device
 
     gib, weights, gpu = 2**30, int(6.2 * 2**30), 79.6 * 2**30  # an H100 80GB's total memory
     bench, default = 4 * 256, 8 * 512
@@ -256,7 +256,7 @@ def test_pristine_auto_keeps_the_copy_on_the_gpu_only_when_the_worker_share_has_
 def test_a_worker_without_a_gpu_share_runs_on_the_cpu_even_where_cuda_is_visible():
     """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a ``num_gpus = 0`` actor: the old worker took ``cuda`` whenever
     torch saw a GPU, so CPU workers on a GPU host all ran on GPU 0 without Ray knowing."""
-    from auto_quantize_model.actors.worker import worker_device
+    from auto_quantize_model.actors.placement import worker_device
 
     assert worker_device(0, cuda_available=True) == "cpu"
     assert worker_device(0.5, cuda_available=True) == "cuda"
